@@ -1,0 +1,628 @@
+"""Stage 1 (Apache Beam): corpus files in, deduplicated 64-token chunk shards out.
+
+    files -> ReadCorpus -> Normalize -> ExactDedup -> Tokenize -> MinHash
+          -> DropNearDuplicates (within a split) + DropLeakage (train vs valid/test)
+          -> WriteChunkShards (dense chunk ids via per-shard counts as a side input)
+
+Every record read ends in exactly one place: a kept document, or ``DB/rejected/`` with its
+reason (bad records and every kind of drop alike), so ``records_read == kept + rejected``.
+
+Ids: documents are ordered by (split, shard, document hash); chunk ids are dense over that order,
+so the continuation of chunk i is chunk i+1 exactly when both belong to the same document, and the
+same input and config give the same ids and bytes on any runner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import unicodedata
+from dataclasses import asdict, dataclass, field
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from pipeline import corpus_io, minhash
+from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, special_id, token_byte_lengths
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+EMPTY = "empty"
+EXACT_DUPLICATE = "exact_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+LEAKAGE = "leakage"
+COUNTERS = "retro.chunks"
+
+CHUNK_SCHEMA_FIELDS = ("chunk_id", "doc_id", "chunk_index", "tokens", "n_bytes")
+
+
+@dataclass
+class ChunkConfig:
+    """Everything that determines the chunk shards' bytes (recorded in the manifest)."""
+
+    chunk_size: int = 64
+    text_field: str = "text"
+    max_record_bytes: int = 8 << 20
+    valid_fraction: float = 0.03
+    test_fraction: float = 0.03
+    num_shards: int = 4  # train shards; valid/test get a proportional share, at least one
+    num_perm: int = 128
+    lsh_bands: int = 16
+    lsh_rows: int = 8
+    dedup_ngram: int = 5
+    dedup_threshold: float = 0.8
+    leakage_ngram: int = 13
+    leakage_threshold: float = 0.8
+    max_bucket_compare: int = 64  # pairs checked per document in one LSH bucket
+    rejected_shards: int = 1
+    tokenizer_sha256: str = ""
+    inputs: list = field(default_factory=list)  # [(path, size)], the input fingerprint
+
+    def shards_of(self, split: str) -> int:
+        if split == "train":
+            return self.num_shards
+        fraction = self.valid_fraction if split == "valid" else self.test_fraction
+        return max(1, round(self.num_shards * fraction / max(1e-9, 1 - self.valid_fraction - self.test_fraction)))
+
+
+def _unit_hash(key: bytes, salt: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8, person=salt).digest(), "big")
+
+
+def split_of(key: bytes, config: ChunkConfig) -> str:
+    u = _unit_hash(key, b"split") / 2.0**64
+    if u < config.test_fraction:
+        return "test"
+    if u < config.test_fraction + config.valid_fraction:
+        return "valid"
+    return "train"
+
+
+def shard_of(key: bytes, split: str, config: ChunkConfig) -> int:
+    return _unit_hash(key, b"shard") % config.shards_of(split)
+
+
+def normalize_text(text: str) -> str:
+    """NFC, Unix newlines, no control characters but tab and newline, no surrounding blanks."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in text):
+        text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+    return text.strip()
+
+
+def _rejected(doc: dict, reason: str, detail: str) -> corpus_io.Rejected:
+    return corpus_io.Rejected(doc["source"], doc["position"], reason, detail)
+
+
+def _count(name: str, n: int = 1) -> None:
+    Metrics.counter(COUNTERS, name).inc(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# DoFns: one responsibility each.
+
+
+class ReadRecordsFn(beam.DoFn):
+    """(path, size) -> Record, or Rejected on the 'rejected' output."""
+
+    def __init__(self, text_field: str, max_record_bytes: int):
+        self.text_field, self.max_record_bytes = text_field, max_record_bytes
+
+    def process(self, path_size):
+        path, size = path_size
+        for item in corpus_io.read_records(path, size, text_field=self.text_field, max_record_bytes=self.max_record_bytes):
+            _count("records_read")
+            if isinstance(item, corpus_io.Rejected):
+                _count(f"rejected_{item.reason}")
+                yield beam.pvalue.TaggedOutput("rejected", item)
+            else:
+                yield item
+
+
+class NormalizeFn(beam.DoFn):
+    """Record -> doc dict keyed by the hash of its normalised text; empty text is dropped."""
+
+    def process(self, record: corpus_io.Record):
+        text = normalize_text(record.text)
+        doc = {"source": record.source, "position": record.position, "meta": record.meta}
+        if not text:
+            _count(f"rejected_{EMPTY}")
+            yield beam.pvalue.TaggedOutput("rejected", _rejected(doc, EMPTY, "no text after normalisation"))
+            return
+        doc["text"] = text
+        doc["key"] = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        yield doc
+
+
+class KeepFirstFn(beam.DoFn):
+    """(hash, [docs with that exact text]) -> the first by (source, position); the rest dropped."""
+
+    def process(self, key_docs):
+        _, docs = key_docs
+        docs = sorted(docs, key=lambda d: (d["source"], d["position"]))
+        yield docs[0]
+        for dup in docs[1:]:
+            _count(f"rejected_{EXACT_DUPLICATE}")
+            yield beam.pvalue.TaggedOutput(
+                "rejected", _rejected(dup, EXACT_DUPLICATE, f"same text as {docs[0]['source']}:{docs[0]['position']}")
+            )
+
+
+class TokenizeBatchFn(beam.DoFn):
+    """[doc] -> doc with ``tokens`` (LM ids + EOS, uint32) and ``split``; text is dropped."""
+
+    def __init__(self, tokenizer_json: str, config: ChunkConfig):
+        self.tokenizer_json, self.config = tokenizer_json, config
+
+    def setup(self):
+        self.tokenizer = load_lm_tokenizer(self.tokenizer_json)
+        self.eos = special_id(self.tokenizer, EOS)
+
+    def process(self, docs):
+        encodings = self.tokenizer.encode_batch_fast([d["text"] for d in docs], add_special_tokens=False)
+        for doc, enc in zip(docs, encodings):
+            tokens = np.empty(len(enc.ids) + 1, dtype=np.uint32)
+            tokens[:-1] = enc.ids
+            tokens[-1] = self.eos
+            _count("tokens", len(tokens))
+            out = {k: v for k, v in doc.items() if k != "text"}
+            out["tokens"] = tokens
+            out["split"] = split_of(doc["key"], self.config)
+            yield out
+
+
+class MinHashFn(beam.DoFn):
+    """doc -> doc with ``dedup_sig`` and ``leakage_sig`` (MinHash over token n-grams)."""
+
+    def __init__(self, config: ChunkConfig):
+        self.config = config
+
+    def setup(self):
+        self.seeds = minhash.permutation_seeds(self.config.num_perm)
+
+    def process(self, doc):
+        c = self.config
+        doc = dict(doc)
+        doc["dedup_sig"] = minhash.signature(doc["tokens"], ngram=c.dedup_ngram, seeds=self.seeds)
+        doc["leakage_sig"] = minhash.signature(doc["tokens"], ngram=c.leakage_ngram, seeds=self.seeds)
+        yield doc
+
+
+class VerifyBucketFn(beam.DoFn):
+    """(bucket, [(key, split, sig)]) -> (key, key it near-duplicates), for pairs that pass.
+
+    ``mode='dedup'``: a document is a duplicate of a smaller-key document of the same bucket.
+    ``mode='leakage'``: a train document is leaked if it matches a valid/test document.
+    """
+
+    def __init__(self, mode: str, threshold: float, max_compare: int):
+        self.mode, self.threshold, self.max_compare = mode, threshold, max_compare
+
+    def process(self, bucket):
+        _, members = bucket
+        if len(members) < 2:
+            return
+        members = sorted(members, key=lambda m: m[0])
+        if self.mode == "dedup":
+            for i, (key, _, sig) in enumerate(members[1:], start=1):
+                for other, _, other_sig in members[max(0, i - self.max_compare) : i]:
+                    if minhash.estimated_jaccard(sig, other_sig) >= self.threshold:
+                        yield key, other
+                        break
+        else:
+            held_out = [m for m in members if m[1] != "train"][: self.max_compare]
+            for key, split, sig in members:
+                if split != "train":
+                    continue
+                for other, _, other_sig in held_out:
+                    if minhash.estimated_jaccard(sig, other_sig) >= self.threshold:
+                        yield key, other
+                        break
+
+
+class ApplyDropsFn(beam.DoFn):
+    """(key, {doc, near, leak}) -> the doc, unless it was marked a near-duplicate or leaked."""
+
+    def process(self, joined):
+        _, groups = joined
+        for doc in groups["doc"]:
+            if groups["near"]:
+                _count(f"rejected_{NEAR_DUPLICATE}")
+                detail = f"near-duplicate of document {min(groups['near']).hex()}"
+                yield beam.pvalue.TaggedOutput("rejected", _rejected(doc, NEAR_DUPLICATE, detail))
+            elif groups["leak"]:
+                _count(f"rejected_{LEAKAGE}")
+                detail = f"13-gram Jaccard >= threshold with held-out document {min(groups['leak']).hex()}"
+                yield beam.pvalue.TaggedOutput("rejected", _rejected(doc, LEAKAGE, detail))
+            else:
+                yield {k: doc[k] for k in ("key", "split", "source", "position", "meta", "tokens")}
+
+
+def chunk_count(n_tokens: int, chunk_size: int) -> int:
+    return -(-n_tokens // chunk_size)
+
+
+def shard_path(split: str, shard: int, n_shards: int, kind: str = "chunks") -> str:
+    """A shard's path relative to the DB (the manifest stores relative paths: DBs can move)."""
+    return f"{kind}/{split}/shard-{shard:05d}-of-{n_shards:05d}.parquet"
+
+
+def id_offsets(counts: dict, config: ChunkConfig) -> dict:
+    """(split, shard) -> (first doc id, first chunk id): prefix sums in (split, shard) order."""
+    offsets, docs, chunks = {}, 0, 0
+    for split in SPLITS:
+        for shard in range(config.shards_of(split)):
+            offsets[(split, shard)] = (docs, chunks)
+            n_docs, n_chunks = counts.get((split, shard), (0, 0))
+            docs, chunks = docs + n_docs, chunks + n_chunks
+    return offsets
+
+
+def _write_parquet_atomically(table: pa.Table, path: str) -> tuple[int, str]:
+    """Writes ``table`` to ``path`` via a temp file and rename; returns (bytes, sha256)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=65536, write_statistics=["chunk_id", "doc_id"])
+    data = buf.getvalue()
+    tmp = path + ".tmp"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+class WriteChunkShardFn(beam.DoFn):
+    """((split, shard), [doc]) -> writes that shard's chunks and documents; yields its status."""
+
+    def __init__(self, db: str, config: ChunkConfig, tokenizer_json: str):
+        self.db, self.config, self.tokenizer_json = db, config, tokenizer_json
+
+    def setup(self):
+        tokenizer = load_lm_tokenizer(self.tokenizer_json)
+        self.byte_lengths = token_byte_lengths(tokenizer)
+        self.token_type = pa.uint16() if tokenizer.get_vocab_size() <= 1 << 16 else pa.uint32()
+
+    def process(self, shard_docs, counts):
+        (split, shard), docs = shard_docs
+        docs = sorted(docs, key=lambda d: d["key"])
+        doc_id, chunk_id = id_offsets(counts, self.config)[(split, shard)]
+        m = self.config.chunk_size
+        chunk_cols = {name: [] for name in CHUNK_SCHEMA_FIELDS}
+        doc_cols = {name: [] for name in ("doc_id", "doc_hash", "first_chunk_id", "n_chunks", "n_tokens", "n_bytes", "source", "position", "meta")}
+        for doc in docs:
+            tokens = doc["tokens"]
+            n = chunk_count(len(tokens), m)
+            for name, value in (("doc_id", doc_id), ("doc_hash", doc["key"].hex()), ("first_chunk_id", chunk_id), ("n_chunks", n),
+                                ("n_tokens", len(tokens)), ("n_bytes", int(self.byte_lengths[tokens].sum())),
+                                ("source", doc["source"]), ("position", doc["position"]), ("meta", doc["meta"])):
+                doc_cols[name].append(value)
+            for i in range(n):
+                piece = tokens[i * m : (i + 1) * m]
+                chunk_cols["chunk_id"].append(chunk_id + i)
+                chunk_cols["doc_id"].append(doc_id)
+                chunk_cols["chunk_index"].append(i)
+                chunk_cols["tokens"].append(piece)
+                chunk_cols["n_bytes"].append(int(self.byte_lengths[piece].sum()))
+            doc_id += 1
+            chunk_id += n
+        chunks = pa.table({
+            "chunk_id": pa.array(chunk_cols["chunk_id"], pa.int64()),
+            "doc_id": pa.array(chunk_cols["doc_id"], pa.int64()),
+            "chunk_index": pa.array(chunk_cols["chunk_index"], pa.int32()),
+            "tokens": pa.array([t.tolist() for t in chunk_cols["tokens"]], pa.list_(self.token_type)),
+            "n_bytes": pa.array(chunk_cols["n_bytes"], pa.int32()),
+        })
+        documents = pa.table({
+            "doc_id": pa.array(doc_cols["doc_id"], pa.int64()),
+            "doc_hash": pa.array(doc_cols["doc_hash"], pa.string()),
+            "first_chunk_id": pa.array(doc_cols["first_chunk_id"], pa.int64()),
+            "n_chunks": pa.array(doc_cols["n_chunks"], pa.int32()),
+            "n_tokens": pa.array(doc_cols["n_tokens"], pa.int32()),
+            "n_bytes": pa.array(doc_cols["n_bytes"], pa.int64()),
+            "source": pa.array(doc_cols["source"], pa.string()),
+            "position": pa.array(doc_cols["position"], pa.int64()),
+            "meta": pa.array(doc_cols["meta"], pa.string()),
+        })
+        n_shards = self.config.shards_of(split)
+        status = {"split": split, "shard": shard, "documents": len(docs), "chunks": chunks.num_rows,
+                  "tokens": int(sum(len(d["tokens"]) for d in docs)),
+                  "first_chunk_id": chunk_cols["chunk_id"][0] if docs else None}
+        for kind, table in (("chunks", chunks), ("documents", documents)):
+            relative = shard_path(split, shard, n_shards, kind)
+            size, digest = _write_parquet_atomically(table, FileSystems.join(self.db, relative))
+            status[f"{kind}_file"] = {"path": relative, "bytes": size, "sha256": digest, "rows": table.num_rows}
+        _count("documents_kept", len(docs))
+        _count("chunks_written", chunks.num_rows)
+        yield status
+
+
+class WriteRejectedFn(beam.DoFn):
+    """((reason, part), [Rejected]) -> ``DB/rejected/<reason>-<part>.jsonl``, sorted for stable bytes."""
+
+    def __init__(self, db: str):
+        self.db = db
+
+    def process(self, group):
+        (reason, part), records = group
+        lines = sorted(r.to_json() for r in records)
+        path = FileSystems.join(self.db, "rejected", f"{reason}-{part:05d}.jsonl")
+        with FileSystems.create(path) as f:
+            f.write(("\n".join(lines) + "\n").encode("utf-8"))
+        yield reason, len(lines)
+
+
+def _write_json(obj, path: str) -> None:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(obj, sort_keys=True, indent=1).encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Composite transforms.
+
+
+class ReadCorpus(beam.PTransform):
+    """(path, size) pairs -> {'records': Record, 'rejected': Rejected}."""
+
+    def __init__(self, files: list, config: ChunkConfig):
+        super().__init__()
+        self.files, self.config = files, config
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Files" >> beam.Create(self.files)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(ReadRecordsFn(self.config.text_field, self.config.max_record_bytes)).with_outputs("rejected", main="records")
+        )
+
+
+class ExactDedup(beam.PTransform):
+    """doc -> {'docs': one doc per distinct normalised text, 'rejected': the others}."""
+
+    def expand(self, docs):
+        return (
+            docs
+            | "ByTextHash" >> beam.Map(lambda d: (d["key"], d))
+            | "GroupByTextHash" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.ParDo(KeepFirstFn()).with_outputs("rejected", main="docs")
+        )
+
+
+class FindNearDuplicates(beam.PTransform):
+    """docs with signatures -> (key, matched key) pairs via LSH banding and verification.
+
+    ``mode='dedup'`` bands per split (near-duplicates are removed within a split) and uses
+    ``dedup_sig``; ``mode='leakage'`` bands across splits and uses ``leakage_sig``.
+    """
+
+    def __init__(self, config: ChunkConfig, mode: str):
+        super().__init__()
+        self.config, self.mode = config, mode
+
+    def expand(self, docs):
+        c, mode = self.config, self.mode
+        sig_field = "dedup_sig" if mode == "dedup" else "leakage_sig"
+        threshold = c.dedup_threshold if mode == "dedup" else c.leakage_threshold
+
+        def bands(doc):
+            prefix = doc["split"].encode() if mode == "dedup" else b""
+            for band in minhash.band_keys(doc[sig_field], bands=c.lsh_bands, rows=c.lsh_rows):
+                yield prefix + band, (doc["key"], doc["split"], doc[sig_field])
+
+        return (
+            docs
+            | "Bands" >> beam.FlatMap(bands)
+            | "GroupByBand" >> beam.GroupByKey()
+            | "Verify" >> beam.ParDo(VerifyBucketFn(mode, threshold, c.max_bucket_compare))
+            | "SmallestMatch" >> beam.CombinePerKey(min)
+        )
+
+
+class Deduplicate(beam.PTransform):
+    """Tokenized docs -> {'docs': kept, 'rejected': near-duplicates and leaked train docs}."""
+
+    def __init__(self, config: ChunkConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, docs):
+        signed = docs | "MinHash" >> beam.ParDo(MinHashFn(self.config))
+        near = signed | "NearDuplicates" >> FindNearDuplicates(self.config, "dedup")
+        leak = signed | "Leakage" >> FindNearDuplicates(self.config, "leakage")
+        keyed = signed | "ByKey" >> beam.Map(lambda d: (d["key"], d))
+        return (
+            {"doc": keyed, "near": near, "leak": leak}
+            | "Join" >> beam.CoGroupByKey()
+            | "ApplyDrops" >> beam.ParDo(ApplyDropsFn()).with_outputs("rejected", main="docs")
+        )
+
+
+class WriteChunkShards(beam.PTransform):
+    """Kept docs -> chunk and document Parquet shards under DB; outputs per-shard statuses."""
+
+    def __init__(self, db: str, config: ChunkConfig, tokenizer_json: str):
+        super().__init__()
+        self.db, self.config, self.tokenizer_json = db, config, tokenizer_json
+
+    def expand(self, docs):
+        c = self.config
+        by_shard = docs | "ByShard" >> beam.Map(lambda d: ((d["split"], shard_of(d["key"], d["split"], c)), d))
+        counts = (
+            by_shard
+            | "ShardSizes" >> beam.Map(lambda kv: (kv[0], (1, chunk_count(len(kv[1]["tokens"]), c.chunk_size))))
+            | "SumShardSizes" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs))) if pairs else (0, 0))
+        )
+        return (
+            by_shard
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteChunkShardFn(self.db, c, self.tokenizer_json), counts=beam.pvalue.AsDict(counts))
+        )
+
+
+class WriteRejected(beam.PTransform):
+    """Rejected -> ``DB/rejected/<reason>-<part>.jsonl``; outputs (reason, count)."""
+
+    def __init__(self, db: str, parts: int):
+        super().__init__()
+        self.db, self.parts = db, parts
+
+    def expand(self, rejected):
+        parts = self.parts
+        return (
+            rejected
+            | "ByReason" >> beam.Map(lambda r: ((r.reason, _unit_hash(r.source.encode(), b"rejected") % parts), r))
+            | "GroupByReason" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(WriteRejectedFn(self.db))
+            | "SumByReason" >> beam.CombinePerKey(sum)
+        )
+
+
+def build_chunk_pipeline(p: beam.Pipeline, *, db: str, config: ChunkConfig, tokenizer_json: str, staging: str) -> None:
+    """Adds stage 1 to ``p``. Its statistics land in ``staging``/stats.json and shards.json."""
+    read = p | "ReadCorpus" >> ReadCorpus(config.inputs, config)
+    normalized = read.records | "Normalize" >> beam.ParDo(NormalizeFn()).with_outputs("rejected", main="docs")
+    unique = normalized.docs | "ExactDedup" >> ExactDedup()
+    tokenized = (
+        unique.docs
+        | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
+        | "Tokenize" >> beam.ParDo(TokenizeBatchFn(tokenizer_json, config))
+    )
+    kept = tokenized | "Deduplicate" >> Deduplicate(config)
+    statuses = kept.docs | "WriteChunkShards" >> WriteChunkShards(db, config, tokenizer_json)
+    rejected = (read.rejected, normalized.rejected, unique.rejected, kept.rejected) | "AllRejected" >> beam.Flatten()
+    rejected_counts = rejected | "WriteRejected" >> WriteRejected(db, config.rejected_shards)
+    records_read = (
+        (read.records, read.rejected) | "AllRead" >> beam.Flatten()
+        | "CountRead" >> beam.combiners.Count.Globally()
+        | "AsPair" >> beam.Map(lambda n: ("records_read", n))
+    )
+    (
+        (records_read, rejected_counts | "RejectedKeys" >> beam.Map(lambda kv: (f"rejected_{kv[0]}", kv[1])))
+        | "AllCounts" >> beam.Flatten()
+        | "CountsToList" >> beam.combiners.ToList()
+        | "WriteStats" >> beam.Map(lambda pairs: _write_json(dict(sorted(pairs)), FileSystems.join(staging, "stats.json")))
+    )
+    (
+        statuses
+        | "StatusesToList" >> beam.combiners.ToList()
+        | "WriteShardStatuses" >> beam.Map(lambda s: _write_json(sorted(s, key=lambda x: (SPLITS.index(x["split"]), x["shard"])), FileSystems.join(staging, "shards.json")))
+    )
+
+
+def config_record(config: ChunkConfig) -> dict:
+    return asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: tokenizer, resumability, manifest.
+
+
+def local_beam_options(beam_args: list[str]):
+    """Beam options; without --runner, the local FnApiRunner on every core (never Prism,
+    which downloads a binary and fails offline)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        import os
+
+        args += ["--runner=FnApiRunner", f"--direct_num_workers={os.cpu_count() or 1}", "--direct_running_mode=multi_processing"]
+    return PipelineOptions(args)
+
+
+def sample_texts(files: list, config: ChunkConfig, sample_bytes: int):
+    """The first ``sample_bytes`` of normalised text in sorted file order (deterministic)."""
+    seen = 0
+    for path, size in files:
+        for item in corpus_io.read_records(path, size, text_field=config.text_field, max_record_bytes=config.max_record_bytes):
+            if isinstance(item, corpus_io.Record) and (text := normalize_text(item.text)):
+                yield text
+                seen += len(text)
+                if seen >= sample_bytes:
+                    return
+
+
+def _delete_tree(path: str) -> None:
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+
+
+def write_chunk_shards(
+    corpus: list[str],
+    db: str,
+    *,
+    config: ChunkConfig | None = None,
+    tokenizer_path: str | None = None,
+    vocab_size: int = 8192,
+    tokenizer_sample_bytes: int = 64 << 20,
+    beam_args: list[str] = (),
+    overwrite: bool = False,
+) -> dict:
+    """Runs stage 1 into ``db`` and returns its manifest record (skipped when already complete)."""
+    from pipeline import manifest as mf
+    from pipeline.lm_tokenizer import train_lm_tokenizer
+
+    config = config or ChunkConfig()
+    config.inputs = [list(x) for x in corpus_io.match_inputs(corpus)]
+    if tokenizer_path:
+        tokenizer_json = load_lm_tokenizer(tokenizer_path).to_str()
+        config.tokenizer_sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    else:
+        config.tokenizer_sha256 = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
+    record = config_record(config)
+    state = mf.stage_state(db, "chunks", record, overwrite=overwrite)
+    if state == "complete":
+        missing = [s[k]["path"] for s in mf.read_manifest(db)["stages"]["chunks"]["shards"] for k in ("chunks_file", "documents_file") if not FileSystems.exists(mf.join(db, s[k]["path"]))]
+        if not missing:
+            log.info("chunks: complete in %s with the same config and input, skipping", db)
+            return mf.read_manifest(db)["stages"]["chunks"]
+        log.warning("chunks: %d shard files are missing (%s...), rebuilding", len(missing), missing[0])
+    if state == "new":
+        for kind in ("chunks", "documents", "rejected"):
+            _delete_tree(mf.join(db, kind))
+    if not FileSystems.exists(db):
+        FileSystems.mkdirs(db)
+
+    if not tokenizer_path:
+        log.info("training the LM tokenizer (vocab %d) on up to %d MB of the corpus", vocab_size, tokenizer_sample_bytes >> 20)
+        tokenizer_json = train_lm_tokenizer(sample_texts(config.inputs, config, tokenizer_sample_bytes), vocab_size=vocab_size).to_str()
+    with FileSystems.create(mf.join(db, "tokenizer.json")) as f:
+        f.write(tokenizer_json.encode("utf-8"))
+    mf.update_stage(db, "chunks", config=record, status="running")
+
+    staging = mf.join(db, ".staging-chunks")
+    total_bytes = sum(size for _, size in config.inputs)
+    log.info("chunks: %d files, %.1f MB -> %s", len(config.inputs), total_bytes / 1e6, db)
+    with beam.Pipeline(options=local_beam_options(list(beam_args))) as p:
+        build_chunk_pipeline(p, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging)
+
+    with FileSystems.open(FileSystems.join(staging, "stats.json")) as f:
+        counts = json.loads(f.read())
+    with FileSystems.open(FileSystems.join(staging, "shards.json")) as f:
+        shards = json.loads(f.read())
+    _delete_tree(staging)
+    for key in ("documents", "chunks", "tokens"):
+        counts[f"{key}_kept" if key == "documents" else key] = sum(s[key] for s in shards)
+    counts["by_split"] = {
+        split: {key: sum(s[key] for s in shards if s["split"] == split) for key in ("documents", "chunks", "tokens")}
+        for split in SPLITS
+    }
+    rejected_total = sum(v for k, v in counts.items() if k.startswith("rejected_"))
+    counts["balanced"] = counts.get("records_read", 0) == counts["documents_kept"] + rejected_total
+    if not counts["balanced"]:
+        raise RuntimeError(f"chunks: counts do not add up: {counts}")
+    if counts["chunks"] == 0:
+        log.warning("chunks: the corpus produced no chunks (%s)", {k: v for k, v in counts.items() if k.startswith("rejected_")})
+    return mf.update_stage(
+        db, "chunks", config=record, status="complete", counts=counts, shards=shards,
+        tokenizer_sha256=mf.sha256_file(mf.join(db, "tokenizer.json")),
+        versions=mf.package_versions("apache-beam", "pyarrow", "tokenizers", "numpy"),
+    )

@@ -1,0 +1,239 @@
+"""Stage 1 end to end and its transforms: dedup, leakage, dense ids, dead letters, reruns."""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from conftest import BEAM_TEST_ARGS, default_corpus_docs
+from pipeline import chunk_pipeline as cp
+from pipeline import corpus_io, minhash
+from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, train_lm_tokenizer
+from pipeline.manifest import ConfigMismatch, read_manifest
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus_docs):
+    return train_lm_tokenizer((d["text"] for d in corpus_docs[:300]), vocab_size=2048)
+
+
+def test_tokenizer_training_is_deterministic(corpus_docs, tokenizer):
+    again = train_lm_tokenizer((d["text"] for d in corpus_docs[:300]), vocab_size=2048)
+    assert again.to_str() == tokenizer.to_str()
+    text = corpus_docs[5]["text"]
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text  # byte-level BPE is lossless
+
+
+def tokenized_doc(tokenizer, text, split="train", source="s", position=0):
+    return {
+        "key": hashlib.blake2b(text.encode(), digest_size=16).digest(), "split": split, "source": source,
+        "position": position, "meta": "", "tokens": np.array(tokenizer.encode(text).ids, dtype=np.uint32),
+    }
+
+
+def perturb(tokens, fraction, rng):
+    out = tokens.copy()
+    idx = rng.choice(len(out), size=max(1, int(len(out) * fraction)), replace=False)
+    out[idx] = rng.integers(0, 2048, size=len(idx))
+    return out
+
+
+def run_dedup(docs, config):
+    with TestPipeline(argv=BEAM_TEST_ARGS) as p:
+        out = p | beam.Create(docs) | cp.Deduplicate(config)
+        kept = out.docs | "KeptSources" >> beam.Map(lambda d: d["source"])
+        dropped = out.rejected | "DroppedSources" >> beam.Map(lambda r: (r.source, r.reason))
+        kept | "WriteKept" >> beam.io.WriteToText("/tmp/_dedup_kept", shard_name_template="")
+        dropped | "WriteDropped" >> beam.io.WriteToText("/tmp/_dedup_dropped", shard_name_template="")
+    kept = open("/tmp/_dedup_kept").read().split()
+    dropped = [eval(line) for line in open("/tmp/_dedup_dropped").read().splitlines()]
+    return kept, dropped
+
+
+def test_minhash_lsh_removes_planted_near_duplicates_and_keeps_unrelated(corpus_docs, tokenizer):
+    """>= 95% of planted near-duplicates (5-gram Jaccard >= 0.9) removed, >= 99% of originals kept."""
+    rng = np.random.default_rng(0)
+    originals = [tokenized_doc(tokenizer, d["text"], source=f"orig-{i}") for i, d in enumerate(corpus_docs)]
+    long_ones = [d for d in originals if len(d["tokens"]) >= 150]
+    planted = []
+    for i, doc in enumerate(long_ones[:200]):
+        tokens = perturb(doc["tokens"], 0.008, rng)
+        if minhash.exact_jaccard(doc["tokens"], tokens, 5) >= 0.9:
+            planted.append({**doc, "key": hashlib.blake2b(tokens.tobytes(), digest_size=16).digest(), "tokens": tokens, "source": f"copy-{i}", "of": doc["source"]})
+    assert len(planted) >= 100
+    kept, dropped = run_dedup(originals + planted, cp.ChunkConfig())
+    kept_set = set(kept)
+    # a planted copy may win over its original (smaller key): a pair is resolved when one survives
+    pairs_resolved = sum(1 for p in planted if (p["source"] in kept_set) != (p["of"] in kept_set))
+    stand_in = {p["of"] for p in planted if p["source"] in kept_set}
+    originals_kept = sum(1 for d in originals if d["source"] in kept_set or d["source"] in stand_in)
+    assert pairs_resolved / len(planted) >= 0.95, (pairs_resolved, len(planted))
+    assert originals_kept / len(originals) >= 0.99, (originals_kept, len(originals))
+    assert all(reason == cp.NEAR_DUPLICATE for _, reason in dropped)
+    assert len(kept) + len(dropped) == len(originals) + len(planted)
+
+
+def test_leakage_drops_train_documents_close_to_held_out_ones(corpus_docs, tokenizer):
+    rng = np.random.default_rng(1)
+    base = [tokenized_doc(tokenizer, d["text"], source=f"doc-{i}") for i, d in enumerate(corpus_docs[:80]) if len(d["text"]) > 800]
+    held_out = [dict(d, split="test") for d in base[:10]]
+    leaked = [dict(d, split="train", source=d["source"] + "-leak", tokens=perturb(d["tokens"], 0.004, rng),
+                   key=hashlib.blake2b(d["source"].encode(), digest_size=16).digest()) for d in held_out]
+    clean = base[10:]
+    kept, dropped = run_dedup(held_out + leaked + clean, cp.ChunkConfig())
+    assert sorted(s for s, _ in dropped) == sorted(d["source"] for d in leaked)
+    assert {r for _, r in dropped} == {cp.LEAKAGE}
+    assert set(kept) == {d["source"] for d in held_out + clean}
+
+
+def test_exact_dedup_keeps_the_first_occurrence():
+    docs = [{"key": b"k1", "source": "b", "position": 1}, {"key": b"k1", "source": "a", "position": 7},
+            {"key": b"k2", "source": "c", "position": 0}]
+    with TestPipeline(argv=BEAM_TEST_ARGS) as p:
+        out = p | beam.Create(docs) | cp.ExactDedup()
+        assert_that(out.docs | beam.Map(lambda d: (d["source"], d["position"])), equal_to([("a", 7), ("c", 0)]), label="kept")
+        assert_that(out.rejected | beam.Map(lambda r: (r.source, r.reason, r.detail)),
+                    equal_to([("b", cp.EXACT_DUPLICATE, "same text as a:7")]), label="dropped")
+
+
+def test_normalize_text():
+    assert cp.normalize_text("  Caf\u0065\u0301\r\nnext\x00 line\x07\t  ") == "Caf\u00e9\nnext line\t".strip()
+    assert cp.normalize_text(" \n\t ") == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a small mixed corpus with every kind of bad input.
+
+
+def write_mixed_corpus(root, docs):
+    root.mkdir()
+    texts = [d["text"] for d in docs]
+    lines = [json.dumps({"text": t, "meta": {"i": i}}) for i, t in enumerate(texts[:60])]
+    lines.insert(3, '{"text": "unterminated')                 # malformed JSON, line 4
+    lines.insert(7, '{"no_text": "here"}')                    # missing text, line 8
+    lines.insert(9, json.dumps({"text": texts[0]}))           # exact duplicate of line 1
+    lines.insert(11, json.dumps({"text": "   \n  "}))         # empty after normalisation
+    lines.insert(12, json.dumps({"text": "y" * 300_000}))     # huge record, line 13
+    (root / "part-0.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff utf8"}\n')
+    zst = "".join(json.dumps({"text": t}) + "\n" for t in texts[60:100]).encode()
+    (root / "part-1.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zst))
+    cut = zstandard.ZstdCompressor().compress("".join(json.dumps({"text": t}) + "\n" for t in texts[100:140]).encode())
+    (root / "part-2.jsonl.zst").write_bytes(cut[: len(cut) * 2 // 3])
+    pq.write_table(pa.table({"text": texts[140:150]}), root / "part-3.parquet")
+    (root / "notes.txt").write_text(texts[150])
+    (root / "empty.jsonl").write_bytes(b"")
+
+
+@pytest.fixture(scope="module")
+def small_db(tmp_path_factory, corpus_docs):
+    root = tmp_path_factory.mktemp("corpus")
+    write_mixed_corpus(root / "in", corpus_docs[:160])
+    db = str(root / "db")
+    config = cp.ChunkConfig(num_shards=2, valid_fraction=0.1, test_fraction=0.1, max_record_bytes=200_000)
+    record = cp.write_chunk_shards([str(root / "in")], db, config=config, vocab_size=2048, beam_args=BEAM_TEST_ARGS)
+    return root, db, config, record
+
+
+def read_split(db, split, kind="chunks"):
+    files = sorted(glob.glob(os.path.join(db, kind, split, "*.parquet")))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def test_counts_add_up_and_every_bad_record_is_a_dead_letter(small_db):
+    root, db, _, record = small_db
+    counts = record["counts"]
+    rejected = {k[len("rejected_"):]: v for k, v in counts.items() if k.startswith("rejected_")}
+    assert counts["balanced"] and counts["records_read"] == counts["documents_kept"] + sum(rejected.values())
+    for reason in ("malformed_json", "missing_text", "exact_duplicate", "empty", "record_too_large", "invalid_utf8", "truncated_stream", "empty_file"):
+        assert rejected.get(reason, 0) >= 1, reason
+    letters = [json.loads(line) for f in glob.glob(os.path.join(db, "rejected", "*.jsonl")) for line in open(f)]
+    assert len(letters) == sum(rejected.values())
+    part0 = str(root / "in" / "part-0.jsonl")
+    by_reason = {(r["reason"], r["source"], r["position"]) for r in letters}
+    assert ("malformed_json", part0, 4) in by_reason and ("missing_text", part0, 8) in by_reason
+    assert ("record_too_large", part0, 13) in by_reason and ("exact_duplicate", part0, 10) in by_reason
+    assert any(r["reason"] == "truncated_stream" and r["source"].endswith("part-2.jsonl.zst") for r in letters)
+    assert any(r["reason"] == "empty_file" and r["source"].endswith("empty.jsonl") for r in letters)
+
+
+def test_chunk_ids_are_dense_and_continuations_follow(small_db):
+    _, db, config, record = small_db
+    tables = [read_split(db, s) for s in cp.SPLITS]
+    assert all(t is not None and t.num_rows for t in tables)
+    ids = np.concatenate([t["chunk_id"].to_numpy() for t in tables])
+    assert np.array_equal(ids, np.arange(len(ids)))  # dense, in (split, shard, document, chunk) order
+    all_chunks = pa.concat_tables(tables)
+    doc = all_chunks["doc_id"].to_numpy()
+    idx = all_chunks["chunk_index"].to_numpy()
+    same_doc = doc[1:] == doc[:-1]
+    assert np.array_equal(idx[1:][same_doc], idx[:-1][same_doc] + 1)  # chunk i+1 continues chunk i
+    assert np.all(idx[1:][~same_doc] == 0)
+    lengths = np.array([len(t) for t in all_chunks["tokens"].to_pylist()])
+    last = np.append(~same_doc, True)
+    assert np.all(lengths[~last] == config.chunk_size) and np.all((lengths[last] >= 1) & (lengths[last] <= config.chunk_size))
+    assert all_chunks.schema.field("tokens").type == pa.list_(pa.uint16())
+    assert record["counts"]["chunks"] == len(ids)
+
+
+def test_chunks_decode_to_the_documents_text(small_db, corpus_docs):
+    _, db, _, _ = small_db
+    tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
+    chunks, docs = read_split(db, "train"), read_split(db, "train", "documents")
+    first = docs.slice(0, 1).to_pylist()[0]
+    rows = chunks.filter(pa.compute.equal(chunks["doc_id"], first["doc_id"])).to_pylist()
+    tokens = [t for r in rows for t in r["tokens"]]
+    assert tokens[-1] == tokenizer.token_to_id(EOS)
+    text = tokenizer.decode(tokens[:-1])
+    assert text in {cp.normalize_text(d["text"]) for d in corpus_docs[:160]}
+    assert sum(r["n_bytes"] for r in rows) == len(text.encode()) == first["n_bytes"]
+
+
+def test_rerun_skips_and_rebuild_gives_the_same_bytes(small_db):
+    root, db, config, record = small_db
+    digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in glob.glob(os.path.join(db, "*", "*", "*.parquet"))}
+    again = cp.write_chunk_shards([str(root / "in")], db, config=cp.ChunkConfig(**{**config.__dict__}), vocab_size=2048, beam_args=BEAM_TEST_ARGS)
+    assert again["updated"] == record["updated"]  # skipped: nothing rewritten
+    copy = str(root / "db-copy")
+    shutil.copytree(db, copy)
+    victim = sorted(digests)[0].replace(db, copy)
+    os.remove(victim)  # a crash that lost a shard
+    cp.write_chunk_shards([str(root / "in")], copy, config=cp.ChunkConfig(**{**config.__dict__}), vocab_size=2048, beam_args=BEAM_TEST_ARGS)
+    rebuilt = {p.replace(copy, db): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in glob.glob(os.path.join(copy, "*", "*", "*.parquet"))}
+    assert rebuilt == digests
+
+
+def test_changed_config_is_refused_unless_overwrite(small_db):
+    root, db, config, _ = small_db
+    changed = cp.ChunkConfig(**{**config.__dict__, "chunk_size": 32})
+    with pytest.raises(ConfigMismatch, match="chunk_size"):
+        cp.write_chunk_shards([str(root / "in")], db, config=changed, vocab_size=2048, beam_args=BEAM_TEST_ARGS)
+    copy = str(root / "db-overwrite")
+    shutil.copytree(db, copy)
+    record = cp.write_chunk_shards([str(root / "in")], copy, config=changed, vocab_size=2048, beam_args=BEAM_TEST_ARGS, overwrite=True)
+    assert record["config"]["chunk_size"] == 32
+    assert max(len(t) for t in read_split(copy, "train")["tokens"].to_pylist()) == 32
+    assert read_manifest(copy)["stages"]["chunks"]["status"] == "complete"
+
+
+def test_empty_corpus_gives_an_empty_but_balanced_stage(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"text": ""}\n{"oops": 1}\n')
+    tok = str(tmp_path / "tok.json")
+    train_lm_tokenizer(["some text to learn from"] * 10, vocab_size=300).save(tok)
+    record = cp.write_chunk_shards([str(tmp_path / "in")], str(tmp_path / "db"), tokenizer_path=tok, beam_args=BEAM_TEST_ARGS)
+    assert record["counts"]["chunks"] == 0 and record["counts"]["records_read"] == 2 and record["counts"]["balanced"]
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no corpus files match"):
+        cp.write_chunk_shards([str(tmp_path / "nope" / "*.jsonl")], str(tmp_path / "db"), beam_args=BEAM_TEST_ARGS)
