@@ -52,26 +52,90 @@ def run_chunks(args, beam_args) -> dict:
     )
 
 
+def _add_later_stage_args(p: argparse.ArgumentParser) -> None:
+    from pipeline.embed import EmbedConfig
+    from pipeline.faiss_index import IndexConfig
+    from pipeline.neighbours import NeighbourConfig
+
+    e, i, n = EmbedConfig(), IndexConfig(), NeighbourConfig()
+    p.add_argument("--model", default=e.model, help="frozen BERT: an HF path or name (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default=e.precision, help="CPU embedding precision (GPUs use bf16 autocast)")
+    p.add_argument("--embed-batch-size", type=int, default=e.batch_size)
+    p.add_argument("--actors", type=int, default=0, help="Ray actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--index-factory", default=i.factory, help="faiss index_factory string (default: IVF-PQ scaled to the DB)")
+    p.add_argument("--rerank-factor", type=int, default=i.rerank_factor, help="exact re-ranking of k*factor candidates; 0 disables")
+    p.add_argument("--target-recall", type=float, default=i.target_recall)
+    p.add_argument("--k-train", type=int, default=n.k_train, help="neighbours stored per train chunk")
+    p.add_argument("--k-eval", type=int, default=n.k_eval, help="neighbours stored per valid/test chunk")
+    p.add_argument("--nprobe", type=int, default=0, help="nprobe for neighbour search (default: the measured one)")
+
+
+def _later_configs(args):
+    from pipeline.embed import EmbedConfig
+    from pipeline.faiss_index import IndexConfig
+    from pipeline.neighbours import NeighbourConfig
+
+    return (EmbedConfig(model=args.model, precision=args.precision, batch_size=args.embed_batch_size),
+            IndexConfig(factory=args.index_factory, rerank_factor=args.rerank_factor, target_recall=args.target_recall),
+            NeighbourConfig(k_train=args.k_train, k_eval=args.k_eval, nprobe=args.nprobe))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    chunks = sub.add_parser("chunks", help="stage 1: corpus -> deduplicated chunk shards (Beam)")
-    for p in (chunks,):
-        p.add_argument("--db", default="db", help="output directory or URI (default: ./db)")
+    commands = {
+        "build-db": sub.add_parser("build-db", help="every stage: corpus -> chunks -> embeddings -> index -> neighbours"),
+        "chunks": sub.add_parser("chunks", help="stage 1: corpus -> deduplicated chunk shards (Beam)"),
+        "embed": sub.add_parser("embed", help="stage 2: chunk shards -> BERT embeddings (Ray)"),
+        "index": sub.add_parser("index", help="stage 3: embeddings -> sharded IVF-PQ index (faiss)"),
+        "neighbours": sub.add_parser("neighbours", help="stage 4: neighbour tables (Ray)"),
+        "summary": sub.add_parser("summary", help="print a DB's summary from its manifest"),
+    }
+    for name, p in commands.items():
+        p.add_argument("--db", default="db", help="the DB directory (default: ./db)")
         p.add_argument("--overwrite", action="store_true", help="rebuild stages whose config changed instead of refusing")
         p.add_argument("-v", "--verbose", action="store_true")
-    _add_chunk_args(chunks)
+        if name in ("build-db", "chunks"):
+            _add_chunk_args(p)
+        if name in ("build-db", "embed", "index", "neighbours"):
+            _add_later_stage_args(p)
     args, beam_args = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    if beam_args and args.command not in ("build-db", "chunks"):
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     from pipeline.manifest import ConfigMismatch
 
+    log = logging.getLogger("pipeline")
     try:
-        if args.command == "chunks":
+        if args.command == "build-db":
+            from pipeline.build_db import build_db
+
+            embed, index, neighbours = _later_configs(args)
+            build_db(args.corpus, args.db, chunk_kwargs=dict(config=_chunk_config(args), tokenizer_path=args.tokenizer,
+                                                              vocab_size=args.vocab_size, beam_args=beam_args),
+                     embed_config=embed, index_config=index, neighbour_config=neighbours, overwrite=args.overwrite, actors=args.actors)
+        elif args.command == "chunks":
             record = run_chunks(args, beam_args)
-            logging.getLogger("pipeline").info("chunks: %s", {k: v for k, v in record["counts"].items() if k != "by_split"})
+            log.info("chunks: %s", {k: v for k, v in record["counts"].items() if k != "by_split"})
+        elif args.command == "embed":
+            from pipeline.embed import write_embeddings
+
+            write_embeddings(args.db, config=_later_configs(args)[0], actors=args.actors, overwrite=args.overwrite)
+        elif args.command == "index":
+            from pipeline.faiss_index import write_index
+
+            write_index(args.db, config=_later_configs(args)[1], overwrite=args.overwrite)
+        elif args.command == "neighbours":
+            from pipeline.neighbours import write_neighbours
+
+            write_neighbours(args.db, config=_later_configs(args)[2], actors=args.actors, overwrite=args.overwrite)
+        elif args.command == "summary":
+            from pipeline.build_db import summary_lines
+
+            print("\n".join(summary_lines(args.db)))
     except (ConfigMismatch, FileNotFoundError, ValueError) as e:
-        logging.getLogger("pipeline").error("%s", e)
+        log.error("%s", e)
         return 2
     return 0
 

@@ -1,8 +1,9 @@
 """MinHash signatures over token n-grams and LSH band keys, vectorised with numpy.
 
 Shingles are n-grams of LM token ids (the paper measures leakage with 13-gram Jaccard), hashed
-with a rolling polynomial hash; each of the ``num_perm`` hash functions is a splitmix64 finaliser
-of the shingle hash xor a per-permutation seed. All arithmetic is uint64 with wrap-around, so the
+with a rolling polynomial hash and mixed once with splitmix64; each of the ``num_perm`` hash
+functions is then a multiply-add ``a * x + b`` (mod 2**64, ``a`` odd): one multiply per
+shingle and permutation, the cost that dominates MinHash. All arithmetic is uint64 with wrap-around, so the
 same tokens give the same signature on every machine.
 
 LSH with ``bands`` bands of ``rows`` rows makes two documents of Jaccard J candidates with
@@ -27,7 +28,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def permutation_seeds(num_perm: int, seed: int = 1) -> np.ndarray:
-    return _splitmix64(np.arange(num_perm, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 32))
+    """(2, num_perm) multipliers (odd) and increments of the multiply-add hash family."""
+    raw = _splitmix64(np.arange(2 * num_perm, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 32))
+    return np.stack([raw[:num_perm] | np.uint64(1), raw[num_perm:]])
 
 
 def shingle_hashes(tokens: np.ndarray, ngram: int) -> np.ndarray:
@@ -45,12 +48,13 @@ def shingle_hashes(tokens: np.ndarray, ngram: int) -> np.ndarray:
 
 def signature(tokens: np.ndarray, *, ngram: int, seeds: np.ndarray) -> np.ndarray:
     """MinHash signature of a token sequence. (num_perm,) uint64; all-max for an empty one."""
-    shingles = shingle_hashes(tokens, ngram)
-    sig = np.full(len(seeds), np.iinfo(np.uint64).max, dtype=np.uint64)
+    multipliers, increments = seeds
+    shingles = _splitmix64(shingle_hashes(tokens, ngram))  # mixed once, so the cheap family suffices
+    sig = np.full(len(multipliers), np.iinfo(np.uint64).max, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for start in range(0, len(shingles), _BLOCK):
-            block = shingles[start : start + _BLOCK]
-            hashed = _splitmix64(block[None, :] ^ seeds[:, None])  # (num_perm, s)
+            hashed = multipliers[:, None] * shingles[None, start : start + _BLOCK]  # (num_perm, s)
+            hashed += increments[:, None]
             np.minimum(sig, hashed.min(axis=1), out=sig)
     return sig
 

@@ -1,0 +1,54 @@
+"""``make build-db``: every stage from raw corpus to neighbour tables, each resumable."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline import manifest as mf
+
+log = logging.getLogger(__name__)
+
+
+def summary_lines(db: str) -> list[str]:
+    """A human summary of a DB's manifest."""
+    stages = mf.read_manifest(db)["stages"]
+    lines = [f"RETRO DB at {db}"]
+    if c := stages.get("chunks"):
+        n = c["counts"]
+        dropped = {k[len("rejected_"):]: v for k, v in n.items() if k.startswith("rejected_")}
+        lines.append(f"  documents : {n['records_read']} read, {n['documents_kept']} kept; dropped {dropped or 'none'}")
+        lines.append("  chunks    : " + ", ".join(f"{s} {v['chunks']} ({v['documents']} docs)" for s, v in n["by_split"].items())
+                     + f"; {n['tokens']} tokens")
+    if e := stages.get("embeddings"):
+        lines.append(f"  embeddings: {e['counts']['chunks']} x {e['dim']} fp16, model {e['config']['model']}")
+    if i := stages.get("index"):
+        lines.append(f"  index     : {i['config']['factory']} + exact re-rank x{i['config']['rerank_factor']}, {i['vectors']} vectors,"
+                     f" {i['bytes'] / 1e6:.1f} MB in {len(i['shards'])} shards; recall@10 {i['recall_at_10']:.3f} at nprobe {i['default_nprobe']}")
+    if nb := stages.get("neighbours"):
+        per = ", ".join(f"{s} k={v['k']} {v['full']}/{v['chunks']}" for s, v in nb["counts"]["by_split"].items())
+        lines.append(f"  neighbours: coverage {nb['counts']['coverage']:.3f} (chunks with all k neighbours: {per})")
+    lines.append(f"  outputs   : {db}/manifest.json, chunks/, documents/, tokens/, embeddings/, index/, neighbours/, rejected/")
+    return lines
+
+
+def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=None, index_config=None,
+             neighbour_config=None, overwrite: bool = False, actors: int = 0) -> None:
+    from pipeline.chunk_pipeline import write_chunk_shards
+    from pipeline.embed import write_embeddings
+    from pipeline.faiss_index import write_index
+    from pipeline.neighbours import write_neighbours
+
+    timings = {}
+    for name, run in (
+        ("chunks", lambda: write_chunk_shards(corpus, db, overwrite=overwrite, **chunk_kwargs)),
+        ("embeddings", lambda: write_embeddings(db, config=embed_config, actors=actors, overwrite=overwrite)),
+        ("index", lambda: write_index(db, config=index_config, overwrite=overwrite)),
+        ("neighbours", lambda: write_neighbours(db, config=neighbour_config, actors=actors, overwrite=overwrite)),
+    ):
+        t0 = time.perf_counter()
+        run()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log.info("stage %s done in %.1f s", name, timings[name])
+    for line in summary_lines(db) + [f"  seconds   : {timings}"]:
+        log.info("%s", line)

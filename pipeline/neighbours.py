@@ -1,0 +1,163 @@
+"""Stage 4 (Ray): offline neighbour tables for every chunk of every split.
+
+For each chunk, search K > k candidates, drop those from the chunk's own document (by document
+id, never by result position), keep the k nearest; where fewer than k survive, search again with
+4x the candidates (up to ``max_candidates``), then pad with -1. Output per chunk shard:
+``DB/neighbours/<split>/shard-*.parquet`` with ``chunk_id``, ``neighbour_ids`` (nearest first)
+and ``distances`` (squared L2, +inf for padding), rows aligned with the chunk shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NeighbourConfig:
+    k_train: int = 2
+    k_eval: int = 10
+    candidates: int = 32  # first search depth K (at least 4k)
+    max_candidates: int = 1024
+    nprobe: int = 0  # 0: the index's measured default
+    batch: int = 1024
+
+
+def neighbours_of(index, queries: np.ndarray, query_docs: np.ndarray, doc_of, *, k: int, candidates: int,
+                  max_candidates: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest chunks from other documents. (n, k) ids (-1 padded), (n, k) distances (+inf padded).
+
+    ``doc_of(ids) -> doc ids`` maps candidate chunk ids to their documents.
+    """
+    n = len(queries)
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_d = np.full((n, k), np.inf, dtype=np.float32)
+    todo, depth = np.arange(n), max(candidates, 4 * k)
+    while len(todo):
+        dists, ids = index.search(queries[todo], min(depth, index.ntotal), nprobe=nprobe)
+        valid = ids >= 0
+        docs = np.full(ids.shape, -1, dtype=np.int64)
+        docs[valid] = doc_of(ids[valid])
+        keep = valid & (docs != query_docs[todo][:, None])
+        short = []
+        for row, q in enumerate(todo):
+            picked = np.flatnonzero(keep[row])[:k]
+            out_ids[q, : len(picked)] = ids[row, picked]
+            out_d[q, : len(picked)] = dists[row, picked]
+            if len(picked) < k and valid[row].all() and depth < min(max_candidates, index.ntotal):
+                short.append(q)
+        todo, depth = np.array(short, dtype=np.int64), depth * 4
+    return out_ids, out_d
+
+
+class NeighbourActor:
+    """Ray actor: holds the index and token store, writes one neighbour shard per call."""
+
+    def __init__(self, db: str, threads: int):
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        from pipeline.faiss_index import RetrievalIndex
+        from pipeline.token_store import TokenStore
+
+        self.db = db
+        self.index = RetrievalIndex(db, threads=threads)
+        self.store = TokenStore(db)
+
+    def write_shard(self, chunk_file: str, out_path: str, config: dict) -> tuple[str, int, int, float]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipeline.token_store import derived_path, read_chunk_shard
+
+        cfg = NeighbourConfig(**config)
+        t0 = time.perf_counter()
+        split = os.path.basename(os.path.dirname(chunk_file))
+        k = cfg.k_train if split == "train" else cfg.k_eval
+        table = read_chunk_shard(chunk_file, columns=("chunk_id", "doc_id"))
+        queries = np.load(derived_path(chunk_file, "embeddings", ".npy"), mmap_mode="r")
+        query_docs = table["doc_id"].to_numpy()
+        ids, dists = [], []
+        for s in range(0, len(queries), cfg.batch):
+            i, d = neighbours_of(self.index, np.asarray(queries[s : s + cfg.batch], dtype=np.float32), query_docs[s : s + cfg.batch],
+                                 self.store.doc_of, k=k, candidates=cfg.candidates, max_candidates=cfg.max_candidates,
+                                 nprobe=cfg.nprobe or None)
+            ids.append(i)
+            dists.append(d)
+        ids = np.concatenate(ids) if ids else np.zeros((0, k), np.int64)
+        dists = np.concatenate(dists) if dists else np.zeros((0, k), np.float32)
+        out = pa.table({
+            "chunk_id": table["chunk_id"],
+            "neighbour_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
+            "distances": pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
+        })
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        pq.write_table(out, out_path + ".tmp", compression="zstd")
+        os.replace(out_path + ".tmp", out_path)
+        return out_path, len(ids), int((ids >= 0).all(axis=1).sum()), time.perf_counter() - t0
+
+
+def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: int = 0, overwrite: bool = False) -> dict:
+    """Runs stage 4 over every chunk shard; returns its manifest record."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from pipeline import manifest as mf
+    from pipeline.ray_cluster import cluster_cpus_gpus, connect_ray
+    from pipeline.token_store import chunk_shard_files, derived_path
+
+    config = config or NeighbourConfig()
+    index_stage = mf.read_manifest(db)["stages"].get("index")
+    if not index_stage or index_stage.get("status") != "complete":
+        raise FileNotFoundError(f"{db}: the index stage is not complete; run it first")
+    record = {**asdict(config), "index_shards": [s["sha256"] for s in index_stage["shards"]],
+              "nprobe_used": config.nprobe or index_stage["default_nprobe"]}
+    state = mf.stage_state(db, "neighbours", record, overwrite=overwrite)
+    files = chunk_shard_files(db)
+    outs = {f: derived_path(f, "neighbours", ".parquet") for f in files}
+    if state == "complete" and all(os.path.exists(o) for o in outs.values()):
+        log.info("neighbours: complete with the same config, skipping")
+        return mf.read_manifest(db)["stages"]["neighbours"]
+    if state == "new":
+        shutil.rmtree(os.path.join(db, "neighbours"), ignore_errors=True)
+    mf.update_stage(db, "neighbours", config=record, status="running")
+
+    todo = [f for f in files if not os.path.exists(outs[f])]
+    ray = connect_ray()
+    cpus, _ = cluster_cpus_gpus()
+    n_actors = max(1, min(actors or int(cpus), len(todo)))
+    threads = max(1, int(cpus) // n_actors)
+    t0, searched = time.perf_counter(), 0
+    if todo:
+        actor_cls = ray.remote(num_cpus=0.5)(NeighbourActor)
+        pool = ray.util.ActorPool([actor_cls.remote(db, threads) for _ in range(n_actors)])
+        rows = {f: pq.ParquetFile(f).metadata.num_rows for f in todo}
+        log.info("neighbours: %d shards (%d chunks) on %d actors", len(todo), sum(rows.values()), n_actors)
+        with tqdm(total=sum(rows.values()), unit="chunk", desc="neighbours", mininterval=2) as bar:
+            for _, n, _, _ in pool.map_unordered(lambda a, f: a.write_shard.remote(f, outs[f], asdict(config)), todo):
+                bar.update(n)
+                searched += n
+    seconds = time.perf_counter() - t0
+    shards, counts = [], {"chunks": 0, "full": 0}
+    for f in files:
+        table = pq.read_table(outs[f], columns=["neighbour_ids"])
+        ids = np.array(table["neighbour_ids"].to_pylist(), dtype=np.int64).reshape(table.num_rows, -1)
+        split = os.path.basename(os.path.dirname(f))
+        full = int((ids >= 0).all(axis=1).sum()) if ids.size else 0
+        counts["chunks"] += table.num_rows
+        counts["full"] += full
+        counts.setdefault("by_split", {}).setdefault(split, {"chunks": 0, "full": 0, "k": ids.shape[1] if ids.ndim == 2 else 0})
+        counts["by_split"][split]["chunks"] += table.num_rows
+        counts["by_split"][split]["full"] += full
+        shards.append({"path": os.path.relpath(outs[f], db), "rows": table.num_rows, "sha256": mf.sha256_file(outs[f]), "status": "complete"})
+    counts["coverage"] = round(counts["full"] / counts["chunks"], 4) if counts["chunks"] else 0.0
+    return mf.update_stage(
+        db, "neighbours", config=record, status="complete", shards=shards, counts=counts,
+        queries_per_s_this_run=round(searched / seconds, 1) if searched else None,
+        versions=mf.package_versions("faiss-cpu", "ray", "pyarrow"),
+    )

@@ -1,0 +1,34 @@
+"""Connecting to Ray: a cluster at ``RAY_ADDRESS`` when given, else a local one on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def connect_ray(address: str | None = None):
+    """Initialises Ray once per process; returns the ray module."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers inherit these: they keep tokenizers from forking thread pools in every actor.
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env={"env_vars": env},
+                 logging_level=logging.WARNING, log_to_driver=False)
+    return ray
+
+
+def cluster_cpus_gpus() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return resources.get("CPU", 0.0), resources.get("GPU", 0.0)

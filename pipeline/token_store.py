@@ -1,0 +1,165 @@
+"""O(1) access to chunk tokens and embeddings by chunk id, memory-mapped, never loaded whole.
+
+Chunk ids are dense over shards in (split, shard) order, so a shard is found by a binary search
+over the S shard start ids (O(log S), with S in the thousands at trillion-token scale) and a row
+by subtraction. ``DB/tokens/<split>/shard-*.npy`` holds each chunk shard's tokens as a padded
+(n, m) array plus its lengths and document ids, written from the Parquet chunk shards once.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.chunk_pipeline import SPLITS
+
+log = logging.getLogger(__name__)
+
+
+def chunk_shard_files(db: str, split: str | None = None, kind: str = "chunks", suffix: str = ".parquet") -> list[str]:
+    """Shard files of one split (or all splits, in chunk id order)."""
+    splits = [split] if split else list(SPLITS)
+    return [f for s in splits for f in sorted(glob.glob(os.path.join(db, kind, s, f"shard-*{suffix}")))]
+
+
+def derived_path(chunk_file: str, kind: str, suffix: str) -> str:
+    """The path of a per-shard output aligned with a chunk shard: chunks/train/x.parquet -> kind/train/x<suffix>."""
+    split_dir, name = os.path.split(chunk_file)
+    db = os.path.dirname(os.path.dirname(split_dir))
+    return os.path.join(db, kind, os.path.basename(split_dir), name.replace(".parquet", suffix))
+
+
+def first_chunk_id(chunk_file: str) -> int:
+    """The shard's first chunk id, from the token shard's metadata (written before embedding)."""
+    with open(os.path.join(derived_path(chunk_file, "tokens", ""), "meta.json")) as f:
+        return json.load(f)["first_chunk_id"]
+
+
+def read_chunk_shard(path: str, columns=("chunk_id", "doc_id", "tokens")):
+    try:
+        return pq.read_table(path, columns=list(columns))
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise ValueError(f"chunk shard {path} is unreadable ({type(e).__name__}: {e}); rebuild the chunks stage with --overwrite") from e
+
+
+def write_token_shard(chunk_file: str, *, chunk_size: int, pad_id: int) -> str:
+    """Writes one chunk shard's padded tokens (n, m), lengths and doc ids as .npy files; returns the folder."""
+    out = derived_path(chunk_file, "tokens", "")
+    if os.path.exists(os.path.join(out, "meta.json")):
+        return out
+    table = read_chunk_shard(chunk_file)
+    lists = table["tokens"].combine_chunks()
+    lengths = np.diff(lists.offsets.to_numpy()).astype(np.int16)
+    values = lists.values.to_numpy()
+    dtype = np.uint16 if values.dtype == np.uint16 else np.uint32
+    tokens = np.full((len(lengths), chunk_size), pad_id, dtype=dtype)
+    mask = np.arange(chunk_size)[None, :] < lengths[:, None]
+    tokens[mask] = values
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    np.save(os.path.join(tmp, "tokens.npy"), tokens)
+    np.save(os.path.join(tmp, "lengths.npy"), lengths)
+    np.save(os.path.join(tmp, "doc_ids.npy"), table["doc_id"].to_numpy())
+    ids = table["chunk_id"].to_numpy()
+    meta = {"first_chunk_id": int(ids[0]) if len(ids) else 0, "rows": len(ids)}
+    if len(ids) and not np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+        raise ValueError(f"{chunk_file}: chunk ids are not dense; the shard is corrupt")
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    if os.path.exists(out):  # a crash after an earlier rename left a partial directory
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+class ShardedRows:
+    """Rows of per-shard .npy arrays addressed by global chunk id. Memory-mapped."""
+
+    def __init__(self, arrays: list[np.ndarray], starts: list[int]):
+        self.arrays, self.starts = arrays, np.asarray(starts, dtype=np.int64)
+        self.ends = self.starts + np.array([len(a) for a in arrays], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        valid = (shard >= 0) & (ids < self.ends[np.clip(shard, 0, None)])
+        if not np.all(valid):
+            raise KeyError(f"unknown chunk ids: {ids[~valid][:5].tolist()}")
+        return shard, ids - self.starts[shard]
+
+    def get(self, ids) -> np.ndarray:
+        """Rows for ``ids`` in order. (n, ...)"""
+        ids = np.asarray(ids, dtype=np.int64)
+        shard, row = self.locate(ids)
+        out = np.empty((len(ids),) + self.arrays[0].shape[1:], dtype=self.arrays[0].dtype)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self.arrays[s][row[sel]]
+        return out
+
+
+class TokenStore:
+    """Tokens of chunk n and of its continuation, in O(1), from ``DB/tokens``.
+
+    Axes: n queried ids, m chunk size. Padding is the LM tokenizer's pad id.
+    """
+
+    def __init__(self, db: str, splits=SPLITS):
+        dirs = [d for s in splits for d in sorted(glob.glob(os.path.join(db, "tokens", s, "shard-*")))
+                if not d.endswith(".tmp")]
+        if not dirs:
+            raise FileNotFoundError(f"{db}/tokens holds no token shards; run the build-db embeddings stage first")
+        metas = [json.load(open(os.path.join(d, "meta.json"))) for d in dirs]
+        keep = [i for i, m in enumerate(metas) if m["rows"]]
+        dirs, starts = [dirs[i] for i in keep], [metas[i]["first_chunk_id"] for i in keep]
+        order = np.argsort(starts)
+        dirs, starts = [dirs[i] for i in order], [starts[i] for i in order]
+        load = lambda name: [np.load(os.path.join(d, name), mmap_mode="r") for d in dirs]  # noqa: E731
+        self.tokens = ShardedRows(load("tokens.npy"), starts)
+        self.lengths = ShardedRows(load("lengths.npy"), starts)
+        self.doc_ids = ShardedRows(load("doc_ids.npy"), starts)
+        self.chunk_size = self.tokens.arrays[0].shape[1]
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self.tokens.arrays)
+
+    def chunks(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (n, m), lengths (n,))"""
+        return self.tokens.get(ids), self.lengths.get(ids)
+
+    def doc_of(self, ids) -> np.ndarray:
+        return self.doc_ids.get(ids)
+
+    def continuations(self, ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of chunk n+1 where it is in the same document as n, else all padding. (n, m)"""
+        ids = np.asarray(ids, dtype=np.int64)
+        nxt = ids + 1
+        exists = np.zeros(len(ids), dtype=bool)
+        inside = nxt < self.tokens.ends[np.searchsorted(self.tokens.starts, ids, side="right") - 1]
+        if inside.any():
+            exists[inside] = self.doc_ids.get(nxt[inside]) == self.doc_ids.get(ids[inside])
+        tokens = np.full((len(ids), self.chunk_size), pad_id, dtype=self.tokens.arrays[0].dtype)
+        lengths = np.zeros(len(ids), dtype=np.int16)
+        if exists.any():
+            tokens[exists], lengths[exists] = self.chunks(nxt[exists])
+        return tokens, lengths
+
+    def neighbour_tokens(self, ids, pad_id: int) -> np.ndarray:
+        """[N, F] per neighbour id, r = 2m tokens; -1 ids give all padding. (n, 2m)"""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full((len(ids), 2 * self.chunk_size), pad_id, dtype=np.int64)
+        valid = ids >= 0
+        if valid.any():
+            tokens, _ = self.chunks(ids[valid])
+            cont, _ = self.continuations(ids[valid], pad_id)
+            out[valid] = np.concatenate([tokens, cont], axis=1)
+        return out
