@@ -61,6 +61,7 @@ def _add_later_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=e.model, help="frozen BERT: an HF path or name (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--precision", choices=("fp32", "int8"), default=e.precision, help="CPU embedding precision (GPUs use bf16 autocast)")
     p.add_argument("--embed-batch-size", type=int, default=e.batch_size)
+    p.add_argument("--embed-block-rows", type=int, default=e.block_rows, help="chunks per resumable work unit")
     p.add_argument("--actors", type=int, default=0, help="Ray actors (default: one per GPU, else one per CPU)")
     p.add_argument("--index-factory", default=i.factory, help="faiss index_factory string (default: IVF-PQ scaled to the DB)")
     p.add_argument("--rerank-factor", type=int, default=i.rerank_factor, help="exact re-ranking of k*factor candidates; 0 disables")
@@ -75,7 +76,7 @@ def _later_configs(args):
     from pipeline.faiss_index import IndexConfig
     from pipeline.neighbours import NeighbourConfig
 
-    return (EmbedConfig(model=args.model, precision=args.precision, batch_size=args.embed_batch_size),
+    return (EmbedConfig(model=args.model, precision=args.precision, batch_size=args.embed_batch_size, block_rows=args.embed_block_rows),
             IndexConfig(factory=args.index_factory, rerank_factor=args.rerank_factor, target_recall=args.target_recall),
             NeighbourConfig(k_train=args.k_train, k_eval=args.k_eval, nprobe=args.nprobe))
 

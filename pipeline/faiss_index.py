@@ -45,14 +45,13 @@ class IndexConfig:
 
 def default_factory(n: int, d: int, *, min_points_per_list: int = 39) -> str:
     """IVF lists ~ 4 sqrt(n) (a power of two, each with >= min_points_per_list training points),
-    PQ with d/8 subquantizers (48 at d=384) of 8 bits, fewer bits when n cannot train 256
-    centroids each, and no polysemous training (8x slower to train, unused here)."""
+    PQ with d/8 one-byte subquantizers (48 bytes at d=384), no polysemous training (8x slower
+    to train, unused here)."""
     nlist = 2 ** max(0, int(math.log2(max(1.0, 4 * math.sqrt(n)))))
     while nlist > 1 and nlist * min_points_per_list > n:
         nlist //= 2
     m = next(m for m in (d // 8, d // 4, d // 2, d) if m and d % m == 0)
-    nbits = max(4, min(8, int(math.log2(max(1, n // min_points_per_list)))))
-    return f"IVF{nlist},PQ{m}x{nbits}np"
+    return f"IVF{nlist},PQ{m}x8np"
 
 
 def load_embedding_rows(db: str, split: str | None = "train") -> ShardedRows:
@@ -236,7 +235,12 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     trained_path = os.path.join(db, "index", "trained.faissindex")
     if not os.path.exists(trained_path):
         index = faiss.index_factory(d, factory, faiss.METRIC_L2)
-        nlist = faiss.extract_index_ivf(index).nlist
+        ivf = faiss.extract_index_ivf(index)
+        nlist = ivf.nlist
+        if hasattr(ivf, "pq"):
+            # Below 39 points per PQ centroid faiss warns once per subquantizer; on a small DB the
+            # codes then come out near-exact for the indexed vectors, which is what we want.
+            ivf.pq.cp.min_points_per_centroid = 1
         n_train = min(n, nlist * config.max_points_per_list)
         all_ids = np.concatenate([np.arange(a, b) for a, b in zip(rows.starts, rows.ends)])
         picked = np.sort(np.random.default_rng(config.seed).choice(all_ids, size=n_train, replace=False))
