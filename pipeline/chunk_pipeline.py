@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
@@ -89,12 +90,20 @@ def shard_of(key: bytes, split: str, config: ChunkConfig) -> int:
     return _unit_hash(key, b"shard") % config.shards_of(split)
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode category Cc but tab and newline
+
+
 def normalize_text(text: str) -> str:
     """NFC, Unix newlines, no control characters but tab and newline, no surrounding blanks."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in text):
-        text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
-    return text.strip()
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return _CONTROL.sub("", text).strip()
+
+
+def doc_tokens(doc: dict) -> np.ndarray:
+    """A tokenized document's LM token ids. (t,) uint32"""
+    return np.frombuffer(doc["tokens"], dtype=np.uint32)
 
 
 def _rejected(doc: dict, reason: str, detail: str) -> corpus_io.Rejected:
@@ -156,7 +165,7 @@ class KeepFirstFn(beam.DoFn):
 
 
 class TokenizeBatchFn(beam.DoFn):
-    """[doc] -> doc with ``tokens`` (LM ids + EOS, uint32) and ``split``; text is dropped."""
+    """[doc] -> doc with ``tokens`` (LM ids + EOS, uint32 bytes) and ``split``; text is dropped."""
 
     def __init__(self, tokenizer_json: str, config: ChunkConfig):
         self.tokenizer_json, self.config = tokenizer_json, config
@@ -173,13 +182,13 @@ class TokenizeBatchFn(beam.DoFn):
             tokens[-1] = self.eos
             _count("tokens", len(tokens))
             out = {k: v for k, v in doc.items() if k != "text"}
-            out["tokens"] = tokens
+            out["tokens"] = tokens.tobytes()  # bytes: Beam's coder copies them without pickling
             out["split"] = split_of(doc["key"], self.config)
             yield out
 
 
 class MinHashFn(beam.DoFn):
-    """doc -> doc with ``dedup_sig`` and ``leakage_sig`` (MinHash over token n-grams)."""
+    """doc -> doc with ``dedup_sig`` and ``leakage_sig`` (MinHash over token n-grams, uint32 bytes)."""
 
     def __init__(self, config: ChunkConfig):
         self.config = config
@@ -190,8 +199,9 @@ class MinHashFn(beam.DoFn):
     def process(self, doc):
         c = self.config
         doc = dict(doc)
-        doc["dedup_sig"] = minhash.signature(doc["tokens"], ngram=c.dedup_ngram, seeds=self.seeds)
-        doc["leakage_sig"] = minhash.signature(doc["tokens"], ngram=c.leakage_ngram, seeds=self.seeds)
+        tokens = doc_tokens(doc)
+        doc["dedup_sig"] = minhash.signature(tokens, ngram=c.dedup_ngram, seeds=self.seeds).tobytes()
+        doc["leakage_sig"] = minhash.signature(tokens, ngram=c.leakage_ngram, seeds=self.seeds).tobytes()
         yield doc
 
 
@@ -209,7 +219,7 @@ class VerifyBucketFn(beam.DoFn):
         _, members = bucket
         if len(members) < 2:
             return
-        members = sorted(members, key=lambda m: m[0])
+        members = sorted(((key, split, np.frombuffer(sig, dtype=np.uint32)) for key, split, sig in members), key=lambda m: m[:2])
         if self.mode == "dedup":
             for i, (key, _, sig) in enumerate(members[1:], start=1):
                 for other, _, other_sig in members[max(0, i - self.max_compare) : i]:
@@ -298,7 +308,7 @@ class WriteChunkShardFn(beam.DoFn):
         chunk_cols = {name: [] for name in CHUNK_SCHEMA_FIELDS}
         doc_cols = {name: [] for name in ("doc_id", "doc_hash", "first_chunk_id", "n_chunks", "n_tokens", "n_bytes", "source", "position", "meta")}
         for doc in docs:
-            tokens = doc["tokens"]
+            tokens = doc_tokens(doc)
             n = chunk_count(len(tokens), m)
             for name, value in (("doc_id", doc_id), ("doc_hash", doc["key"].hex()), ("first_chunk_id", chunk_id), ("n_chunks", n),
                                 ("n_tokens", len(tokens)), ("n_bytes", int(self.byte_lengths[tokens].sum())),
@@ -333,7 +343,7 @@ class WriteChunkShardFn(beam.DoFn):
         })
         n_shards = self.config.shards_of(split)
         status = {"split": split, "shard": shard, "documents": len(docs), "chunks": chunks.num_rows,
-                  "tokens": int(sum(len(d["tokens"]) for d in docs)),
+                  "tokens": int(sum(len(doc_tokens(d)) for d in docs)),
                   "first_chunk_id": chunk_cols["chunk_id"][0] if docs else None}
         for kind, table in (("chunks", chunks), ("documents", documents)):
             relative = shard_path(split, shard, n_shards, kind)
@@ -414,7 +424,8 @@ class FindNearDuplicates(beam.PTransform):
 
         def bands(doc):
             prefix = doc["split"].encode() if mode == "dedup" else b""
-            for band in minhash.band_keys(doc[sig_field], bands=c.lsh_bands, rows=c.lsh_rows):
+            sig = np.frombuffer(doc[sig_field], dtype=np.uint32)
+            for band in minhash.band_keys(sig, bands=c.lsh_bands, rows=c.lsh_rows):
                 yield prefix + band, (doc["key"], doc["split"], doc[sig_field])
 
         return (
@@ -457,7 +468,7 @@ class WriteChunkShards(beam.PTransform):
         by_shard = docs | "ByShard" >> beam.Map(lambda d: ((d["split"], shard_of(d["key"], d["split"], c)), d))
         counts = (
             by_shard
-            | "ShardSizes" >> beam.Map(lambda kv: (kv[0], (1, chunk_count(len(kv[1]["tokens"]), c.chunk_size))))
+            | "ShardSizes" >> beam.Map(lambda kv: (kv[0], (1, chunk_count(len(doc_tokens(kv[1])), c.chunk_size))))
             | "SumShardSizes" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs))) if pairs else (0, 0))
         )
         return (

@@ -235,7 +235,7 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     trained_path = os.path.join(db, "index", "trained.faissindex")
     if not os.path.exists(trained_path):
         index = faiss.index_factory(d, factory, faiss.METRIC_L2)
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         nlist = ivf.nlist
         if hasattr(ivf, "pq"):
             # Below 39 points per PQ centroid faiss warns once per subquantizer; on a small DB the

@@ -1,10 +1,10 @@
 """MinHash signatures over token n-grams and LSH band keys, vectorised with numpy.
 
 Shingles are n-grams of LM token ids (the paper measures leakage with 13-gram Jaccard), hashed
-with a rolling polynomial hash and mixed once with splitmix64; each of the ``num_perm`` hash
-functions is then a multiply-add ``a * x + b`` (mod 2**64, ``a`` odd): one multiply per
-shingle and permutation, the cost that dominates MinHash. All arithmetic is uint64 with wrap-around, so the
-same tokens give the same signature on every machine.
+with a rolling polynomial hash and mixed once with splitmix64 to 32 bits; each of the
+``num_perm`` hash functions is then a multiply-add ``a * x + b`` (mod 2**32, ``a`` odd): one
+multiply per shingle and permutation, the cost that dominates MinHash. All arithmetic wraps
+around in fixed-width integers, so the same tokens give the same signature on every machine.
 
 LSH with ``bands`` bands of ``rows`` rows makes two documents of Jaccard J candidates with
 probability 1 - (1 - J**rows)**bands; candidates are then verified on the full signature.
@@ -28,13 +28,13 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def permutation_seeds(num_perm: int, seed: int = 1) -> np.ndarray:
-    """(2, num_perm) multipliers (odd) and increments of the multiply-add hash family."""
-    raw = _splitmix64(np.arange(2 * num_perm, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 32))
-    return np.stack([raw[:num_perm] | np.uint64(1), raw[num_perm:]])
+    """(2, num_perm) uint32 multipliers (odd) and increments of the multiply-add family."""
+    raw = (_splitmix64(np.arange(2 * num_perm, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 32)) >> np.uint64(32)).astype(np.uint32)
+    return np.stack([raw[:num_perm] | np.uint32(1), raw[num_perm:]])
 
 
-def shingle_hashes(tokens: np.ndarray, ngram: int) -> np.ndarray:
-    """Unique hashes of the token n-grams; a document shorter than n is one shingle. (s,)"""
+def shingle_hashes(tokens: np.ndarray, ngram: int, *, unique: bool = True) -> np.ndarray:
+    """Hashes of the token n-grams (unique unless told); a document shorter than n is one shingle. (s,)"""
     t = np.asarray(tokens, dtype=np.uint64) + np.uint64(1)
     if len(t) == 0:
         return np.zeros(0, dtype=np.uint64)
@@ -43,14 +43,19 @@ def shingle_hashes(tokens: np.ndarray, ngram: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         for j in range(n):
             h = h * _PRIME + t[j : len(t) - n + 1 + j]
-    return np.unique(h)
+    return np.unique(h) if unique else h
 
 
 def signature(tokens: np.ndarray, *, ngram: int, seeds: np.ndarray) -> np.ndarray:
-    """MinHash signature of a token sequence. (num_perm,) uint64; all-max for an empty one."""
+    """MinHash signature of a token sequence. (num_perm,) uint32; all-max for an empty one.
+
+    ``a * x + b mod 2**32`` with odd ``a`` is a bijection of 32-bit values, so each row is a true
+    permutation of the (well mixed) shingle hashes; 32-bit lanes halve the memory traffic.
+    """
     multipliers, increments = seeds
-    shingles = _splitmix64(shingle_hashes(tokens, ngram))  # mixed once, so the cheap family suffices
-    sig = np.full(len(multipliers), np.iinfo(np.uint64).max, dtype=np.uint64)
+    # repeated shingles cannot change a minimum, so no deduplication here
+    shingles = (_splitmix64(shingle_hashes(tokens, ngram, unique=False)) >> np.uint64(32)).astype(np.uint32)
+    sig = np.full(len(multipliers), np.iinfo(np.uint32).max, dtype=np.uint32)
     with np.errstate(over="ignore"):
         for start in range(0, len(shingles), _BLOCK):
             hashed = multipliers[:, None] * shingles[None, start : start + _BLOCK]  # (num_perm, s)

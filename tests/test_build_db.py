@@ -155,7 +155,7 @@ def run_cli(*args, kill_when=None):
 def test_killed_embedding_and_neighbour_runs_resume_to_identical_outputs(db, tmp_path):
     work = str(tmp_path / "db")
     shutil.copytree(os.path.join(os.path.dirname(db), "chunks-only"), work)
-    blocks = lambda: glob.glob(os.path.join(work, "embeddings", "*", "*.blocks", "block-*.npy"))  # noqa: E731
+    blocks = lambda: glob.glob(os.path.join(work, "embeddings", "*", "*.blocks", "block-*.npz"))  # noqa: E731
     run_cli("embed", "--db", work, "--embed-block-rows", str(BLOCK_ROWS), kill_when=lambda: len(blocks()) >= 2)
     assert read_manifest(work)["stages"]["embeddings"]["status"] == "running"
     done = run_cli("embed", "--db", work, "--embed-block-rows", str(BLOCK_ROWS))

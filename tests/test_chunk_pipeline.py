@@ -37,15 +37,15 @@ def test_tokenizer_training_is_deterministic(corpus_docs, tokenizer):
 def tokenized_doc(tokenizer, text, split="train", source="s", position=0):
     return {
         "key": hashlib.blake2b(text.encode(), digest_size=16).digest(), "split": split, "source": source,
-        "position": position, "meta": "", "tokens": np.array(tokenizer.encode(text).ids, dtype=np.uint32),
+        "position": position, "meta": "", "tokens": np.array(tokenizer.encode(text).ids, dtype=np.uint32).tobytes(),
     }
 
 
 def perturb(tokens, fraction, rng):
-    out = tokens.copy()
+    out = np.frombuffer(tokens, dtype=np.uint32).copy()
     idx = rng.choice(len(out), size=max(1, int(len(out) * fraction)), replace=False)
     out[idx] = rng.integers(0, 2048, size=len(idx))
-    return out
+    return out.tobytes()
 
 
 def run_dedup(docs, config):
@@ -64,12 +64,12 @@ def test_minhash_lsh_removes_planted_near_duplicates_and_keeps_unrelated(corpus_
     """>= 95% of planted near-duplicates (5-gram Jaccard >= 0.9) removed, >= 99% of originals kept."""
     rng = np.random.default_rng(0)
     originals = [tokenized_doc(tokenizer, d["text"], source=f"orig-{i}") for i, d in enumerate(corpus_docs)]
-    long_ones = [d for d in originals if len(d["tokens"]) >= 150]
+    long_ones = [d for d in originals if len(cp.doc_tokens(d)) >= 150]
     planted = []
     for i, doc in enumerate(long_ones[:200]):
         tokens = perturb(doc["tokens"], 0.008, rng)
-        if minhash.exact_jaccard(doc["tokens"], tokens, 5) >= 0.9:
-            planted.append({**doc, "key": hashlib.blake2b(tokens.tobytes(), digest_size=16).digest(), "tokens": tokens, "source": f"copy-{i}", "of": doc["source"]})
+        if minhash.exact_jaccard(cp.doc_tokens(doc), np.frombuffer(tokens, dtype=np.uint32), 5) >= 0.9:
+            planted.append({**doc, "key": hashlib.blake2b(tokens, digest_size=16).digest(), "tokens": tokens, "source": f"copy-{i}", "of": doc["source"]})
     assert len(planted) >= 100
     kept, dropped = run_dedup(originals + planted, cp.ChunkConfig())
     kept_set = set(kept)

@@ -1,0 +1,232 @@
+"""RETRO (Borgeaud et al. 2021) in one file: a decoder-only LM with chunked cross-attention (CCA)
+to an encoder over retrieved neighbours, and the baseline (the same decoder, no CCA).
+
+Axes: b batch, t tokens (= l * m), l chunks, m chunk size, k neighbours, r retrieved tokens per
+neighbour (r = 2m: the neighbour chunk N and its continuation F), c channels.
+
+- Decoder block: x += attn(ln(x)); [x += cca(ln(x), E)]; x += mlp(ln(x)); CCA in the blocks listed
+  in ``cca_layers`` (1-based, the paper's 6, 9, 12 for 12 layers).
+- Encoder: 2 bidirectional blocks over each neighbour, each self-attention + cross-attention to
+  the decoder states of the chunk that retrieved it (taken at the first CCA layer) + MLP.
+- Positions: rotary embeddings (relative) in decoder and encoder self-attention.
+- CCA causality: the attending chunk u is the last token of chunk u plus the first m-1 tokens of
+  chunk u+1; it attends to the encoded neighbours of chunk u, softmax over k and r together.
+  Tokens 0..m-2 attend to nothing. A chunk with no neighbours (id -1 everywhere) contributes
+  exactly zero, so retrieval off is the decoder alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class RetroConfig:
+    vocab_size: int = 8192
+    n_layer: int = 12
+    n_head: int = 16
+    n_embd: int = 896
+    enc_n_layer: int = 2
+    chunk_size: int = 64  # m
+    max_chunks: int = 32  # l: sequences of n = l * m tokens
+    cca_layers: list = field(default_factory=lambda: [6, 9, 12])
+    retrieval: bool = True  # False: the baseline, same decoder without encoder or CCA
+    dropout: float = 0.0
+    pad_id: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tiny_config(**overrides) -> RetroConfig:
+    """Trains on 2 CPU cores in minutes."""
+    return RetroConfig(**{**dict(n_layer=6, n_head=4, n_embd=256, enc_n_layer=2, max_chunks=4, cca_layers=[3, 6]), **overrides})
+
+
+def paper_172m_config(**overrides) -> RetroConfig:
+    """The paper's 172M RETRO (Table 2 of the paper): 12 layers, d=896, 16 heads, CCA at 6, 9, 12."""
+    return RetroConfig(**{**dict(vocab_size=128_000, n_layer=12, n_head=16, n_embd=896, enc_n_layer=2, max_chunks=32), **overrides})
+
+
+def rotary(x: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding over the time axis of (b, h, t, d_head)."""
+    t, d = x.shape[-2], x.shape[-1]
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]  # (t, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when ``context`` is None."""
+
+    def __init__(self, config: RetroConfig, *, causal: bool, use_rotary: bool):
+        super().__init__()
+        self.n_head, self.causal, self.use_rotary = config.n_head, causal, use_rotary
+        self.q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, context=None, mask=None):
+        b, t, c = x.shape
+        context = x if context is None else context
+        q = self.q(x).view(b, t, self.n_head, -1).transpose(1, 2)  # (b, h, t, dh)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (b, h, s, dh)
+        if self.use_rotary:
+            q, k = rotary(q), rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA: tokens attend to the encoded neighbours of the preceding chunk boundary."""
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.m = config.chunk_size
+        self.attn = Attention(config, causal=False, use_rotary=False)
+
+    def forward(self, h, encoded, neighbour_mask):
+        """h (b, t, c); encoded (b, l, k, r, c); neighbour_mask (b, l, k) True where a neighbour exists."""
+        b, t, c = h.shape
+        m = self.m
+        l, k, r = encoded.shape[1:4]
+        # attending chunk u = positions u*m + m-1 ... u*m + 2m-2: drop the first m-1, pad the end
+        shifted = F.pad(h[:, m - 1 :], (0, 0, 0, m - 1))  # (b, t, c)
+        queries = shifted.reshape(b * l, m, c)
+        memory = encoded.reshape(b * l, k * r, c)  # softmax over neighbours and time together
+        keep = neighbour_mask.reshape(b * l, k, 1).expand(-1, -1, r).reshape(b * l, 1, 1, k * r)
+        any_neighbour = keep.any(-1, keepdim=True)  # (b*l, 1, 1, 1)
+        # a chunk without neighbours attends to a dummy position and its output is zeroed below
+        mask = keep | ~any_neighbour
+        out = self.attn(queries, memory, mask=mask) * any_neighbour.reshape(b * l, 1, 1).to(h.dtype)  # (b*l, m, c)
+        out = out.reshape(b, t, c)[:, : t - (m - 1)]
+        return F.pad(out, (0, 0, m - 1, 0))  # tokens 0..m-2 attend to nothing
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: RetroConfig, has_cca: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = Attention(config, causal=True, use_rotary=True)
+        self.ln_cca = nn.LayerNorm(config.n_embd) if has_cca else None
+        self.cca = ChunkedCrossAttention(config) if has_cca else None
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, encode=None):
+        """``encode(h) -> (encoded, mask)`` runs the encoder on this block's states when needed."""
+        x = x + self.attn(self.ln_1(x))
+        if self.cca is not None and encode is not None:
+            encoded, mask = encode(x)
+            x = x + self.cca(self.ln_cca(x), encoded, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = Attention(config, causal=False, use_rotary=True)
+        self.ln_x = nn.LayerNorm(config.n_embd)
+        self.cross = Attention(config, causal=False, use_rotary=False)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, condition):
+        """x (b*l*k, r, c) neighbour tokens; condition (b*l*k, m, c) the retrieving chunk's states."""
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.cross(self.ln_x(x), condition)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Retro(nn.Module):
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        cca = set(config.cca_layers) if config.retrieval else set()
+        if cca and (min(cca) < 1 or max(cca) > config.n_layer):
+            raise ValueError(f"cca_layers {sorted(cca)} must lie in 1..{config.n_layer}")
+        self.blocks = nn.ModuleList(DecoderBlock(config, i + 1 in cca) for i in range(config.n_layer))
+        self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.enc_n_layer)) if cca else None
+        self.ln_enc = nn.LayerNorm(config.n_embd) if cca else None
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def retrieval_parameters(self):
+        """Encoder and CCA parameters: what RETRO-fitting trains on a frozen baseline."""
+        for name, p in self.named_parameters():
+            if name.startswith(("encoder.", "ln_enc.")) or ".cca." in name or ".ln_cca." in name:
+                yield p
+
+    def encode(self, h, neighbours):
+        """h (b, t, c) decoder states; neighbours (b, l, k, r) token ids -> (b, l, k, r, c), (b, l, k)."""
+        b, l, k, r = neighbours.shape
+        m, c = self.config.chunk_size, h.shape[-1]
+        mask = (neighbours != self.config.pad_id).any(-1)  # (b, l, k): -1 ids arrive as all padding
+        x = self.wte(neighbours.reshape(b * l * k, r))  # (b*l*k, r, c)
+        condition = h.reshape(b, l, 1, m, c).expand(b, l, k, m, c).reshape(b * l * k, m, c)
+        for block in self.encoder:
+            x = block(x, condition)
+        return self.ln_enc(x).reshape(b, l, k, r, c), mask
+
+    def forward(self, idx, neighbours=None, targets=None):
+        """idx (b, t) with t = l*m; neighbours (b, l, k, r) or None (retrieval off); targets (b, t), -100 ignored.
+
+        Returns logits (b, t, vocab) and, with targets, the mean loss and per-token losses (b, t).
+        """
+        b, t = idx.shape
+        m = self.config.chunk_size
+        if t % m:
+            raise ValueError(f"sequence length {t} is not a multiple of the chunk size {m}")
+        x = self.drop(self.wte(idx))  # (b, t, c)
+        cache = {}
+
+        def encode(h):  # the encoder runs once, on the states of the first CCA layer
+            if "out" not in cache:
+                cache["out"] = self.encode(h, neighbours)
+            return cache["out"]
+
+        use = encode if (self.encoder is not None and neighbours is not None) else None
+        for block in self.blocks:
+            x = block(x, use)
+        logits = self.lm_head(self.ln_f(x))  # (b, t, vocab)
+        if targets is None:
+            return logits, None, None
+        token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100, reduction="none").view(b, t)
+        n = (targets != -100).sum().clamp(min=1)
+        return logits, token_loss.sum() / n, token_loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,218 @@
+"""Training RETRO (or the baseline) from a built DB: a plain loop, nanoGPT style.
+
+    python -m model.train --db db --out runs/default/retro [--baseline] [--retrofit runs/x/baseline/ckpt.pt]
+    torchrun --nproc_per_node 8 -m model.train --db db --out runs/big --config paper-172m   # DDP
+
+AdamW, linear warm-up then cosine decay to 10% (the paper's schedule), gradient clipping and
+accumulation, bf16 autocast on CUDA, checkpoints holding the model config, optimizer, step, data
+order and RNG states so that a resumed run continues exactly. With ``--retrofit`` the decoder is
+loaded from a baseline checkpoint and frozen; only the encoder and CCA layers train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from model.data import RetroSequences
+from model.model import Retro, RetroConfig, paper_172m_config, tiny_config
+
+log = logging.getLogger("model.train")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    k: int = 2
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 200
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int, rank: int, world: int) -> np.ndarray:
+    """The dataset indices of one micro-batch: a pure function of (step, micro, rank), so resuming
+    at a step reproduces the data order exactly and ranks never overlap."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    start = (step * per_step + (micro * world + rank) * cfg.batch_size)
+    positions = np.arange(start, start + cfg.batch_size)
+    epochs, offsets = positions // n, positions % n
+    return np.array([epoch_order(n, int(e), cfg.seed)[o] for e, o in zip(epochs, offsets)])
+
+
+def collate(dataset, indices):
+    items = [dataset[int(i)] for i in indices]
+    return [torch.stack(x) for x in zip(*items)]
+
+
+def save_checkpoint(path: str, model, optimizer, step: int, model_config: RetroConfig, train_config: TrainConfig) -> None:
+    state = {
+        "model": (model.module if hasattr(model, "module") else model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "model_config": model_config.to_dict(),
+        "train_config": asdict(train_config),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str, map_location="cpu") -> tuple[Retro, dict]:
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    model = Retro(RetroConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> RetroConfig:
+    make = {"tiny": tiny_config, "paper-172m": paper_172m_config}[name]
+    return make(vocab_size=vocab_size, pad_id=pad_id, retrieval=not baseline)
+
+
+def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = False, retrofit: str | None = None,
+          cfg: TrainConfig | None = None, device: str | None = None) -> dict:
+    """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present."""
+    from tqdm import tqdm
+
+    cfg = cfg or TrainConfig()
+    rank, world = distributed()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    torch.manual_seed(cfg.seed)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    data = None
+    if os.path.exists(ckpt_path):
+        model, ckpt = load_model(ckpt_path)
+        model_config, start = model.config, ckpt["step"]
+        log.info("resuming %s at step %d", ckpt_path, start)
+    else:
+        ckpt, start = None, 0
+        data = RetroSequences(db, "train", chunks_per_seq=tiny_config().max_chunks if config_name == "tiny" else 32, k=cfg.k)
+        model_config = build_model(config_name, data.vocab_size, data.pad_id, baseline)
+        model = Retro(model_config)
+        if retrofit:
+            base, _ = load_model(retrofit)
+            missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+            if unexpected:
+                raise ValueError(f"{retrofit} is not a baseline of this shape: unexpected {unexpected[:3]}")
+    if data is None:
+        data = RetroSequences(db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k)
+    if retrofit or (ckpt and ckpt["train_config"].get("retrofit")):
+        retrieval = {id(p) for p in model.retrieval_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in retrieval)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ.get("LOCAL_RANK", 0))] if device.startswith("cuda") else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    use_neighbours = model_config.retrieval
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * model_config.max_chunks * model_config.chunk_size
+    log_path = os.path.join(out, "log.jsonl")
+    bar = tqdm(total=cfg.steps, initial=start, desc=os.path.basename(out.rstrip("/")), unit="step", disable=rank != 0, mininterval=5)
+    t0, last = time.perf_counter(), {}
+    model.train()
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y, neighbours, _, _ = collate(data, batch_indices(step, micro, cfg, len(data), rank, world))
+            x, y, neighbours = x.to(device), y.to(device), neighbours.to(device)
+            with autocast:
+                _, loss, _ = ddp_model(x, neighbours if use_neighbours else None, y)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if rank == 0 and ((step + 1) % 10 == 0 or step + 1 == cfg.steps):
+            elapsed = time.perf_counter() - t0
+            last = {"step": step + 1, "loss": round(total, 4), "lr": lr_at(step, cfg), "grad_norm": round(float(norm), 3),
+                    "tokens_per_s": round(tokens_per_step * (step + 1 - start) / elapsed, 1)}
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            tc = TrainConfig(**asdict(cfg))
+            save_checkpoint(ckpt_path, model, optimizer, step + 1, model_config, tc)
+            if retrofit:  # remember that the decoder stays frozen on resume
+                state = torch.load(ckpt_path, weights_only=False)
+                state["train_config"]["retrofit"] = retrofit
+                torch.save(state, ckpt_path)
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return last
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default="db")
+    parser.add_argument("--out", required=True, help="run directory of this model (checkpoint and log)")
+    parser.add_argument("--config", default="tiny", choices=("tiny", "paper-172m"))
+    parser.add_argument("--baseline", action="store_true", help="the same decoder without retrieval")
+    parser.add_argument("--retrofit", help="a baseline checkpoint to freeze; train only encoder and CCA")
+    d = TrainConfig()
+    for name, value in asdict(d).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--device")
+    args = parser.parse_args()
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
+    last = train(args.db, args.out, config_name=args.config, baseline=args.baseline, retrofit=args.retrofit, cfg=cfg, device=args.device)
+    log.info("done: %s", last)
+
+
+if __name__ == "__main__":
+    main()
