@@ -8,12 +8,13 @@ RUN    ?= runs/default
 PORT   ?= 8000
 RUNNER ?=
 BEAM_ARGS ?=
+TRAIN_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: venv build-db chunks test bench corpus clean
+.PHONY: venv build-db chunks train eval test bench bench-train corpus clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +30,28 @@ build-db: venv
 chunks: venv
 	$(BIN)/python -m pipeline chunks --corpus $(CORPUS) --db $(DB) $(if $(RUNNER),--runner=$(RUNNER)) $(BEAM_ARGS)
 
+# RETRO and the baseline, same steps and batch, into $(RUN)/retro and $(RUN)/baseline (resumable).
+train: venv
+	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/baseline --baseline $(TRAIN_ARGS)
+	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/retro $(TRAIN_ARGS)
+
+eval: venv
+	$(BIN)/python -m model.evaluate --db $(DB) --run $(RUN)
+
 test: venv
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: venv
 	$(BIN)/python -m bench.chunk_pipeline
+
+# Training throughput against lucidrains' retro-pytorch (it pins numpy<2: its own venv).
+.venv-retro-pytorch/.installed:
+	$(PYTHON) -m venv .venv-retro-pytorch
+	.venv-retro-pytorch/bin/pip install -q torch==2.13.0 retro-pytorch==0.3.9
+	touch $@
+
+bench-train: venv .venv-retro-pytorch/.installed
+	$(BIN)/python -m bench.train_throughput
 
 # Regenerates the bundled corpus from Debian's python3.11-doc package (byte-identical output).
 corpus: venv

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id, token_byte_lengths
-from pipeline.token_store import TokenStore, chunk_shard_files, derived_path
+from pipeline.token_store import TokenStore, chunk_shard_files, derived_path, first_chunk_id
 
 
 class RetroSequences(torch.utils.data.Dataset):
@@ -27,15 +27,18 @@ class RetroSequences(torch.utils.data.Dataset):
 
     def __init__(self, db: str, split: str = "train", *, chunks_per_seq: int = 4, k: int = 2):
         self.db, self.split, self.l, self.k = db, split, chunks_per_seq, k
-        self.store = TokenStore(db, splits=(split,))
+        self.store = TokenStore(db)  # every split: neighbours of valid/test chunks are train chunks
         tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
         self.pad_id = special_id(tokenizer, PAD)
         self.vocab_size = tokenizer.get_vocab_size()
         self.byte_lengths = token_byte_lengths(tokenizer)
         self.m = self.store.chunk_size
-        self.first = int(self.store.tokens.starts[0])
-        self.n_chunks = len(self.store)
-        self.neighbour_files = [derived_path(f, "neighbours", ".parquet") for f in chunk_shard_files(db, split)]
+        files = chunk_shard_files(db, split)
+        if not files:
+            raise FileNotFoundError(f"{db}/chunks/{split} holds no shards")
+        self.first = first_chunk_id(files[0])  # a split's shards are one contiguous id range
+        self.n_chunks = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        self.neighbour_files = [derived_path(f, "neighbours", ".parquet") for f in files]
         missing = [f for f in self.neighbour_files if not os.path.exists(f)]
         if missing:
             raise FileNotFoundError(f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage of build-db")

@@ -45,7 +45,7 @@ class RetroConfig:
 
 def tiny_config(**overrides) -> RetroConfig:
     """Trains on 2 CPU cores in minutes."""
-    return RetroConfig(**{**dict(n_layer=6, n_head=4, n_embd=256, enc_n_layer=2, max_chunks=4, cca_layers=[3, 6]), **overrides})
+    return RetroConfig(**{**dict(n_layer=6, n_head=4, n_embd=128, enc_n_layer=2, max_chunks=4, cca_layers=[3, 6]), **overrides})
 
 
 def paper_172m_config(**overrides) -> RetroConfig:

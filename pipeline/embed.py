@@ -91,20 +91,20 @@ class ChunkEmbedder:
         """Mean-pooled BERT embeddings. Batches are length-sorted so padding is minimal. (n, d)"""
         torch = self.torch
         encoded = self.bert_tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        order = np.argsort([len(ids) for ids in encoded], kind="stable")
+        lengths = np.array([len(ids) for ids in encoded])
+        order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         pad = self.bert_tokenizer.pad_token_id
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device == "cuda" else torch.autocast("cpu", enabled=False)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
         with torch.inference_mode(), autocast:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[row, : len(encoded[i])] = 1
-                ids, mask = ids.to(self.device), mask.to(self.device)
+                # padded batch built in numpy: on a GPU, per-row Python work would be the bottleneck
+                mask_np = np.arange(lengths[idx].max())[None, :] < lengths[idx][:, None]  # (b, t)
+                ids_np = np.full(mask_np.shape, pad, dtype=np.int64)
+                ids_np[mask_np] = np.concatenate([encoded[i] for i in idx])
+                ids = torch.from_numpy(ids_np).to(self.device, non_blocking=True)
+                mask = torch.from_numpy(mask_np.astype(np.int64)).to(self.device, non_blocking=True)
                 hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, t, d)
                 weights = mask.unsqueeze(-1).float()  # (b, t, 1)
                 pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (b, d)

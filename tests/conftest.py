@@ -24,3 +24,35 @@ def default_corpus_docs(limit=None):
 @pytest.fixture(scope="session")
 def corpus_docs():
     return default_corpus_docs()
+
+
+BLOCK_ROWS = 256
+
+
+def build_chunks(root, n_docs=130):
+    from pipeline import chunk_pipeline as cp
+
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in default_corpus_docs(n_docs)))
+    db = str(root / "db")
+    cp.write_chunk_shards([str(corpus)], db, config=cp.ChunkConfig(num_shards=2, valid_fraction=0.08, test_fraction=0.08),
+                          vocab_size=2048, beam_args=BEAM_TEST_ARGS)
+    return db
+
+
+@pytest.fixture(scope="session")
+def db(tmp_path_factory):
+    """A small DB built through every stage (130 documents of the default corpus)."""
+    import shutil
+
+    from pipeline.embed import EmbedConfig, write_embeddings
+    from pipeline.faiss_index import write_index
+    from pipeline.neighbours import write_neighbours
+
+    root = tmp_path_factory.mktemp("build")
+    db = build_chunks(root)
+    shutil.copytree(db, str(root / "chunks-only"))
+    write_embeddings(db, config=EmbedConfig(block_rows=BLOCK_ROWS))
+    write_index(db)
+    write_neighbours(db)
+    return db

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BEAM_TEST_ARGS, REPO, default_corpus_docs
+from conftest import BEAM_TEST_ARGS, BLOCK_ROWS, REPO
 from pipeline import chunk_pipeline as cp
 from pipeline.embed import EmbedConfig, write_embeddings
 from pipeline.faiss_index import RetrievalIndex, load_embedding_rows, recall_at_k, write_index
@@ -22,29 +22,6 @@ from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
 from pipeline.manifest import ConfigMismatch, read_manifest, write_manifest
 from pipeline.neighbours import NeighbourConfig, neighbours_of, write_neighbours
 from pipeline.token_store import TokenStore, chunk_shard_files
-
-BLOCK_ROWS = 256
-
-
-def build_chunks(root, n_docs=130):
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in default_corpus_docs(n_docs)))
-    db = str(root / "db")
-    cp.write_chunk_shards([str(corpus)], db, config=cp.ChunkConfig(num_shards=2, valid_fraction=0.08, test_fraction=0.08),
-                          vocab_size=2048, beam_args=BEAM_TEST_ARGS)
-    return db
-
-
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    db = build_chunks(root)
-    shutil.copytree(db, str(root / "chunks-only"))
-    write_embeddings(db, config=EmbedConfig(block_rows=BLOCK_ROWS))
-    write_index(db)
-    write_neighbours(db)
-    return db
-
 
 def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()

@@ -1,0 +1,137 @@
+"""One short GPU check: CUDA embedding throughput and bf16 RETRO training steps.
+
+Runs on a lent GPU machine whose image has torch, transformers and sentence-transformers but not
+this project's other dependencies and no network. It takes a folder (``--assets``) prepared on the
+CPU machine by ``python -m bench.gpu_check --prepare DIR --db db``: the packaged MiniLM's config
+and tokenizer files (its 90 MB of weights exceed what travels, so the GPU side initialises the same
+architecture randomly: throughput does not depend on weight values) and real chunk texts decoded
+from the DB.
+
+    python -m bench.gpu_check --prepare .gpu --db db      # CPU machine
+    python3 -m bench.gpu_check --assets .gpu              # GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+
+def prepare(out: str, db: str, n: int = 8192) -> None:
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from pipeline.embed import resolve_model
+    from pipeline.lm_tokenizer import load_lm_tokenizer
+
+    os.makedirs(os.path.join(out, "minilm"), exist_ok=True)
+    src = resolve_model("default")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(src, name), os.path.join(out, "minilm", name))
+    tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
+    chunks = [t for f in sorted(glob.glob(os.path.join(db, "chunks", "train", "*.parquet"))) for t in pq.read_table(f)["tokens"].to_pylist()]
+    with open(os.path.join(out, "chunks.json"), "w") as f:
+        json.dump(tokenizer.decode_batch(chunks[:n]), f)
+
+
+def embed_check(assets: str) -> list[str]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel
+
+    from pipeline.embed import ChunkEmbedder
+
+    texts = json.load(open(os.path.join(assets, "chunks.json")))
+    model_dir = os.path.join(assets, "minilm-random")
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(os.path.join(assets, "minilm"))).save_pretrained(model_dir)
+    for name in os.listdir(os.path.join(assets, "minilm")):
+        if name != "config.json":
+            shutil.copy(os.path.join(assets, "minilm", name), model_dir)
+    lines = []
+    for batch in (128, 512):
+        st = SentenceTransformer(model_dir, device="cuda")
+        st.encode(texts, batch_size=batch)  # warm-up over every shape that the timed pass sees
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        st.encode(texts, batch_size=batch)
+        torch.cuda.synchronize()
+        st_rate = len(texts) / (time.perf_counter() - t0)
+        ours = ChunkEmbedder(model_dir, device="cuda", batch_size=batch)
+        ours.embed_texts(texts)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ours.embed_texts(texts)
+        torch.cuda.synchronize()
+        rate = len(texts) / (time.perf_counter() - t0)
+        lines.append(f"embed {len(texts)} chunks, batch {batch}: sentence-transformers fp32 {st_rate:,.0f} chunks/s; "
+                     f"ChunkEmbedder bf16 autocast {rate:,.0f} chunks/s ({rate / st_rate:.2f}x)")
+    return lines
+
+
+def train_check() -> list[str]:
+    import torch
+
+    from model.model import Retro, paper_172m_config, tiny_config
+
+    lines = []
+    for name, cfg, batch in (("tiny", tiny_config(vocab_size=8192), 32), ("paper-172m", paper_172m_config(vocab_size=32000, max_chunks=16), 8)):
+        for retrieval in (True, False):
+            torch.manual_seed(0)
+            cfg.retrieval = retrieval
+            model = Retro(cfg).cuda()
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+            t = cfg.max_chunks * cfg.chunk_size
+            x = torch.randint(2, cfg.vocab_size, (batch, t), device="cuda")
+            y = torch.roll(x, -1, 1)
+            nb = torch.randint(2, cfg.vocab_size, (batch, cfg.max_chunks, 2, 2 * cfg.chunk_size), device="cuda") if retrieval else None
+            losses = []
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss, _ = model(x, nb, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            steps, t0 = 10, time.perf_counter()
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            rate = batch * t * steps / (time.perf_counter() - t0)
+            lines.append(f"train {name} {'RETRO' if retrieval else 'baseline'} ({model.num_params() / 1e6:.0f}M params, batch {batch} x {t} tokens, "
+                         f"k=2): {rate:,.0f} tokens/s bf16; loss {losses[0]:.3f} -> {losses[-1]:.3f} on a fixed batch; "
+                         f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            del model, opt
+            torch.cuda.empty_cache()
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepare")
+    parser.add_argument("--db", default="db")
+    parser.add_argument("--assets", default=".gpu")
+    parser.add_argument("--embed-only", action="store_true")
+    args = parser.parse_args()
+    if args.prepare:
+        prepare(args.prepare, args.db)
+        return
+    import torch
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for line in embed_check(args.assets) + ([] if args.embed_only else train_check()):
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""RETRO: CCA causality against a per-chunk loop, perturbation, retrieval off, training, resume,
+RETRO-fitting, DDP on gloo, evaluation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from model.data import RetroSequences, longest_common_substring
+from model.evaluate import evaluate, evaluate_run
+from model.model import ChunkedCrossAttention, Retro, tiny_config
+from model.train import TrainConfig, load_model, train
+
+M = 8  # a small chunk size keeps these tests fast; the code is the same for m = 64
+
+
+def small_config(**kw):
+    return tiny_config(**{**dict(vocab_size=97, n_embd=32, n_head=4, n_layer=4, cca_layers=[2, 4], chunk_size=M, max_chunks=4, pad_id=0), **kw})
+
+
+def test_cca_matches_a_per_chunk_loop_of_the_papers_rule():
+    torch.manual_seed(0)
+    cfg = small_config()
+    cca = ChunkedCrossAttention(cfg).eval()
+    b, l, k, r, c = 2, 4, 3, 2 * M, cfg.n_embd
+    h = torch.randn(b, l * M, c)
+    encoded = torch.randn(b, l, k, r, c)
+    mask = torch.rand(b, l, k) > 0.3
+    mask[0, 1] = False  # a chunk with no neighbours at all
+    out = cca(h, encoded, mask)
+    expected = torch.zeros_like(h)
+    for bi in range(b):
+        for i in range(l * M):
+            if i < M - 1:
+                continue  # tokens 1..m-1 attend to nothing
+            u = (i - (M - 1)) // M  # last token of chunk u and first m-1 tokens of chunk u+1 -> neighbours of u
+            if not mask[bi, u].any():
+                continue
+            memory = encoded[bi, u][mask[bi, u]].reshape(1, -1, c)  # neighbours and time together
+            expected[bi, i] = cca.attn(h[bi, i].reshape(1, 1, c), memory)[0, 0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_changing_neighbours_of_chunk_u_changes_nothing_before_its_last_token():
+    torch.manual_seed(1)
+    cfg = small_config()
+    model = Retro(cfg).eval()
+    b, l, k = 2, cfg.max_chunks, 2
+    idx = torch.randint(2, cfg.vocab_size, (b, l * M))
+    neighbours = torch.randint(2, cfg.vocab_size, (b, l, k, 2 * M))
+    base, _, _ = model(idx, neighbours)
+    for u in range(l):
+        changed = neighbours.clone()
+        changed[:, u] = torch.randint(2, cfg.vocab_size, (b, k, 2 * M))
+        out, _, _ = model(idx, changed)
+        first = u * M + M - 1  # the last token of chunk u
+        torch.testing.assert_close(out[:, :first], base[:, :first])
+        assert not torch.allclose(out[:, first:], base[:, first:])
+
+
+def test_retrieval_off_is_exactly_the_decoder():
+    torch.manual_seed(2)
+    cfg = small_config()
+    model = Retro(cfg).eval()
+    idx = torch.randint(2, cfg.vocab_size, (2, cfg.max_chunks * M))
+    no_neighbours = torch.full((2, cfg.max_chunks, 2, 2 * M), cfg.pad_id)
+    off, _, _ = model(idx, None)
+    masked, _, _ = model(idx, no_neighbours)
+    assert torch.equal(off, masked)
+    baseline = Retro(small_config(retrieval=False)).eval()
+    state = {k: v for k, v in model.state_dict().items() if k in baseline.state_dict()}
+    baseline.load_state_dict(state)
+    assert torch.equal(baseline(idx)[0], off)
+
+
+def test_dataset_sequences_targets_and_neighbours(db):
+    data = RetroSequences(db, "train", chunks_per_seq=4, k=2)
+    x, y, neighbours, target_bytes, ids = data[3]
+    assert x.shape == (4 * data.m,) and neighbours.shape == (4, 2, 2 * data.m)
+    assert torch.all(y[x.eq(data.pad_id)[1:].nonzero().flatten()] == -100)  # no target is padding
+    real = y != -100
+    assert torch.equal(y[:-1][real[:-1]], x[1:][real[:-1]])
+    seq_docs = set(data.store.doc_of(ids.numpy()).tolist())
+    raw = data.neighbour_ids(ids.numpy())  # the stored table only excludes each chunk's own document
+    for u in range(4):  # the dataset drops any neighbour from any document of the sequence
+        for j in range(2):
+            if raw[u, j] >= 0 and int(data.store.doc_of([raw[u, j]])[0]) in seq_docs:
+                assert torch.all(neighbours[u, j] == data.pad_id)
+            elif raw[u, j] >= 0:
+                assert torch.equal(neighbours[u, j], torch.from_numpy(data.store.neighbour_tokens([raw[u, j]], data.pad_id)[0]))
+    assert int(target_bytes.sum()) > 0
+
+
+def test_longest_common_substring():
+    a, b = np.array([1, 2, 3, 4, 5, 9]), np.array([7, 3, 4, 5, 1, 2])
+    assert longest_common_substring(a, b) == 3 and longest_common_substring(a, np.array([8])) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(db, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
+    train(db, str(root / "baseline"), baseline=True, cfg=cfg)
+    train(db, str(root / "retro"), cfg=cfg)
+    return root, cfg
+
+
+def test_resume_continues_exactly(db, runs, tmp_path):
+    root, cfg = runs
+    half = TrainConfig(**{**cfg.__dict__, "steps": 3})
+    train(db, str(tmp_path / "retro"), cfg=half)
+    train(db, str(tmp_path / "retro"), cfg=cfg)  # resumes at step 3
+    whole, _ = load_model(str(root / "retro" / "ckpt.pt"))
+    resumed, ckpt = load_model(str(tmp_path / "retro" / "ckpt.pt"))
+    assert ckpt["step"] == 6 and ckpt["model_config"]["retrieval"]
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_retrofit_keeps_retrieval_off_equal_to_the_baseline(db, runs, tmp_path):
+    root, cfg = runs
+    out = str(tmp_path / "retrofit")
+    train(db, out, retrofit=str(root / "baseline" / "ckpt.pt"), cfg=cfg)
+    retrofit, _ = load_model(os.path.join(out, "ckpt.pt"))
+    baseline, _ = load_model(str(root / "baseline" / "ckpt.pt"))
+    data = RetroSequences(db, "valid", chunks_per_seq=retrofit.config.max_chunks, k=2)
+    off = evaluate(retrofit, data, retrieval=False)
+    on = evaluate(retrofit, data, retrieval=True)
+    assert off["bpb"] == evaluate(baseline, data, retrieval=False)["bpb"]
+    assert on["bpb"] != off["bpb"]  # the trained CCA does something
+
+
+def test_eval_writes_the_contract_and_bpb_alpha_one_is_bpb(db, runs):
+    root, _ = runs
+    results = evaluate_run(db, str(root))
+    saved = json.load(open(root / "eval.json"))
+    for name in ("retro_on", "retro_off", "baseline"):
+        assert 0 < saved[name]["bpb"] == saved[name]["test"]["bpb"] < 20
+        assert saved[name]["test"]["bpb_by_alpha"]["1"]["bpb"] == pytest.approx(saved[name]["test"]["bpb"], rel=1e-4)
+    assert results["retro_off"]["test"]["bpb"] != results["retro_on"]["test"]["bpb"]
+
+
+def test_ddp_on_two_cpu_processes_with_gloo(db, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "model.train",
+           "--db", db, "--out", out, "--steps", "3", "--batch-size", "2", "--warmup-steps", "1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert log[-1]["step"] == 3 and np.isfinite(log[-1]["loss"])
+    _, ckpt = load_model(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 3
