@@ -47,7 +47,7 @@ bench: venv
 # Training throughput against lucidrains' retro-pytorch (it pins numpy<2: its own venv).
 .venv-retro-pytorch/.installed:
 	$(PYTHON) -m venv .venv-retro-pytorch
-	.venv-retro-pytorch/bin/pip install -q torch==2.13.0 retro-pytorch==0.3.9
+	.venv-retro-pytorch/bin/pip install -q torch==2.13.0 retro-pytorch==0.3.9 pyarrow==17.0.0  # its deps pull a pyarrow that needs numpy 2
 	touch $@
 
 bench-train: venv .venv-retro-pytorch/.installed

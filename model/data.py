@@ -10,7 +10,6 @@ Axes: l chunks, m chunk size, k neighbours, r = 2m retrieved tokens.
 
 from __future__ import annotations
 
-import glob
 import os
 from functools import lru_cache
 
@@ -102,7 +101,3 @@ def longest_common_substring(a: np.ndarray, b: np.ndarray) -> int:
         best = max(best, int(cur.max()))
         prev = cur
     return best
-
-
-def shard_count(db: str, split: str) -> int:
-    return len(glob.glob(os.path.join(db, "chunks", split, "*.parquet")))

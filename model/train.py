@@ -17,13 +17,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from model.data import RetroSequences
 from model.model import Retro, RetroConfig, paper_172m_config, tiny_config
+from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
 
 log = logging.getLogger("model.train")
 
@@ -40,8 +41,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     k: int = 2
     seed: int = 0
-    eval_every: int = 0
     checkpoint_every: int = 200
+    retrofit: str = ""  # a baseline checkpoint whose decoder is loaded and frozen
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -120,24 +121,24 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
     torch.manual_seed(cfg.seed)
     os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "ckpt.pt")
-    data = None
+    if retrofit:
+        cfg = replace(cfg, retrofit=retrofit)
     if os.path.exists(ckpt_path):
         model, ckpt = load_model(ckpt_path)
-        model_config, start = model.config, ckpt["step"]
+        start, cfg = ckpt["step"], replace(cfg, retrofit=ckpt["train_config"].get("retrofit", ""))
         log.info("resuming %s at step %d", ckpt_path, start)
     else:
         ckpt, start = None, 0
-        data = RetroSequences(db, "train", chunks_per_seq=tiny_config().max_chunks if config_name == "tiny" else 32, k=cfg.k)
-        model_config = build_model(config_name, data.vocab_size, data.pad_id, baseline)
-        model = Retro(model_config)
-        if retrofit:
-            base, _ = load_model(retrofit)
-            missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
+        model = Retro(build_model(config_name, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), baseline))
+        if cfg.retrofit:
+            base, _ = load_model(cfg.retrofit)
+            _, unexpected = model.load_state_dict(base.state_dict(), strict=False)
             if unexpected:
-                raise ValueError(f"{retrofit} is not a baseline of this shape: unexpected {unexpected[:3]}")
-    if data is None:
-        data = RetroSequences(db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k)
-    if retrofit or (ckpt and ckpt["train_config"].get("retrofit")):
+                raise ValueError(f"{cfg.retrofit} is not a baseline of this shape: unexpected {unexpected[:3]}")
+    model_config = model.config
+    data = RetroSequences(db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k)
+    if cfg.retrofit:
         retrieval = {id(p) for p in model.retrieval_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in retrieval)
@@ -184,12 +185,7 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            tc = TrainConfig(**asdict(cfg))
-            save_checkpoint(ckpt_path, model, optimizer, step + 1, model_config, tc)
-            if retrofit:  # remember that the decoder stays frozen on resume
-                state = torch.load(ckpt_path, weights_only=False)
-                state["train_config"]["retrofit"] = retrofit
-                torch.save(state, ckpt_path)
+            save_checkpoint(ckpt_path, model, optimizer, step + 1, model_config, cfg)
     bar.close()
     if world > 1:
         torch.distributed.barrier()
@@ -206,10 +202,12 @@ def main() -> None:
     parser.add_argument("--retrofit", help="a baseline checkpoint to freeze; train only encoder and CCA")
     d = TrainConfig()
     for name, value in asdict(d).items():
+        if name == "retrofit":
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--device")
     args = parser.parse_args()
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d) if k != "retrofit"})
     last = train(args.db, args.out, config_name=args.config, baseline=args.baseline, retrofit=args.retrofit, cfg=cfg, device=args.device)
     log.info("done: %s", last)
 

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -528,10 +529,6 @@ def build_chunk_pipeline(p: beam.Pipeline, *, db: str, config: ChunkConfig, toke
     )
 
 
-def config_record(config: ChunkConfig) -> dict:
-    return asdict(config)
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage: tokenizer, resumability, manifest.
 
@@ -543,8 +540,6 @@ def local_beam_options(beam_args: list[str]):
 
     args = list(beam_args)
     if not any(a.startswith("--runner") for a in args):
-        import os
-
         args += ["--runner=FnApiRunner", f"--direct_num_workers={os.cpu_count() or 1}", "--direct_running_mode=multi_processing"]
     return PipelineOptions(args)
 
@@ -588,7 +583,7 @@ def write_chunk_shards(
         config.tokenizer_sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     else:
         config.tokenizer_sha256 = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
-    record = config_record(config)
+    record = asdict(config)
     state = mf.stage_state(db, "chunks", record, overwrite=overwrite)
     if state == "complete":
         missing = [s[k]["path"] for s in mf.read_manifest(db)["stages"]["chunks"]["shards"] for k in ("chunks_file", "documents_file") if not FileSystems.exists(mf.join(db, s[k]["path"]))]

@@ -36,6 +36,7 @@ NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128)
 class IndexConfig:
     factory: str = ""  # empty: IVF{nlist},PQ{d/8}x8np scaled to the DB
     rerank_factor: int = 4  # candidates per result re-ranked exactly; 0 disables re-ranking
+    skip_textless_chunks: bool = True  # chunks holding only <|endoftext|> are not indexed
     min_points_per_list: int = 39
     max_points_per_list: int = 256
     target_recall: float = 0.9
@@ -68,6 +69,21 @@ def load_embedding_rows(db: str, split: str | None = "train") -> ShardedRows:
     if not arrays:
         raise ValueError(f"{db}: no {split or 'any'} embeddings to index (the corpus produced no {split} chunks)")
     return ShardedRows(arrays, starts)
+
+
+def indexable_rows(chunk_file: str, skip_textless: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (n, d) float32, chunk ids (n,)) of a train shard's chunks that hold text.
+
+    A document whose tokens fill its chunks exactly ends in a chunk holding only <|endoftext|>:
+    no text, and the same embedding as every other such chunk. Those are never retrievable.
+    """
+    import pyarrow.parquet as pq
+
+    has_text = pq.read_table(chunk_file, columns=["n_bytes"])["n_bytes"].to_numpy() > 0
+    has_text |= not skip_textless
+    vectors = np.load(derived_path(chunk_file, "embeddings", ".npy"), mmap_mode="r")
+    ids = first_chunk_id(chunk_file) + np.arange(len(vectors), dtype=np.int64)
+    return np.asarray(vectors[has_text], dtype=np.float32), ids[has_text]
 
 
 def index_shard_paths(db: str) -> list[str]:
@@ -193,10 +209,11 @@ def exact_top_k(db: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     """Brute force over every stored train vector (IndexFlatL2); returns (D, I, queries/s)."""
     import faiss
 
-    rows = load_embedding_rows(db, "train")
-    flat = faiss.IndexIDMap2(faiss.IndexFlatL2(rows.arrays[0].shape[1]))
-    for start, array in zip(rows.starts, rows.arrays):
-        flat.add_with_ids(np.asarray(array, dtype=np.float32), np.arange(start, start + len(array), dtype=np.int64))
+    files = chunk_shard_files(db, "train")
+    flat = faiss.IndexIDMap2(faiss.IndexFlatL2(load_embedding_rows(db, "train").arrays[0].shape[1]))
+    for f in files:
+        vectors, ids = indexable_rows(f)
+        flat.add_with_ids(vectors, ids)
     t0 = time.perf_counter()
     dists, ids = flat.search(queries, k)
     return dists, ids, len(queries) / (time.perf_counter() - t0)
@@ -257,10 +274,8 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     t0 = time.perf_counter()
     for f, path in zip(train_files, shard_paths):
         if not os.path.exists(path):
-            emb = np.load(derived_path(f, "embeddings", ".npy"))
-            first = first_chunk_id(f)
             shard = faiss.clone_index(trained)
-            shard.add_with_ids(np.asarray(emb, dtype=np.float32), np.arange(first, first + len(emb), dtype=np.int64))
+            shard.add_with_ids(*indexable_rows(f, config.skip_textless_chunks))
             faiss.write_index(shard, path + ".tmp")
             os.replace(path + ".tmp", path)
         shards.append({"path": os.path.relpath(path, db), "bytes": os.path.getsize(path), "sha256": mf.sha256_file(path), "status": "complete"})
@@ -276,9 +291,9 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     if not good:
         log.warning("index: no nprobe reaches recall@10 %.2f (best %.3f); defaulting to %d", config.target_recall, max(g[key] for g in grid), default_nprobe)
     recall = next(g[key] for g in grid if g["nprobe"] == default_nprobe)
-    log.info("index: %s, %d vectors in %d shards; recall@10 %.3f at default nprobe %d", factory, n, len(shards), recall, default_nprobe)
+    log.info("index: %s, %d vectors in %d shards; recall@10 %.3f at default nprobe %d", factory, index.ntotal, len(shards), recall, default_nprobe)
     return mf.update_stage(
-        db, "index", config=record, status="complete", shards=shards, vectors=n, dim=d,
+        db, "index", config=record, status="complete", shards=shards, vectors=index.ntotal, dim=d,
         bytes=sum(s["bytes"] for s in shards), add_seconds=round(add_s, 2), default_nprobe=default_nprobe,
         recall_at_10=recall, recall_grid=grid, exact_qps=round(exact_qps, 1), recall_queries=len(queries),
         versions=mf.package_versions("faiss-cpu", "faiss-gpu", "numpy"),

@@ -83,7 +83,3 @@ def exact_jaccard(a_tokens: np.ndarray, b_tokens: np.ndarray, ngram: int) -> flo
     a, b = shingle_hashes(a_tokens, ngram), shingle_hashes(b_tokens, ngram)
     union = len(np.union1d(a, b))
     return len(np.intersect1d(a, b)) / union if union else 1.0
-
-
-def candidate_probability(jaccard: float, *, bands: int, rows: int) -> float:
-    return 1.0 - (1.0 - jaccard**rows) ** bands

@@ -17,7 +17,7 @@ import pytest
 from conftest import BEAM_TEST_ARGS, BLOCK_ROWS, REPO
 from pipeline import chunk_pipeline as cp
 from pipeline.embed import EmbedConfig, write_embeddings
-from pipeline.faiss_index import RetrievalIndex, load_embedding_rows, recall_at_k, write_index
+from pipeline.faiss_index import RetrievalIndex, indexable_rows, load_embedding_rows, recall_at_k, write_index
 from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
 from pipeline.manifest import ConfigMismatch, read_manifest, write_manifest
 from pipeline.neighbours import NeighbourConfig, neighbours_of, write_neighbours
@@ -56,9 +56,9 @@ def test_recall_at_10_is_at_least_0_9_at_the_default_nprobe(db):
     assert stage["recall_at_10"] >= 0.9
     # recomputed here against a numpy brute force, independent of the build's own measurement
     index = RetrievalIndex(db)
-    base = load_embedding_rows(db, "train")
-    vectors = np.concatenate([np.asarray(a, dtype=np.float32) for a in base.arrays])
-    ids = np.concatenate([np.arange(s, e) for s, e in zip(base.starts, base.ends)])
+    rows = [indexable_rows(f) for f in chunk_shard_files(db, "train")]
+    vectors, ids = np.concatenate([v for v, _ in rows]), np.concatenate([i for _, i in rows])
+    assert len(ids) < len(load_embedding_rows(db, "train"))  # chunks holding only <|endoftext|> are left out
     queries = np.concatenate([np.load(p).astype(np.float32) for p in glob.glob(os.path.join(db, "embeddings", "valid", "*.npy"))
                               + glob.glob(os.path.join(db, "embeddings", "test", "*.npy"))])
     d = ((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1)
@@ -89,11 +89,12 @@ def test_no_neighbour_comes_from_its_own_document_and_continuations_do(db):
 def test_padding_only_where_fewer_than_k_candidates_remain(db):
     index, store = RetrievalIndex(db), TokenStore(db)
     query = np.load(glob.glob(os.path.join(db, "embeddings", "valid", "*.npy"))[0])[:3].astype(np.float32)
-    n_docs = int(store.doc_of([index.ntotal - 1])[0]) + 1
+    indexed = np.concatenate([ids for _, ids in (indexable_rows(f) for f in chunk_shard_files(db, "train"))])
+    n_docs = int(store.doc_of(indexed).max()) + 1
     # every document but one shares the query's document id: only one document's chunks remain
     lonely_doc = int(store.doc_of([0])[0])
     doc_of = lambda ids: np.where(store.doc_of(ids) == lonely_doc, lonely_doc, n_docs + 7)  # noqa: E731
-    lonely_chunks = int((store.doc_of(np.arange(index.ntotal)) == lonely_doc).sum())
+    lonely_chunks = int((store.doc_of(indexed) == lonely_doc).sum())
     k = lonely_chunks + 3
     nlist = index.faiss.extract_index_ivf(index.shards[0]).nlist  # exhaustive: every chunk is reachable
     ids, dists = neighbours_of(index, query, np.full(3, n_docs + 7), doc_of, k=k, candidates=8,

@@ -155,3 +155,22 @@ def test_ddp_on_two_cpu_processes_with_gloo(db, tmp_path):
     assert log[-1]["step"] == 3 and np.isfinite(log[-1]["loss"])
     _, ckpt = load_model(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 3
+
+
+def test_generation_retrieves_every_chunk_and_reports_its_neighbours(db, runs):
+    from model.generate import LocalRetriever, generate_text
+    from pipeline.lm_tokenizer import load_lm_tokenizer
+
+    root, _ = runs
+    tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
+    prompt = "Python's for statement iterates over the items of any sequence, a list or a string, in order. " * 2
+    retriever = LocalRetriever(db, k=2)
+    chunks = generate_text(db, str(root / "retro" / "ckpt.pt"), prompt, max_new_tokens=100, retriever=retriever)
+    m = 64
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert len(tokens) == len(tokenizer.encode(prompt).ids) + 100 and len(chunks) == -(-len(tokens) // m)
+    assert chunks[0].neighbour_chunk_ids == []  # the first chunk is conditioned on nothing
+    for u in range(1, len(chunks)):
+        expected, _ = retriever(tokens[(u - 1) * m : u * m])  # retrieved by the chunk before
+        assert chunks[u].neighbour_chunk_ids == [int(i) for i in expected]
+        assert len(chunks[u].neighbour_texts) == 2 and all(chunks[u].neighbour_texts)
