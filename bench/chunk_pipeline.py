@@ -24,7 +24,7 @@ import time
 import zstandard
 
 from pipeline.__main__ import DEFAULT_CORPUS
-from pipeline.chunk_pipeline import ChunkConfig, local_beam_options, write_chunk_shards
+from pipeline.chunk_pipeline import ChunkConfig, write_chunk_shards
 from pipeline.lm_tokenizer import train_lm_tokenizer
 
 log = logging.getLogger("bench.chunk_pipeline")

@@ -111,7 +111,7 @@ def train_check() -> list[str]:
             lines.append(f"train {name} {'RETRO' if retrieval else 'baseline'} ({model.num_params() / 1e6:.0f}M params, batch {batch} x {t} tokens, "
                          f"k=2): {rate:,.0f} tokens/s bf16; loss {losses[0]:.3f} -> {losses[-1]:.3f} on a fixed batch; "
                          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-            del model, opt
+            model = opt = None  # free GPU memory before the next configuration
             torch.cuda.empty_cache()
     return lines
 

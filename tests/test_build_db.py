@@ -2,7 +2,6 @@
 
 import glob
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -20,8 +19,9 @@ from pipeline.embed import EmbedConfig, write_embeddings
 from pipeline.faiss_index import RetrievalIndex, indexable_rows, load_embedding_rows, recall_at_k, write_index
 from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
 from pipeline.manifest import ConfigMismatch, read_manifest, write_manifest
-from pipeline.neighbours import NeighbourConfig, neighbours_of, write_neighbours
+from pipeline.neighbours import neighbours_of
 from pipeline.token_store import TokenStore, chunk_shard_files
+
 
 def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()

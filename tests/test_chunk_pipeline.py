@@ -15,9 +15,9 @@ import zstandard
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from conftest import BEAM_TEST_ARGS, default_corpus_docs
+from conftest import BEAM_TEST_ARGS
 from pipeline import chunk_pipeline as cp
-from pipeline import corpus_io, minhash
+from pipeline import minhash
 from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, train_lm_tokenizer
 from pipeline.manifest import ConfigMismatch, read_manifest
 

@@ -1,6 +1,5 @@
 """Reading every input format, and every kind of bad input becoming a dead letter."""
 
-import io
 import json
 
 import pyarrow as pa
