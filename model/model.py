@@ -224,7 +224,7 @@ class Retro(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (b, t, vocab)
         if targets is None:
             return logits, None, None
-        token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100, reduction="none").view(b, t)
+        token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none").view(b, t)
         n = (targets != -100).sum().clamp(min=1)
         return logits, token_loss.sum() / n, token_loss
 

@@ -174,3 +174,36 @@ def test_generation_retrieves_every_chunk_and_reports_its_neighbours(db, runs):
         expected, _ = retriever(tokens[(u - 1) * m : u * m])  # retrieved by the chunk before
         assert chunks[u].neighbour_chunk_ids == [int(i) for i in expected]
         assert len(chunks[u].neighbour_texts) == 2 and all(chunks[u].neighbour_texts)
+
+
+def test_cca_learns_to_use_retrieved_continuations():
+    """Random tokens have nothing to learn; when each chunk's neighbour is [chunk u, chunk u+1],
+    RETRO's loss on tokens after the first chunk drops below the baseline's, which cannot."""
+    m, l, v = 8, 4, 64
+
+    def batch(gen, b=16):
+        x = torch.randint(2, v, (b, l * m + m), generator=gen)
+        chunks = x.reshape(b, l + 1, m)
+        neighbours = torch.cat([chunks[:, :-1], chunks[:, 1:]], dim=-1)[:, :, None]  # (b, l, k=1, 2m)
+        return x[:, :-m], x[:, 1 : l * m + 1], neighbours
+
+    losses = {}
+    for retrieval in (True, False):
+        torch.manual_seed(0)
+        cfg = tiny_config(vocab_size=v, n_embd=64, n_head=4, n_layer=4, cca_layers=[2, 4], chunk_size=m, max_chunks=l,
+                          pad_id=0, retrieval=retrieval)
+        model = Retro(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            idx, y, nb = batch(gen)
+            _, loss, _ = model(idx, nb if retrieval else None, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        idx, y, nb = batch(torch.Generator().manual_seed(2), 64)
+        with torch.no_grad():
+            _, _, token_loss = model(idx, nb if retrieval else None, y)
+        losses[retrieval] = token_loss[:, m:].mean().item()
+    assert losses[False] > 4.0  # ln 64 = 4.16: the baseline cannot predict random tokens
+    assert losses[True] < losses[False] - 0.2, losses
