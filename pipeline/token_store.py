@@ -113,8 +113,8 @@ class TokenStore:
     Axes: n queried ids, m chunk size. Padding is the LM tokenizer's pad id.
     """
 
-    def __init__(self, db: str, splits=SPLITS):
-        dirs = [d for s in splits for d in sorted(glob.glob(os.path.join(db, "tokens", s, "shard-*")))
+    def __init__(self, db: str):
+        dirs = [d for s in SPLITS for d in sorted(glob.glob(os.path.join(db, "tokens", s, "shard-*")))
                 if not d.endswith(".tmp")]
         if not dirs:
             raise FileNotFoundError(f"{db}/tokens holds no token shards; run the build-db embeddings stage first")
