@@ -41,8 +41,7 @@ class RetroSequences(torch.utils.data.Dataset):
         missing = [f for f in self.neighbour_files if not os.path.exists(f)]
         if missing:
             raise FileNotFoundError(f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage of build-db")
-        self.neighbour_starts = np.array([pq.read_table(f, columns=["chunk_id"]).slice(0, 1)["chunk_id"][0].as_py()
-                                          for f in self.neighbour_files], dtype=np.int64)
+        self.neighbour_starts = np.array([first_chunk_id(f) for f in files], dtype=np.int64)  # aligned with the chunk shards
 
     def __len__(self) -> int:
         return self.n_chunks // self.l

@@ -206,13 +206,12 @@ def measure_recall(index: RetrievalIndex, queries: np.ndarray, exact_ids: np.nda
 
 
 def exact_top_k(db: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Brute force over every stored train vector (IndexFlatL2); returns (D, I, queries/s)."""
+    """Brute force over every indexed train vector (IndexFlatL2); returns (D, I, queries/s)."""
     import faiss
 
-    files = chunk_shard_files(db, "train")
-    flat = faiss.IndexIDMap2(faiss.IndexFlatL2(load_embedding_rows(db, "train").arrays[0].shape[1]))
-    for f in files:
-        vectors, ids = indexable_rows(f)
+    shards = [indexable_rows(f) for f in chunk_shard_files(db, "train")]
+    flat = faiss.IndexIDMap2(faiss.IndexFlatL2(shards[0][0].shape[1]))
+    for vectors, ids in shards:
         flat.add_with_ids(vectors, ids)
     t0 = time.perf_counter()
     dists, ids = flat.search(queries, k)
