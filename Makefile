@@ -9,12 +9,13 @@ PORT   ?= 8000
 RUNNER ?=
 BEAM_ARGS ?=
 TRAIN_ARGS ?=
+SERVE_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: venv build-db chunks train eval test bench bench-train corpus clean
+.PHONY: venv build-db chunks add-documents serve train eval test bench bench-train bench-serve corpus clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,15 @@ build-db: venv
 chunks: venv
 	$(BIN)/python -m pipeline chunks --corpus $(CORPUS) --db $(DB) $(if $(RUNNER),--runner=$(RUNNER)) $(BEAM_ARGS)
 
+# Grow a built DB: `make add-documents CORPUS=new.jsonl NAME=2026-11` (new index shards, nothing retrained).
+NAME ?=
+add-documents: venv
+	$(BIN)/python -m pipeline add-documents --corpus $(CORPUS) --db $(DB) $(if $(NAME),--name $(NAME)) $(BEAM_ARGS)
+
+# The index service on Ray Serve at 127.0.0.1:$(PORT) until Ctrl-C (deploy/serve.yaml: the same app).
+serve: venv
+	$(BIN)/python -m index_service --db $(DB) --port $(PORT) $(SERVE_ARGS)
+
 # RETRO and the baseline, same steps and batch, into $(RUN)/retro and $(RUN)/baseline (resumable).
 train: venv
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/baseline --baseline $(TRAIN_ARGS)
@@ -43,6 +53,9 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m bench.chunk_pipeline
+
+bench-serve: venv
+	$(BIN)/python -m bench.index_service --db $(DB)
 
 # Training throughput against lucidrains' retro-pytorch (it pins numpy<2: its own venv).
 .venv-retro-pytorch/.installed:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.deletions import deleted_chunk_ids
 from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id, token_byte_lengths
 from pipeline.token_store import TokenStore, chunk_shard_files, derived_path, first_chunk_id
 
@@ -42,6 +43,7 @@ class RetroSequences(torch.utils.data.Dataset):
         if missing:
             raise FileNotFoundError(f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage of build-db")
         self.neighbour_starts = np.array([first_chunk_id(f) for f in files], dtype=np.int64)  # aligned with the chunk shards
+        self.deleted = deleted_chunk_ids(db)  # documents removed after the tables were built
 
     def __len__(self) -> int:
         return self.n_chunks // self.l
@@ -77,6 +79,8 @@ class RetroSequences(torch.utils.data.Dataset):
         target_real = np.append(flat_real[1:], tail != self.pad_id)
         targets = np.where(target_real, targets, -100)
         neighbours = self.neighbour_ids(ids)  # (l, k)
+        if len(self.deleted):
+            neighbours[np.isin(neighbours, self.deleted)] = -1
         seq_docs = np.unique(self.store.doc_of(ids))
         valid = neighbours >= 0
         if valid.any():

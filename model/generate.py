@@ -1,10 +1,11 @@
-"""Generation that retrieves every 64 tokens, from a local index (or any ``retrieve`` callable).
+"""Generation that retrieves every 64 tokens, from a local index or through the index service.
 
 Each time the text reaches a chunk boundary, the chunk just completed is embedded with the frozen
 BERT, its k nearest chunks are looked up, and their [N, F] tokens condition the tokens that follow
 through CCA. Every generated chunk is returned with the neighbours that conditioned it.
 
     python -m model.generate --db db --ckpt runs/default/retro/ckpt.pt --prompt "Python's list type" --tokens 128
+    python -m model.generate ... --service http://127.0.0.1:8000     # neighbours from `make serve`
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def generate(model, prompt_ids: list[int], retrieve, *, max_new_tokens: int = 12
     """Greedy (temperature 0) or sampled continuation of ``prompt_ids``.
 
     ``retrieve(chunk tokens) -> (ids (k,), tokens (k, 2m))``. Returns all tokens and, per chunk of
-    the sequence, the neighbour ids that were retrieved for it (empty for chunks not yet complete).
+    the sequence, the (ids, [N, F] tokens) retrieved for it (None for the first chunk, which has none).
     The context is the last ``max_chunks`` whole chunks, so retrieval stays aligned with chunks.
     """
     cfg = model.config
@@ -95,13 +96,16 @@ def generate(model, prompt_ids: list[int], retrieve, *, max_new_tokens: int = 12
         tokens.append(nxt)
         if stop_id is not None and nxt == stop_id:
             break
-    per_chunk = [list(retrieved[u - 1][0]) if u - 1 in retrieved else [] for u in range(-(-len(tokens) // m))]
+    per_chunk = [retrieved.get(u - 1) for u in range(-(-len(tokens) // m))]
     return tokens, per_chunk
 
 
 def generate_text(db: str, ckpt: str, prompt: str, *, max_new_tokens: int = 128, k: int = 2, temperature: float = 0.0,
                   retriever=None) -> list[GeneratedChunk]:
-    """Text in, chunks out: each with the neighbours (ids and text) that conditioned it."""
+    """Text in, chunks out: each with the neighbours (ids and [N, F] text) that conditioned it.
+
+    ``retriever``: a ``LocalRetriever`` (default) or ``index_service.client.ServiceRetriever``.
+    """
     from model.train import load_model
     from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, special_id
 
@@ -112,11 +116,11 @@ def generate_text(db: str, ckpt: str, prompt: str, *, max_new_tokens: int = 128,
                                  temperature=temperature, stop_id=special_id(tokenizer, EOS))
     m = model.config.chunk_size
     out = []
-    for u, ids in enumerate(per_chunk):
+    for u, hit in enumerate(per_chunk):
         chunk = tokens[u * m : (u + 1) * m]
-        texts = [tokenizer.decode([int(t) for t in row if t != model.config.pad_id])
-                 for row in retriever.store.neighbour_tokens(np.array(ids, dtype=np.int64), model.config.pad_id)] if ids else []
-        out.append(GeneratedChunk(tokenizer.decode(chunk), chunk, [int(i) for i in ids], texts))
+        ids, rows = hit if hit is not None else (np.zeros(0, np.int64), np.zeros((0, 2 * m), np.int64))
+        texts = [tokenizer.decode([int(t) for t in row if t != model.config.pad_id]) for i, row in zip(ids, rows) if i >= 0]
+        out.append(GeneratedChunk(tokenizer.decode(chunk), chunk, [int(i) for i in ids if i >= 0], texts))
     return out
 
 
@@ -129,8 +133,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--service", help="retrieve through the index service at this URL instead of the local index")
     args = parser.parse_args()
-    for u, chunk in enumerate(generate_text(args.db, args.ckpt, args.prompt, max_new_tokens=args.tokens, k=args.k, temperature=args.temperature)):
+    retriever = None
+    if args.service:
+        from index_service.client import IndexClient, ServiceRetriever
+        from pipeline import manifest as mf
+        from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
+
+        pad_id = special_id(load_lm_tokenizer(os.path.join(args.db, "tokenizer.json")), PAD)
+        chunk_size = mf.read_manifest(args.db)["stages"]["chunks"]["config"]["chunk_size"]
+        retriever = ServiceRetriever(IndexClient(args.service), k=args.k, chunk_size=chunk_size, pad_id=pad_id)
+    for u, chunk in enumerate(generate_text(args.db, args.ckpt, args.prompt, max_new_tokens=args.tokens, k=args.k,
+                                            temperature=args.temperature, retriever=retriever)):
         print(f"--- chunk {u}: {chunk.text!r}")
         for cid, text in zip(chunk.neighbour_chunk_ids, chunk.neighbour_texts):
             print(f"    neighbour {cid}: {text[:120]!r}")

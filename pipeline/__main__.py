@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "embed": sub.add_parser("embed", help="stage 2: chunk shards -> BERT embeddings (Ray)"),
         "index": sub.add_parser("index", help="stage 3: embeddings -> sharded IVF-PQ index (faiss)"),
         "neighbours": sub.add_parser("neighbours", help="stage 4: neighbour tables (Ray)"),
+        "add-documents": sub.add_parser("add-documents", help="grow a built DB: new documents -> new index shards, no retraining"),
         "summary": sub.add_parser("summary", help="print a DB's summary from its manifest"),
     }
     for name, p in commands.items():
@@ -100,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             _add_chunk_args(p)
         if name in ("build-db", "embed", "index", "neighbours"):
             _add_later_stage_args(p)
+        if name == "add-documents":
+            p.add_argument("--corpus", nargs="+", required=True, help="the new documents: files, directories, globs or URIs")
+            p.add_argument("--name", default="", help="the increment's name (default: its number)")
+            p.add_argument("--actors", type=int, default=0, help="Ray embedding actors (default: one per GPU, else per node)")
     args, beam_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    if beam_args and args.command not in ("build-db", "chunks"):
+    if beam_args and args.command not in ("build-db", "chunks", "add-documents"):
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     from pipeline.manifest import ConfigMismatch
 
@@ -131,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.neighbours import write_neighbours
 
             write_neighbours(args.db, config=_later_configs(args)[2], actors=args.actors, overwrite=args.overwrite)
+        elif args.command == "add-documents":
+            from pipeline.add_documents import add_documents
+
+            add_documents(args.corpus, args.db, name=args.name, beam_args=beam_args, actors=args.actors)
         elif args.command == "summary":
             from pipeline.build_db import summary_lines
 

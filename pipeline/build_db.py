@@ -28,6 +28,11 @@ def summary_lines(db: str) -> list[str]:
     if nb := stages.get("neighbours"):
         per = ", ".join(f"{s} k={v['k']} {v['full']}/{v['chunks']}" for s, v in nb["counts"]["by_split"].items())
         lines.append(f"  neighbours: coverage {nb['counts']['coverage']:.3f} (chunks with all k neighbours: {per})")
+    if incs := mf.read_manifest(db).get("increments"):
+        lines.append(f"  increments: {len(incs)} added ({sum(i['documents'] for i in incs)} docs, {sum(i['vectors'] for i in incs)} vectors"
+                     f" in {sum(len(i['index_shards']) for i in incs)} index shards)")
+    if d := stages.get("deletions"):
+        lines.append(f"  deleted   : {d['documents']} documents ({d['chunks']} chunks), excluded from every search")
     lines.append(f"  outputs   : {db}/manifest.json, chunks/, documents/, tokens/, embeddings/, index/, neighbours/, rejected/")
     return lines
 

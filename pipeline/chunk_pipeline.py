@@ -41,6 +41,7 @@ EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 LEAKAGE = "leakage"
 COUNTERS = "retro.chunks"
+EXISTING = "existing"  # marks a text hash of a document already in the DB (add-documents)
 
 CHUNK_SCHEMA_FIELDS = ("chunk_id", "doc_id", "chunk_index", "tokens", "n_bytes")
 
@@ -64,6 +65,8 @@ class ChunkConfig:
     leakage_threshold: float = 0.8
     max_bucket_compare: int = 64  # pairs checked per document in one LSH bucket
     rejected_shards: int = 1
+    first_doc_id: int = 0  # ids start here: an increment's ids follow its DB's (add-documents)
+    first_chunk_id: int = 0
     tokenizer_sha256: str = ""
     inputs: list = field(default_factory=list)  # [(path, size)], the input fingerprint
 
@@ -152,10 +155,18 @@ class NormalizeFn(beam.DoFn):
 
 
 class KeepFirstFn(beam.DoFn):
-    """(hash, [docs with that exact text]) -> the first by (source, position); the rest dropped."""
+    """(hash, [docs with that exact text]) -> the first by (source, position); the rest dropped.
+
+    A group that holds ``EXISTING`` (the text is already in the DB being grown) keeps none.
+    """
 
     def process(self, key_docs):
         _, docs = key_docs
+        if EXISTING in docs:
+            for dup in (d for d in docs if d != EXISTING):
+                _count(f"rejected_{EXACT_DUPLICATE}")
+                yield beam.pvalue.TaggedOutput("rejected", _rejected(dup, EXACT_DUPLICATE, "same text as a document already in the DB"))
+            return
         docs = sorted(docs, key=lambda d: (d["source"], d["position"]))
         yield docs[0]
         for dup in docs[1:]:
@@ -267,7 +278,7 @@ def shard_path(split: str, shard: int, n_shards: int, kind: str = "chunks") -> s
 
 def id_offsets(counts: dict, config: ChunkConfig) -> dict:
     """(split, shard) -> (first doc id, first chunk id): prefix sums in (split, shard) order."""
-    offsets, docs, chunks = {}, 0, 0
+    offsets, docs, chunks = {}, config.first_doc_id, config.first_chunk_id
     for split in SPLITS:
         for shard in range(config.shards_of(split)):
             offsets[(split, shard)] = (docs, chunks)
@@ -396,12 +407,27 @@ class ReadCorpus(beam.PTransform):
 
 
 class ExactDedup(beam.PTransform):
-    """doc -> {'docs': one doc per distinct normalised text, 'rejected': the others}."""
+    """doc -> {'docs': one doc per distinct normalised text, 'rejected': the others}.
+
+    ``existing``: globs of a DB's ``documents`` Parquet shards; texts already there are dropped too
+    (a shuffle join on the text hash, so it scales with the DB).
+    """
+
+    def __init__(self, existing: list[str] = ()):
+        super().__init__()
+        self.existing = list(existing)
 
     def expand(self, docs):
+        keyed = docs | "ByTextHash" >> beam.Map(lambda d: (d["key"], d))
+        if self.existing:
+            known = (
+                [docs.pipeline | f"ReadExisting{i}" >> beam.io.ReadFromParquet(g, columns=["doc_hash"]) for i, g in enumerate(self.existing)]
+                | "AllExisting" >> beam.Flatten()
+                | "ExistingHash" >> beam.Map(lambda row: (bytes.fromhex(row["doc_hash"]), EXISTING))
+            )
+            keyed = (keyed, known) | "WithExisting" >> beam.Flatten()
         return (
-            docs
-            | "ByTextHash" >> beam.Map(lambda d: (d["key"], d))
+            keyed
             | "GroupByTextHash" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(KeepFirstFn()).with_outputs("rejected", main="docs")
         )
@@ -497,11 +523,12 @@ class WriteRejected(beam.PTransform):
         )
 
 
-def build_chunk_pipeline(p: beam.Pipeline, *, db: str, config: ChunkConfig, tokenizer_json: str, staging: str) -> None:
+def build_chunk_pipeline(p: beam.Pipeline, *, db: str, config: ChunkConfig, tokenizer_json: str, staging: str,
+                         existing_documents: list[str] = ()) -> None:
     """Adds stage 1 to ``p``. Its statistics land in ``staging``/stats.json and shards.json."""
     read = p | "ReadCorpus" >> ReadCorpus(config.inputs, config)
     normalized = read.records | "Normalize" >> beam.ParDo(NormalizeFn()).with_outputs("rejected", main="docs")
-    unique = normalized.docs | "ExactDedup" >> ExactDedup()
+    unique = normalized.docs | "ExactDedup" >> ExactDedup(existing_documents)
     tokenized = (
         unique.docs
         | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
@@ -571,8 +598,13 @@ def write_chunk_shards(
     tokenizer_sample_bytes: int = 64 << 20,
     beam_args: list[str] = (),
     overwrite: bool = False,
+    existing_documents: str | None = None,
 ) -> dict:
-    """Runs stage 1 into ``db`` and returns its manifest record (skipped when already complete)."""
+    """Runs stage 1 into ``db`` and returns its manifest record (skipped when already complete).
+
+    ``existing_documents``: a DB (growing it) whose documents, and its increments', are dropped
+    as exact duplicates.
+    """
     from pipeline import manifest as mf
     from pipeline.lm_tokenizer import train_lm_tokenizer
 
@@ -592,7 +624,7 @@ def write_chunk_shards(
             return mf.read_manifest(db)["stages"]["chunks"]
         log.warning("chunks: %d shard files are missing (%s...), rebuilding", len(missing), missing[0])
     if state == "new":
-        for kind in ("chunks", "documents", "rejected"):
+        for kind in ("chunks", "documents", "rejected", "deleted", "increments"):
             _delete_tree(mf.join(db, kind))
     if not FileSystems.exists(db):
         FileSystems.mkdirs(db)
@@ -608,7 +640,8 @@ def write_chunk_shards(
     total_bytes = sum(size for _, size in config.inputs)
     log.info("chunks: %d files, %.1f MB -> %s", len(config.inputs), total_bytes / 1e6, db)
     with beam.Pipeline(options=local_beam_options(list(beam_args))) as p:
-        build_chunk_pipeline(p, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging)
+        existing = [mf.join(root, "documents", "*", "*.parquet") for root in mf.db_roots(existing_documents)] if existing_documents else []
+        build_chunk_pipeline(p, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging, existing_documents=existing)
 
     with FileSystems.open(FileSystems.join(staging, "stats.json")) as f:
         counts = json.loads(f.read())

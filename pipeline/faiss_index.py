@@ -5,9 +5,11 @@ once on a sample; each train embedding shard is added with its chunk ids to a co
 ``DB/index/train/shard-*.faissindex`` that a server can hold apart or together.
 
 Searching (``RetrievalIndex``) asks every shard for ``rerank_factor * k`` candidates, merges them
-and re-ranks by exact squared L2 on the fp16 embeddings memory-mapped from ``DB/embeddings``:
+and re-ranks them by exact squared L2 on the fp16 embeddings memory-mapped from ``DB/embeddings``:
 plain PQ codes plateau near 0.7 recall@10 on 384-d text embeddings; the re-ranking stage (what
-faiss ``IndexRefine`` and SCaNN do) lifts it above 0.9 without holding the vectors in RAM.
+faiss ``IndexRefine`` and SCaNN do) lifts it above 0.9 without holding the vectors in RAM. Every
+merge orders by (distance, id) (``merge_top_k``), so one process and shards spread over many
+servers (``index_service``) give the same answer.
 
 At build time recall@10 (10-recall@10 against exact search over the same stored vectors, on
 held-out valid/test chunks) and queries/s are measured for a grid of nprobe values; the smallest
@@ -87,12 +89,93 @@ def indexable_rows(chunk_file: str, skip_textless: bool = True) -> tuple[np.ndar
 
 
 def index_shard_paths(db: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(db, "index", "train", "shard-*.faissindex")))
+    """The DB's index shards, then those of every added increment (``python -m pipeline add-documents``)."""
+    from pipeline import manifest as mf
+
+    roots = mf.db_roots(db)
+    return [p for root in roots for p in sorted(glob.glob(os.path.join(root, "index", "train", "shard-*.faissindex")))]
+
+
+def merge_top_k(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of several (distances (n, c), ids (n, c)) results, nearest first, ties by id.
+
+    Breaking ties by id makes the merge independent of the order of its inputs, so shards spread
+    over any number of servers merge to the same answer as one process searching them all.
+    """
+    dists = np.concatenate([d for d, _ in results], axis=1)
+    ids = np.concatenate([i for _, i in results], axis=1)
+    dists = np.where(ids < 0, np.inf, dists)
+    order = np.lexsort((ids, dists))[:, :k]  # by distance, then id
+    dists, ids = np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
+    ids = np.where(np.isfinite(dists), ids, -1)
+    if dists.shape[1] < k:  # fewer candidates than k in all inputs together
+        pad = k - dists.shape[1]
+        dists = np.pad(dists, ((0, 0), (0, pad)), constant_values=np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return dists.astype(np.float32), ids
+
+
+def deleted_selector(chunk_ids: np.ndarray):
+    """A faiss selector that excludes deleted chunk ids inside the search (k results still come back)."""
+    import faiss
+
+    if not len(chunk_ids):
+        return None
+    return faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(chunk_ids, dtype=np.int64)))
+
+
+class IndexShard:
+    """One IVF-PQ index shard: approximate top-k by PQ distance. Ids are chunk ids; -1 where fewer exist."""
+
+    def __init__(self, path: str, *, mmap: bool = False):
+        import faiss
+
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            self.index = faiss.read_index(path, flags)
+        except RuntimeError as e:
+            raise ValueError(f"index shard {path} is unreadable ({str(e).splitlines()[0]}); rebuild the index stage") from e
+        self.path, self.dim = path, self.index.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int, selector=None) -> tuple[np.ndarray, np.ndarray]:
+        """(n, k) approximate distances, (n, k) ids; ``selector`` excludes deleted ids inside faiss."""
+        import faiss
+
+        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector) if selector is not None else faiss.SearchParametersIVF(nprobe=nprobe)
+        return self.index.search(queries, k, params=params)
+
+
+def search_shards(shards: list[IndexShard], queries: np.ndarray, k: int, *, nprobe: int, selector=None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top k over several shards, merged. (n, k) distances, (n, k) ids."""
+    return merge_top_k([s.search(queries, k, nprobe=nprobe, selector=selector) for s in shards], k)
+
+
+def load_indexed_vectors(db: str) -> ShardedRows:
+    """The fp16 train embeddings of the DB and its increments, memory-mapped: what re-ranking reads."""
+    from pipeline import manifest as mf
+
+    rows = [load_embedding_rows(root, "train") for root in mf.db_roots(db)]
+    return ShardedRows([a for r in rows for a in r.arrays], [s for r in rows for s in r.starts])
+
+
+def rerank(vectors: ShardedRows, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact squared L2 between queries (n, d) and their candidates' stored vectors; top k, ties by id."""
+    valid = ids >= 0
+    stored = np.zeros(ids.shape + (queries.shape[1],), dtype=np.float32)  # (n, c, d)
+    if valid.any():
+        stored[valid] = vectors.get(ids[valid])
+    return merge_top_k([(((stored - queries[:, None, :]) ** 2).sum(-1), ids)], k)
 
 
 class RetrievalIndex:
-    """Searches index shards, merges their candidates and re-ranks them on stored vectors.
+    """Searches every index shard for ``rerank_factor * k`` candidates, merges them and re-ranks
+    them exactly on the stored vectors.
 
+    Deleted documents (``DB/deleted``, written by the index service) are excluded inside faiss.
     Axes: n queries, k results, d embedding dim. Ids are chunk ids; -1 where fewer exist.
     """
 
@@ -100,70 +183,38 @@ class RetrievalIndex:
                  rerank_factor: int | None = None, threads: int | None = None, mmap: bool = False):
         import faiss
 
+        from pipeline import deletions
         from pipeline import manifest as mf
 
-        self.faiss = faiss
         if threads:
             faiss.omp_set_num_threads(threads)
         stage = mf.read_manifest(db)["stages"].get("index", {})
         paths = shard_paths or index_shard_paths(db)
         if not paths:
             raise FileNotFoundError(f"{db}/index holds no index shards; run the index stage")
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        self.shards = []
-        for p in paths:
-            try:
-                self.shards.append(faiss.read_index(p, flags))
-            except RuntimeError as e:
-                raise ValueError(f"index shard {p} is unreadable ({str(e).splitlines()[0]}); rebuild the index stage") from e
-        self.dim = self.shards[0].d
-        self.vectors = load_embedding_rows(db, "train")
+        self.shards = [IndexShard(p, mmap=mmap) for p in paths]
+        self.dim = self.shards[0].dim
+        self.vectors = load_indexed_vectors(db)
         self.nprobe = nprobe or stage.get("default_nprobe") or 8
         self.rerank_factor = stage.get("config", {}).get("rerank_factor", 4) if rerank_factor is None else rerank_factor
-        self.removed: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.set_deleted(deletions.deleted_chunk_ids(db))
 
     @property
     def ntotal(self) -> int:
         return sum(s.ntotal for s in self.shards)
 
-    def candidates(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Merged approximate top-k over all shards. (n, k) distances, (n, k) ids."""
-        params = self.faiss.SearchParametersIVF(nprobe=nprobe or self.nprobe)
-        dists, ids = zip(*(s.search(queries, k, params=params) for s in self.shards))
-        dists, ids = np.concatenate(dists, axis=1), np.concatenate(ids, axis=1)
-        dists[ids < 0] = np.inf
-        if len(self.removed):
-            dists[np.isin(ids, self.removed)] = np.inf
-        order = np.argsort(dists, axis=1, kind="stable")[:, :k]
-        dists, ids = np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
-        ids[~np.isfinite(dists)] = -1
-        return dists, ids
-
-    def rerank(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact squared L2 on the stored vectors of candidate ids; top k of them."""
-        n, c = ids.shape
-        flat = ids.reshape(-1)
-        valid = flat >= 0
-        vectors = np.zeros((n * c, self.dim), dtype=np.float32)
-        if valid.any():
-            vectors[valid] = self.vectors.get(flat[valid])
-        vectors = vectors.reshape(n, c, self.dim)
-        dists = ((vectors - queries[:, None, :]) ** 2).sum(-1)  # (n, c)
-        dists[ids < 0] = np.inf
-        order = np.argsort(dists, axis=1, kind="stable")[:, :k]
-        dists, ids = np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
-        ids = np.where(np.isfinite(dists), ids, -1)
-        return dists.astype(np.float32), ids
+    def set_deleted(self, chunk_ids: np.ndarray) -> None:
+        self.deleted = np.asarray(chunk_ids, dtype=np.int64)
+        self.selector = deleted_selector(self.deleted)
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k chunk ids by squared L2. (n, k) distances, (n, k) ids."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (n, {self.dim}); got {queries.shape}")
-        if not self.rerank_factor:
-            return self.candidates(queries, k, nprobe)
-        _, ids = self.candidates(queries, k * self.rerank_factor, nprobe)
-        return self.rerank(queries, ids, k)
+        candidates = k * max(1, self.rerank_factor)
+        dists, ids = search_shards(self.shards, queries, candidates, nprobe=nprobe or self.nprobe, selector=self.selector)
+        return rerank(self.vectors, queries, ids, k) if self.rerank_factor else (dists[:, :k], ids[:, :k])
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
@@ -216,6 +267,18 @@ def exact_top_k(db: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     t0 = time.perf_counter()
     dists, ids = flat.search(queries, k)
     return dists, ids, len(queries) / (time.perf_counter() - t0)
+
+
+def write_index_shard(trained, chunk_file: str, path: str, *, skip_textless: bool = True) -> str:
+    """Adds one train chunk shard's vectors to a copy of the trained (empty) index; writes it atomically."""
+    import faiss
+
+    shard = faiss.clone_index(trained)
+    shard.add_with_ids(*indexable_rows(chunk_file, skip_textless))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    faiss.write_index(shard, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def write_index(db: str, *, config: IndexConfig | None = None, threads: int | None = None, overwrite: bool = False) -> dict:
@@ -273,10 +336,7 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     t0 = time.perf_counter()
     for f, path in zip(train_files, shard_paths):
         if not os.path.exists(path):
-            shard = faiss.clone_index(trained)
-            shard.add_with_ids(*indexable_rows(f, config.skip_textless_chunks))
-            faiss.write_index(shard, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            write_index_shard(trained, f, path, skip_textless=config.skip_textless_chunks)
         shards.append({"path": os.path.relpath(path, db), "bytes": os.path.getsize(path), "sha256": mf.sha256_file(path), "status": "complete"})
     add_s = time.perf_counter() - t0
 

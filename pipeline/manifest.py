@@ -7,9 +7,12 @@ configs are never mixed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import time
 from importlib import metadata
 
@@ -44,23 +47,39 @@ def read_manifest(db: str) -> dict:
     return manifest
 
 
+def db_roots(db: str) -> list[str]:
+    """The DB, then every increment added to it (``DB/increments/<name>``, same layout, ids after the DB's)."""
+    return [db] + [join(db, inc["path"]) for inc in read_manifest(db).get("increments", [])]
+
+
 def write_manifest(db: str, manifest: dict) -> None:
     """Writes the manifest atomically (temp file + rename) so a crash never leaves half a file."""
     path, tmp = join(db, MANIFEST), join(db, MANIFEST + ".tmp")
     with FileSystems.create(tmp) as f:
         f.write((json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    FileSystems.rename([tmp], [path])  # replaces: a running index service never sees no manifest
+
+
+@contextlib.contextmanager
+def locked(db: str):
+    """Serialises read-modify-write of a local DB's manifest across processes (a no-op for URIs,
+    where one job owns the DB)."""
+    if "://" in db:
+        yield
+        return
+    with open(os.path.join(db, ".manifest.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def update_stage(db: str, stage: str, **fields) -> dict:
     """Merges ``fields`` into one stage's record and writes the manifest."""
-    manifest = read_manifest(db)
-    record = manifest["stages"].setdefault(stage, {})
-    record.update(fields)
-    record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_manifest(db, manifest)
+    with locked(db):
+        manifest = read_manifest(db)
+        record = manifest["stages"].setdefault(stage, {})
+        record.update(fields)
+        record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_manifest(db, manifest)
     return record
 
 
@@ -107,6 +126,9 @@ def stage_state(db: str, stage: str, config: dict, *, overwrite: bool = False) -
         later = STAGES[STAGES.index(stage):] if stage in STAGES else (stage,)
         for name in later:
             manifest["stages"].pop(name, None)
+        if stage == STAGES[0]:  # new chunk ids: deletions and increments refer to the old ones
+            manifest["stages"].pop("deletions", None)
+            manifest.pop("increments", None)
         write_manifest(db, manifest)
         log.warning("stage %r: config changed, rebuilding it and the stages after it", stage)
         return "new"

@@ -28,7 +28,8 @@ def connect_ray(address: str | None = None):
 
 
 def cluster_cpus_gpus() -> tuple[float, float]:
+    """CPUs and GPUs free now: a node that also runs the index service lends only what is left."""
     import ray
 
-    resources = ray.cluster_resources()
+    resources = ray.available_resources()
     return resources.get("CPU", 0.0), resources.get("GPU", 0.0)

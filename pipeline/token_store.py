@@ -82,7 +82,8 @@ class ShardedRows:
     """Rows of per-shard .npy arrays addressed by global chunk id. Memory-mapped."""
 
     def __init__(self, arrays: list[np.ndarray], starts: list[int]):
-        self.arrays, self.starts = arrays, np.asarray(starts, dtype=np.int64)
+        order = np.argsort(np.asarray(starts, dtype=np.int64), kind="stable")  # ids are found by binary search
+        self.arrays, self.starts = [arrays[i] for i in order], np.asarray(starts, dtype=np.int64)[order]
         self.ends = self.starts + np.array([len(a) for a in arrays], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -114,15 +115,16 @@ class TokenStore:
     """
 
     def __init__(self, db: str):
-        dirs = [d for s in SPLITS for d in sorted(glob.glob(os.path.join(db, "tokens", s, "shard-*")))
+        from pipeline import manifest as mf
+
+        roots = mf.db_roots(db)
+        dirs = [d for root in roots for s in SPLITS for d in sorted(glob.glob(os.path.join(root, "tokens", s, "shard-*")))
                 if not d.endswith(".tmp")]
         if not dirs:
             raise FileNotFoundError(f"{db}/tokens holds no token shards; run the build-db embeddings stage first")
         metas = [json.load(open(os.path.join(d, "meta.json"))) for d in dirs]
         keep = [i for i, m in enumerate(metas) if m["rows"]]
         dirs, starts = [dirs[i] for i in keep], [metas[i]["first_chunk_id"] for i in keep]
-        order = np.argsort(starts)
-        dirs, starts = [dirs[i] for i in order], [starts[i] for i in order]
         load = lambda name: [np.load(os.path.join(d, name), mmap_mode="r") for d in dirs]  # noqa: E731
         self.tokens = ShardedRows(load("tokens.npy"), starts)
         self.lengths = ShardedRows(load("lengths.npy"), starts)
@@ -138,6 +140,25 @@ class TokenStore:
 
     def doc_of(self, ids) -> np.ndarray:
         return self.doc_ids.get(ids)
+
+    def chunks_of_documents(self, doc_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids of the given documents, the doc ids among them that exist nowhere).
+
+        Document ids grow with chunk ids, so each shard's doc id column is sorted: a binary
+        search per shard, never a scan.
+        """
+        doc_ids = np.unique(np.asarray(doc_ids, dtype=np.int64))
+        found, chunks = np.zeros(len(doc_ids), dtype=bool), []
+        for start, docs in zip(self.doc_ids.starts, self.doc_ids.arrays):
+            inside = (doc_ids >= docs[0]) & (doc_ids <= docs[-1])
+            if not inside.any():
+                continue
+            lo = np.searchsorted(docs, doc_ids[inside], side="left")
+            hi = np.searchsorted(docs, doc_ids[inside], side="right")
+            found[np.flatnonzero(inside)[hi > lo]] = True
+            chunks += [start + np.arange(a, b) for a, b in zip(lo, hi) if b > a]
+        ids = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, dtype=np.int64)
+        return ids, doc_ids[~found]
 
     def continuations(self, ids, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of chunk n+1 where it is in the same document as n, else all padding. (n, m)"""

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -96,7 +97,7 @@ def test_padding_only_where_fewer_than_k_candidates_remain(db):
     doc_of = lambda ids: np.where(store.doc_of(ids) == lonely_doc, lonely_doc, n_docs + 7)  # noqa: E731
     lonely_chunks = int((store.doc_of(indexed) == lonely_doc).sum())
     k = lonely_chunks + 3
-    nlist = index.faiss.extract_index_ivf(index.shards[0]).nlist  # exhaustive: every chunk is reachable
+    nlist = faiss.extract_index_ivf(index.shards[0].index).nlist  # exhaustive: every chunk is reachable
     ids, dists = neighbours_of(index, query, np.full(3, n_docs + 7), doc_of, k=k, candidates=8,
                                max_candidates=index.ntotal, nprobe=nlist)
     assert np.all(ids[:, :lonely_chunks] >= 0) and np.all(ids[:, lonely_chunks:] == -1)
