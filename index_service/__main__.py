@@ -12,7 +12,7 @@ import sys
 import time
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from index_service.app import ServiceConfig
 
     d = ServiceConfig()
@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed-replicas", type=int, default=d.embed_replicas)
     parser.add_argument("--search-threads", type=int, default=d.search_threads, help="faiss threads per searcher replica")
     parser.add_argument("--embed-threads", type=int, default=d.embed_threads, help="torch threads per embedder replica")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("index_service")
 

@@ -192,8 +192,7 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
     return last
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", default="db")
     parser.add_argument("--out", required=True, help="run directory of this model (checkpoint and log)")
@@ -206,8 +205,13 @@ def main() -> None:
             continue
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--device")
-    args = parser.parse_args()
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d) if k != "retrofit"})
+    return parser
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    args = build_parser().parse_args()
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig()) if k != "retrofit"})
     last = train(args.db, args.out, config_name=args.config, baseline=args.baseline, retrofit=args.retrofit, cfg=cfg, device=args.device)
     log.info("done: %s", last)
 

@@ -81,7 +81,8 @@ def _later_configs(args):
             NeighbourConfig(k_train=args.k_train, k_eval=args.k_eval, nprobe=args.nprobe))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI (deploy/'s launch files are checked against it). Unknown --flags are Beam's."""
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--corpus", nargs="+", required=True, help="the new documents: files, directories, globs or URIs")
             p.add_argument("--name", default="", help="the increment's name (default: its number)")
             p.add_argument("--actors", type=int, default=0, help="Ray embedding actors (default: one per GPU, else per node)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
