@@ -95,11 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "summary": sub.add_parser("summary", help="print a DB's summary from its manifest"),
     }
     for name, p in commands.items():
-        p.add_argument("--db", default="db", help="the DB directory (default: ./db)")
+        p.add_argument("--db", default="db", help="the DB directory, or for build-db/chunks a bucket URI (default: ./db)")
         p.add_argument("--overwrite", action="store_true", help="rebuild stages whose config changed instead of refusing")
         p.add_argument("-v", "--verbose", action="store_true")
         if name in ("build-db", "chunks"):
             _add_chunk_args(p)
+        if name == "build-db":
+            p.add_argument("--work-dir", help="local mirror for stages 2-4 when --db is a bucket URI (default: ~/.cache/retro-db/<hash>)")
         if name in ("build-db", "embed", "index", "neighbours"):
             _add_later_stage_args(p)
         if name == "add-documents":
@@ -112,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    FileSystems.set_options(PipelineOptions(beam_args))  # e.g. --s3_endpoint_url for the driver's own reads and writes
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     if beam_args and args.command not in ("build-db", "chunks", "add-documents"):
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             embed, index, neighbours = _later_configs(args)
             build_db(args.corpus, args.db, chunk_kwargs=dict(config=_chunk_config(args), tokenizer_path=args.tokenizer,
                                                               vocab_size=args.vocab_size, beam_args=beam_args),
-                     embed_config=embed, index_config=index, neighbour_config=neighbours, overwrite=args.overwrite, actors=args.actors)
+                     embed_config=embed, index_config=index, neighbour_config=neighbours, overwrite=args.overwrite, actors=args.actors,
+                     work_dir=args.work_dir)
         elif args.command == "chunks":
             record = run_chunks(args, beam_args)
             log.info("chunks: %s", {k: v for k, v in record["counts"].items() if k != "by_split"})

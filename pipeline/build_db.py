@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from pipeline import manifest as mf
@@ -38,22 +39,34 @@ def summary_lines(db: str) -> list[str]:
 
 
 def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=None, index_config=None,
-             neighbour_config=None, overwrite: bool = False, actors: int = 0) -> None:
+             neighbour_config=None, overwrite: bool = False, actors: int = 0, work_dir: str | None = None) -> None:
+    """Every stage into ``db``, a directory or a bucket URI (then stages 2-4 run on a local mirror
+    in ``work_dir`` and are uploaded after each stage; see ``pipeline.remote_db``)."""
+    from pipeline import remote_db
     from pipeline.chunk_pipeline import write_chunk_shards
     from pipeline.embed import write_embeddings
     from pipeline.faiss_index import write_index
     from pipeline.neighbours import write_neighbours
 
+    local = db
+    if remote_db.is_remote(db):
+        local = work_dir or remote_db.default_work_dir(db)
+        os.makedirs(local, exist_ok=True)
     timings = {}
     for name, run in (
         ("chunks", lambda: write_chunk_shards(corpus, db, overwrite=overwrite, **chunk_kwargs)),
-        ("embeddings", lambda: write_embeddings(db, config=embed_config, actors=actors, overwrite=overwrite)),
-        ("index", lambda: write_index(db, config=index_config, overwrite=overwrite)),
-        ("neighbours", lambda: write_neighbours(db, config=neighbour_config, actors=actors, overwrite=overwrite)),
+        ("embeddings", lambda: write_embeddings(local, config=embed_config, actors=actors, overwrite=overwrite)),
+        ("index", lambda: write_index(local, config=index_config, overwrite=overwrite)),
+        ("neighbours", lambda: write_neighbours(local, config=neighbour_config, actors=actors, overwrite=overwrite)),
     ):
         t0 = time.perf_counter()
         run()
+        if local != db:
+            if name == "chunks":
+                remote_db.download_db(db, local)
+            else:
+                remote_db.upload_db(local, db)
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("stage %s done in %.1f s", name, timings[name])
-    for line in summary_lines(db) + [f"  seconds   : {timings}"]:
+    for line in summary_lines(local) + [f"  seconds   : {timings}"]:
         log.info("%s", line)

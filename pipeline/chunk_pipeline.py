@@ -584,8 +584,16 @@ def sample_texts(files: list, config: ChunkConfig, sample_bytes: int):
 
 
 def _delete_tree(path: str) -> None:
+    """Deletes a directory, or on object stores (no directories) every object under the prefix."""
     if FileSystems.exists(path):
         FileSystems.delete([path])
+    elif "://" in path:
+        try:
+            found = [m.path for r in FileSystems.match([path.rstrip("/") + "/**"]) for m in r.metadata_list]
+        except Exception:
+            found = []
+        if found:
+            FileSystems.delete(found)
 
 
 def write_chunk_shards(

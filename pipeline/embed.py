@@ -128,6 +128,11 @@ class EmbedActor:
                                       max_length=cfg.max_length, batch_size=cfg.batch_size, threads=threads)
         self._shard_path, self._tokens = None, None
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def embed_block(self, chunk_file: str, rows: np.ndarray, out_path: str) -> tuple[str, int, float]:
         """Embeds the given rows of a chunk shard; writes (rows, fp16 vectors) to ``out_path``."""
         from pipeline.token_store import read_chunk_shard
@@ -245,10 +250,12 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
     n_actors = max(1, min(n_actors, len(todo)))
     log.info("embeddings: %d blocks to embed (%d chunks) on %d actors (%s)", len(todo), sum(len(t[1]) for t in todo),
              n_actors, "1 GPU each" if "num_gpus" in resources else f"{threads} CPU thread(s) each")
-    t0, done_chunks = time.perf_counter(), 0
+    t0, done_chunks, nodes = time.perf_counter(), 0, 0
     if todo:
-        actor_cls = ray.remote(**resources)(EmbedActor)
-        pool = ray.util.ActorPool([actor_cls.remote(asdict(config), lm_json, threads) for _ in range(n_actors)])
+        actor_cls = ray.remote(scheduling_strategy="SPREAD", **resources)(EmbedActor)  # one per node before two on one
+        actors = [actor_cls.remote(asdict(config), lm_json, threads) for _ in range(n_actors)]
+        nodes = len(set(ray.get([a.node.remote() for a in actors])))
+        pool = ray.util.ActorPool(actors)
         # Blocks are ordered by shard so each actor mostly rereads no shard.
         results = pool.map_unordered(lambda a, t: a.embed_block.remote(*t), todo)
         with tqdm(total=sum(len(t[1]) for t in todo), unit="chunk", desc="embed", mininterval=2) as bar:
@@ -268,7 +275,7 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
     dim = int(np.load(embedding_path(files[0]), mmap_mode="r").shape[1])
     return mf.update_stage(
         db, "embeddings", config=record, status="complete", shards=shards, dim=dim,
-        counts={"chunks": sum(rows.values()), "embedded_this_run": done_chunks,
+        counts={"chunks": sum(rows.values()), "embedded_this_run": done_chunks, "ray_nodes_this_run": nodes,
                 "chunks_per_s_this_run": round(done_chunks / seconds, 1) if done_chunks else None},
         versions=mf.package_versions("torch", "transformers", "ray", "numpy"),
     )

@@ -69,6 +69,11 @@ class NeighbourActor:
         self.index = RetrievalIndex(db, threads=threads)
         self.store = TokenStore(db)
 
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def write_shard(self, chunk_file: str, out_path: str, config: dict) -> tuple[str, int, int, float]:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -132,10 +137,12 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     cpus, _ = cluster_cpus_gpus()
     n_actors = max(1, min(actors or int(cpus), len(todo)))
     threads = max(1, int(cpus) // n_actors)
-    t0, searched = time.perf_counter(), 0
+    t0, searched, nodes = time.perf_counter(), 0, 0
     if todo:
-        actor_cls = ray.remote(num_cpus=0.5)(NeighbourActor)
-        pool = ray.util.ActorPool([actor_cls.remote(db, threads) for _ in range(n_actors)])
+        actor_cls = ray.remote(num_cpus=0.5, scheduling_strategy="SPREAD")(NeighbourActor)
+        actors = [actor_cls.remote(db, threads) for _ in range(n_actors)]
+        nodes = len(set(ray.get([a.node.remote() for a in actors])))
+        pool = ray.util.ActorPool(actors)
         rows = {f: pq.ParquetFile(f).metadata.num_rows for f in todo}
         log.info("neighbours: %d shards (%d chunks) on %d actors", len(todo), sum(rows.values()), n_actors)
         with tqdm(total=sum(rows.values()), unit="chunk", desc="neighbours", mininterval=2) as bar:
@@ -158,6 +165,6 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     counts["coverage"] = round(counts["full"] / counts["chunks"], 4) if counts["chunks"] else 0.0
     return mf.update_stage(
         db, "neighbours", config=record, status="complete", shards=shards, counts=counts,
-        queries_per_s_this_run=round(searched / seconds, 1) if searched else None,
+        queries_per_s_this_run=round(searched / seconds, 1) if searched else None, ray_nodes_this_run=nodes,
         versions=mf.package_versions("faiss-cpu", "ray", "pyarrow"),
     )
