@@ -1,0 +1,123 @@
+"""deploy/'s launch files: they parse, name real entry points with flags those accept, use the
+project's images, and the RayService's Serve config builds the application `make serve` runs."""
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+DEPLOY = os.path.join(REPO, "deploy")
+VERSION = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]["version"]
+IMAGES = {f"retro-db:{VERSION}-cpu", f"retro-db:{VERSION}-gpu"}
+
+
+def _yaml(name):
+    return yaml.safe_load(open(os.path.join(DEPLOY, name)))
+
+
+def _images(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k in ("image", "worker_image") and isinstance(v, str)] + \
+               [i for v in node.values() for i in _images(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in _images(v)]
+    return []
+
+
+def _check_cli(argv: list[str]) -> None:
+    """``python -m <module> args``: the module's own parser accepts them; leftovers are Beam options."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    assert argv[:2] == ["python", "-m"], argv
+    module, args = argv[2], argv[3:]
+    if module == "pipeline":
+        from pipeline.__main__ import build_parser
+    elif module == "model.train":
+        from model.train import build_parser
+    elif module == "index_service":
+        from index_service.__main__ import build_parser
+    else:
+        raise AssertionError(f"unknown entry point {module}")
+    _, unknown = build_parser().parse_known_args(args)
+    assert module == "pipeline" or not unknown, f"{module} does not accept {unknown}"
+    known = PipelineOptions([]).get_all_options(drop_default=False, retain_unknown_options=False)
+    for flag in unknown:
+        name = flag.split("=")[0].lstrip("-")
+        assert flag.startswith("--") and name in known, f"{module}: {flag} is neither ours nor a Beam option"
+
+
+def _script_command(path: str, marker: str) -> list[str]:
+    """The command line that starts with ``marker`` in a shell script, continuations joined and
+    ${VAR:-default} / ${VAR:?...} / $VAR replaced by placeholders."""
+    text = open(path).read().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.strip().startswith(marker))
+    line = re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", line)
+    line = re.sub(r"\$\{(\w+)(:\?[^}]*)?\}|\$(\w+)", "x", line)
+    return shlex.split(line)
+
+
+def test_every_yaml_parses_and_uses_the_project_images():
+    files = glob.glob(os.path.join(DEPLOY, "**", "*.yaml"), recursive=True)
+    assert len(files) >= 4
+    for f in files:
+        assert yaml.safe_load(open(f)) is not None, f
+    images = {i for f in files for i in _images(yaml.safe_load(open(f)))}
+    assert images and images <= IMAGES, images - IMAGES
+
+
+def test_dockerfile_copies_what_exists_and_installs_the_lock():
+    text = open(os.path.join(DEPLOY, "Dockerfile")).read()
+    for source in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+        for path in source.split():
+            assert os.path.exists(os.path.join(REPO, path)), path
+    assert "requirements.lock" in text and "pip install --no-deps --no-build-isolation -e ." in text
+    for tag in IMAGES:
+        assert f"-t {tag}" in text
+
+
+def test_rayservice_serve_config_builds_the_make_serve_application(db):
+    from ray.serve.schema import ServeDeploySchema
+
+    from index_service.app import build_app
+
+    service = _yaml("kuberay/rayservice-index.yaml")
+    assert service["kind"] == "RayService" and service["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    local = ServeDeploySchema.model_validate(_yaml("serve.yaml"))
+    (app,), (local_app,) = config.applications, local.applications
+    assert app.import_path == local_app.import_path == "index_service.app:build_app"
+    assert type(build_app({**app.args, "db": db})).__name__ == "Application"  # every arg is a ServiceConfig field
+
+
+def test_rayjob_and_cluster_launcher_run_real_commands():
+    job = _yaml("kuberay/rayjob-build-db.yaml")
+    assert job["kind"] == "RayJob"
+    _check_cli(shlex.split(job["spec"]["entrypoint"]))
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    gpu = groups["gpu-embed"]["template"]["spec"]["containers"][0]
+    assert gpu["image"].endswith("-gpu") and gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    cluster = _yaml("ray-cluster.yaml")
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    assert all(c.startswith("ray ") for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"])
+
+
+@pytest.mark.parametrize("script, marker", [
+    ("beam/dataflow.sh", "python -m pipeline"),
+    ("beam/flink.sh", "python -m pipeline"),
+    ("torchrun/train-multinode.sh", "torchrun"),
+])
+def test_launch_scripts_are_valid_shell_and_call_real_entry_points(script, marker):
+    path = os.path.join(DEPLOY, script)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    assert os.access(path, os.X_OK)
+    argv = _script_command(path, marker)
+    if marker == "torchrun":
+        argv = ["python"] + argv[argv.index("-m"):]
+    _check_cli(argv)
