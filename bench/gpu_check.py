@@ -38,7 +38,9 @@ def prepare(out: str, db: str, n: int = 8192) -> None:
         json.dump(tokenizer.decode_batch(chunks[:n]), f)
 
 
-def embed_check(assets: str) -> list[str]:
+def embed_check(assets: str, arch: str = "minilm", batches=(128, 512)) -> list[str]:
+    """``arch``: the packaged MiniLM's architecture, or ``bert-base`` (12 layers, 768-d, the paper's
+    BERT; same uncased wordpiece vocabulary, so the MiniLM tokenizer files serve)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel
@@ -46,14 +48,15 @@ def embed_check(assets: str) -> list[str]:
     from pipeline.embed import ChunkEmbedder
 
     texts = json.load(open(os.path.join(assets, "chunks.json")))
-    model_dir = os.path.join(assets, "minilm-random")
+    model_dir = os.path.join(assets, f"{arch}-random")
     torch.manual_seed(0)
-    BertModel(BertConfig.from_pretrained(os.path.join(assets, "minilm"))).save_pretrained(model_dir)
+    config = BertConfig.from_pretrained(os.path.join(assets, "minilm")) if arch == "minilm" else BertConfig()
+    BertModel(config).save_pretrained(model_dir)
     for name in os.listdir(os.path.join(assets, "minilm")):
         if name != "config.json":
             shutil.copy(os.path.join(assets, "minilm", name), model_dir)
     lines = []
-    for batch in (128, 512):
+    for batch in batches:
         st = SentenceTransformer(model_dir, device="cuda")
         st.encode(texts, batch_size=batch)  # warm-up over every shape that the timed pass sees
         torch.cuda.synchronize()
@@ -68,7 +71,7 @@ def embed_check(assets: str) -> list[str]:
         ours.embed_texts(texts)
         torch.cuda.synchronize()
         rate = len(texts) / (time.perf_counter() - t0)
-        lines.append(f"embed {len(texts)} chunks, batch {batch}: sentence-transformers fp32 {st_rate:,.0f} chunks/s; "
+        lines.append(f"embed {arch} {len(texts)} chunks, batch {batch}: sentence-transformers fp32 {st_rate:,.0f} chunks/s; "
                      f"ChunkEmbedder bf16 autocast {rate:,.0f} chunks/s ({rate / st_rate:.2f}x)")
     return lines
 
@@ -122,6 +125,7 @@ def main() -> None:
     parser.add_argument("--db", default="db")
     parser.add_argument("--assets", default=".gpu")
     parser.add_argument("--embed-only", action="store_true")
+    parser.add_argument("--scaling", action="store_true", help="only the embedding rates docs/SCALING.md uses (MiniLM and BERT-base, batch 512)")
     args = parser.parse_args()
     if args.prepare:
         prepare(args.prepare, args.db)
@@ -129,6 +133,11 @@ def main() -> None:
     import torch
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.scaling:
+        for arch in ("minilm", "bert-base"):
+            for line in embed_check(args.assets, arch, batches=(512,)):
+                print(line, flush=True)
+        return
     for line in embed_check(args.assets) + ([] if args.embed_only else train_check()):
         print(line, flush=True)
 

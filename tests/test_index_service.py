@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import BEAM_TEST_ARGS, default_corpus_docs
+from conftest import BEAM_TEST_ARGS, REPO, default_corpus_docs
 
-SERVICE = dict(shard_groups=2, search_cpus=0.1, embed_cpus=0.25, ingress_cpus=0.1)
+SMALL_MACHINE = dict(search_cpus=0.1, embed_cpus=0.25, ingress_cpus=0.1)  # leaves CPUs for add-documents' Ray actors
+
+
+def serve_yaml_args() -> dict:
+    """The application args of deploy/serve.yaml: the tested service is the deployed one."""
+    import yaml
+
+    (app,) = yaml.safe_load(open(os.path.join(REPO, "deploy", "serve.yaml")))["applications"]
+    return app["args"]
 
 
 def _free_port() -> int:
@@ -40,7 +48,9 @@ def service(service_db):
     connect_ray()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"db": service_db, **SERVICE}), name="retro-index-test", route_prefix="/")
+    args = {**serve_yaml_args(), **SMALL_MACHINE, "db": service_db}
+    assert args["shard_groups"] == 2  # index shards on two replicas, merged by the ingress
+    serve.run(build_app(args), name="retro-index-test", route_prefix="/")
     client = IndexClient(f"http://127.0.0.1:{port}")
     deadline = time.time() + 120
     while True:
@@ -273,8 +283,6 @@ def test_a_killed_shard_replica_is_restarted_by_serve(service):
 def test_serve_config_yaml_builds_the_make_serve_application(service_db):
     import yaml
     from ray.serve.schema import ServeDeploySchema
-
-    from conftest import REPO
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(open(os.path.join(REPO, "deploy", "serve.yaml"))))
     (application,) = config.applications
