@@ -53,11 +53,12 @@ def paper_172m_config(**overrides) -> RetroConfig:
     return RetroConfig(**{**dict(vocab_size=128_000, n_layer=12, n_head=16, n_embd=896, enc_n_layer=2, max_chunks=32), **overrides})
 
 
-def rotary(x: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding over the time axis of (b, h, t, d_head)."""
+def rotary(x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary position embedding over the time axis of (b, h, t, d_head), at ``positions`` (t,), default 0..t-1."""
     t, d = x.shape[-2], x.shape[-1]
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    angles = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]  # (t, d/2)
+    pos = torch.arange(t, device=x.device, dtype=torch.float32) if positions is None else positions.to(x.device, torch.float32)
+    angles = pos[:, None] * inv[None, :]  # (t, d/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -74,13 +75,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, context=None, mask=None):
+    def forward(self, x, context=None, mask=None, positions=None):
+        """``positions``: (query positions (t,), key positions (s,)) for rotary; default 0..t-1 and 0..s-1."""
         b, t, c = x.shape
         context = x if context is None else context
         q = self.q(x).view(b, t, self.n_head, -1).transpose(1, 2)  # (b, h, t, dh)
         k, v = self.kv(context).view(b, context.shape[1], 2, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (b, h, s, dh)
         if self.use_rotary:
-            q, k = rotary(q), rotary(k)
+            q_pos, k_pos = positions or (None, None)
+            q, k = rotary(q, q_pos), rotary(k, k_pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
@@ -98,12 +101,17 @@ class MLP(nn.Module):
 
 
 class ChunkedCrossAttention(nn.Module):
-    """CCA: tokens attend to the encoded neighbours of the preceding chunk boundary."""
+    """CCA: tokens attend to the encoded neighbours of the preceding chunk boundary.
+
+    Relative positions (rotary), as in the paper: a neighbour [N, F] of chunk u lies in the
+    coordinates of chunk u (N at 0..m-1, its continuation F at m..2m-1), and the attending token at
+    position u*m + m-1 + i sits at m-1+i there, so the token it predicts is one step ahead in F.
+    """
 
     def __init__(self, config: RetroConfig):
         super().__init__()
         self.m = config.chunk_size
-        self.attn = Attention(config, causal=False, use_rotary=False)
+        self.attn = Attention(config, causal=False, use_rotary=True)
 
     def forward(self, h, encoded, neighbour_mask):
         """h (b, t, c); encoded (b, l, k, r, c); neighbour_mask (b, l, k) True where a neighbour exists."""
@@ -118,7 +126,8 @@ class ChunkedCrossAttention(nn.Module):
         any_neighbour = keep.any(-1, keepdim=True)  # (b*l, 1, 1, 1)
         # a chunk without neighbours attends to a dummy position and its output is zeroed below
         mask = keep | ~any_neighbour
-        out = self.attn(queries, memory, mask=mask) * any_neighbour.reshape(b * l, 1, 1).to(h.dtype)  # (b*l, m, c)
+        positions = (torch.arange(m - 1, 2 * m - 1), torch.arange(r).repeat(k))  # (m,), (k*r,)
+        out = self.attn(queries, memory, mask=mask, positions=positions) * any_neighbour.reshape(b * l, 1, 1).to(h.dtype)  # (b*l, m, c)
         out = out.reshape(b, t, c)[:, : t - (m - 1)]
         return F.pad(out, (0, 0, m - 1, 0))  # tokens 0..m-2 attend to nothing
 

@@ -42,7 +42,9 @@ def test_cca_matches_a_per_chunk_loop_of_the_papers_rule():
             if not mask[bi, u].any():
                 continue
             memory = encoded[bi, u][mask[bi, u]].reshape(1, -1, c)  # neighbours and time together
-            expected[bi, i] = cca.attn(h[bi, i].reshape(1, 1, c), memory)[0, 0]
+            # relative positions: the token sits at i - u*m in chunk u's coordinates, [N, F] at 0..2m-1
+            positions = (torch.tensor([i - u * M]), torch.arange(r).repeat(int(mask[bi, u].sum())))
+            expected[bi, i] = cca.attn(h[bi, i].reshape(1, 1, c), memory, positions=positions)[0, 0]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -206,4 +208,4 @@ def test_cca_learns_to_use_retrieved_continuations():
             _, _, token_loss = model(idx, nb if retrieval else None, y)
         losses[retrieval] = token_loss[:, m:].mean().item()
     assert losses[False] > 4.0  # ln 64 = 4.16: the baseline cannot predict random tokens
-    assert losses[True] < losses[False] - 0.2, losses
+    assert losses[True] < 1.0, losses  # relative positions make the copy easy: 0.012 nats after 300 steps here
