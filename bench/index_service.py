@@ -100,7 +100,6 @@ def main() -> None:
         "texts": closed_loop(lambda t: index.search(embedder.embed_texts([t]), 10), texts, clients=1, max_queries=n, max_seconds=args.seconds),
         "embeddings": closed_loop(lambda v: index.search(v[None], 10), list(vectors), clients=1, max_queries=n, max_seconds=args.seconds),
     }
-    del embedder, index
 
     connect_ray()
     with socket.socket() as s:
