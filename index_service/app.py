@@ -28,6 +28,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 
 from index_service import api
+from pipeline import deletions
+from pipeline import manifest as mf
+from pipeline.faiss_index import IndexShard, deleted_selector, index_shard_paths, load_indexed_vectors, merge_top_k, rerank, search_shards
+from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
+from pipeline.token_store import TokenStore
 
 log = logging.getLogger("index_service")
 
@@ -49,14 +54,8 @@ class ServiceConfig:
     health_check_period_s: float = 2.0
 
 
-def _manifest_signature(db: str) -> tuple:
-    st = os.stat(os.path.join(db, "manifest.json"))
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 def check_db(db: str) -> dict:
     """The DB's manifest, if the DB can be served; else a ValueError saying what is missing."""
-    from pipeline import manifest as mf
 
     if not os.path.exists(os.path.join(db, "manifest.json")):
         raise ValueError(f"{db}: no manifest.json; build the DB first (make build-db DB={db})")
@@ -90,11 +89,7 @@ class ShardSearcher:
         self.refresh()
 
     def refresh(self) -> None:
-        from pipeline import deletions
-        from pipeline import manifest as mf
-        from pipeline.faiss_index import IndexShard, deleted_selector, index_shard_paths
-
-        sig = _manifest_signature(self.db)
+        sig = mf.stat_signature(os.path.join(self.db, mf.MANIFEST))
         if sig != self._manifest_sig:
             index = mf.read_manifest(self.db)["stages"].get("index", {})
             if index.get("status") == "complete":  # mid-rebuild: keep serving what is loaded
@@ -114,8 +109,6 @@ class ShardSearcher:
 
     def search_many(self, requests: list[tuple[np.ndarray, int, int | None]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Searches a batch of requests, one faiss call per distinct (k, nprobe)."""
-        from pipeline.faiss_index import search_shards
-
         self.refresh()
         out = [None] * len(requests)
         for key in {(k, nprobe) for _, k, nprobe in requests}:
@@ -144,7 +137,8 @@ class ShardSearcher:
                 "index_shards": len(self.shards), "vectors": sum(s.ntotal for s in self.shards.values()), "deleted_chunks": self.n_deleted}
 
     def check_health(self) -> None:
-        _manifest_signature(self.db)  # raises when the DB has gone away
+        if not mf.stat_signature(os.path.join(self.db, mf.MANIFEST)):
+            raise RuntimeError(f"{self.db}/{mf.MANIFEST} has gone away")
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -245,7 +239,6 @@ class Ingress:
     def __init__(self, db: str, embedder, *searchers):
         import faiss
 
-        from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
 
         manifest = check_db(db)
         self.db, self.embedder, self.searchers = db, embedder, list(searchers)
@@ -258,12 +251,7 @@ class Ingress:
         self.refresh()
 
     def refresh(self) -> None:
-        from pipeline import deletions
-        from pipeline import manifest as mf
-        from pipeline.faiss_index import load_indexed_vectors
-        from pipeline.token_store import TokenStore
-
-        sig = _manifest_signature(self.db)
+        sig = mf.stat_signature(os.path.join(self.db, mf.MANIFEST))
         if sig != self._manifest_sig:  # increments add token shards and vectors
             self.store, self.vectors = TokenStore(self.db), load_indexed_vectors(self.db)
             self.rerank_factor = mf.read_manifest(self.db)["stages"]["index"]["config"].get("rerank_factor", 4)
@@ -300,7 +288,6 @@ class Ingress:
         if request.nprobe is not None and request.nprobe > self.nlist:
             raise HTTPException(422, f"nprobe {request.nprobe} exceeds the index's {self.nlist} lists")
         queries = await self._query_vectors(request)
-        from pipeline.faiss_index import merge_top_k, rerank
 
         self.refresh()
         c = request.k * max(1, self.rerank_factor)
@@ -352,20 +339,15 @@ class Ingress:
     @app.post("/v1/documents/delete", response_model=api.DeleteResponse)
     async def delete(self, request: api.DeleteRequest) -> dict:
         """Removes documents from every search (persisted in the DB; every replica sees it on its next request)."""
-        from pipeline.deletions import delete_documents
-
         self.refresh()
         try:
-            counts = await asyncio.to_thread(delete_documents, self.db, request.doc_ids, self.store)
+            counts = await asyncio.to_thread(deletions.delete_documents, self.db, request.doc_ids, self.store)
         except KeyError as e:
             raise HTTPException(404, str(e.args[0])) from None
-        self.refresh()
-        return counts
+        return counts  # every reader, this one included, refreshes before it answers
 
     @app.get("/healthz", response_model=api.Health)
     async def healthz(self) -> dict:
-        from pipeline import manifest as mf
-
         try:
             groups = await asyncio.wait_for(asyncio.gather(*(s.stats.remote() for s in self.searchers)), timeout=10)
         except Exception as e:

@@ -36,11 +36,9 @@ def deleted_doc_ids(db: str) -> np.ndarray:
 
 def deletions_signature(db: str) -> tuple:
     """Changes whenever the deleted list is rewritten (a new file replaces the old one)."""
-    try:
-        st = os.stat(_path(db, "chunk_ids"))
-    except FileNotFoundError:
-        return ()
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    from pipeline.manifest import stat_signature
+
+    return stat_signature(_path(db, "chunk_ids"))
 
 
 def _save_atomically(array: np.ndarray, path: str) -> None:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.ray_cluster import ReportsNode
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (packaged)"
@@ -118,7 +120,7 @@ class ChunkEmbedder:
         return self.embed_texts(self.lm_tokenizer.decode_batch([list(map(int, c)) for c in chunks]))
 
 
-class EmbedActor:
+class EmbedActor(ReportsNode):
     """Ray actor: embeds blocks of chunk shards and writes each block file atomically."""
 
     def __init__(self, config: dict, lm_tokenizer_json: str, threads: int):
@@ -127,11 +129,6 @@ class EmbedActor:
         self.embedder = ChunkEmbedder(cfg.model, lm_tokenizer_json=lm_tokenizer_json, precision=cfg.precision,
                                       max_length=cfg.max_length, batch_size=cfg.batch_size, threads=threads)
         self._shard_path, self._tokens = None, None
-
-    def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     def embed_block(self, chunk_file: str, rows: np.ndarray, out_path: str) -> tuple[str, int, float]:
         """Embeds the given rows of a chunk shard; writes (rows, fp16 vectors) to ``out_path``."""
@@ -205,7 +202,7 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
 
     from pipeline import manifest as mf
     from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
-    from pipeline.ray_cluster import cluster_cpus_gpus, connect_ray
+    from pipeline.ray_cluster import cluster_cpus_gpus, connect_ray, spread_actor_pool
     from pipeline.token_store import chunk_shard_files, write_token_shard
 
     config = config or EmbedConfig()
@@ -245,17 +242,14 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
         blocks_of[f] = [os.path.join(block_dir, f"block-{i:06d}.npz") for i in range(len(blocks))]
         # longest blocks first, so the job does not end on one actor busy with the longest block
         todo += [(f, b, path) for b, path in reversed(list(zip(blocks, blocks_of[f]))) if not os.path.exists(path)]
-    ray = connect_ray()
+    connect_ray()
     n_actors, threads, resources = actor_layout(*cluster_cpus_gpus(), actors=actors)
     n_actors = max(1, min(n_actors, len(todo)))
     log.info("embeddings: %d blocks to embed (%d chunks) on %d actors (%s)", len(todo), sum(len(t[1]) for t in todo),
              n_actors, "1 GPU each" if "num_gpus" in resources else f"{threads} CPU thread(s) each")
     t0, done_chunks, nodes = time.perf_counter(), 0, 0
     if todo:
-        actor_cls = ray.remote(scheduling_strategy="SPREAD", **resources)(EmbedActor)  # one per node before two on one
-        actors = [actor_cls.remote(asdict(config), lm_json, threads) for _ in range(n_actors)]
-        nodes = len(set(ray.get([a.node.remote() for a in actors])))
-        pool = ray.util.ActorPool(actors)
+        pool, nodes = spread_actor_pool(EmbedActor, n_actors, resources, asdict(config), lm_json, threads)
         # Blocks are ordered by shard so each actor mostly rereads no shard.
         results = pool.map_unordered(lambda a, t: a.embed_block.remote(*t), todo)
         with tqdm(total=sum(len(t[1]) for t in todo), unit="chunk", desc="embed", mininterval=2) as bar:

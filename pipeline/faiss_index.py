@@ -145,8 +145,7 @@ class IndexShard:
         """(n, k) approximate distances, (n, k) ids; ``selector`` excludes deleted ids inside faiss."""
         import faiss
 
-        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector) if selector is not None else faiss.SearchParametersIVF(nprobe=nprobe)
-        return self.index.search(queries, k, params=params)
+        return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe, sel=selector))
 
 
 def search_shards(shards: list[IndexShard], queries: np.ndarray, k: int, *, nprobe: int, selector=None) -> tuple[np.ndarray, np.ndarray]:
@@ -197,15 +196,11 @@ class RetrievalIndex:
         self.vectors = load_indexed_vectors(db)
         self.nprobe = nprobe or stage.get("default_nprobe") or 8
         self.rerank_factor = stage.get("config", {}).get("rerank_factor", 4) if rerank_factor is None else rerank_factor
-        self.set_deleted(deletions.deleted_chunk_ids(db))
+        self.selector = deleted_selector(deletions.deleted_chunk_ids(db))
 
     @property
     def ntotal(self) -> int:
         return sum(s.ntotal for s in self.shards)
-
-    def set_deleted(self, chunk_ids: np.ndarray) -> None:
-        self.deleted = np.asarray(chunk_ids, dtype=np.int64)
-        self.selector = deleted_selector(self.deleted)
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k chunk ids by squared L2. (n, k) distances, (n, k) ids."""

@@ -47,6 +47,15 @@ def read_manifest(db: str) -> dict:
     return manifest
 
 
+def stat_signature(path: str) -> tuple:
+    """Changes whenever a file is replaced or rewritten (readers poll it); () when it is missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def db_roots(db: str) -> list[str]:
     """The DB, then every increment added to it (``DB/increments/<name>``, same layout, ids after the DB's)."""
     return [db] + [join(db, inc["path"]) for inc in read_manifest(db).get("increments", [])]

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.ray_cluster import ReportsNode
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,7 @@ def neighbours_of(index, queries: np.ndarray, query_docs: np.ndarray, doc_of, *,
     return out_ids, out_d
 
 
-class NeighbourActor:
+class NeighbourActor(ReportsNode):
     """Ray actor: holds the index and token store, writes one neighbour shard per call."""
 
     def __init__(self, db: str, threads: int):
@@ -68,11 +70,6 @@ class NeighbourActor:
         self.db = db
         self.index = RetrievalIndex(db, threads=threads)
         self.store = TokenStore(db)
-
-    def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
 
     def write_shard(self, chunk_file: str, out_path: str, config: dict) -> tuple[str, int, int, float]:
         import pyarrow as pa
@@ -113,7 +110,7 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     from tqdm import tqdm
 
     from pipeline import manifest as mf
-    from pipeline.ray_cluster import cluster_cpus_gpus, connect_ray
+    from pipeline.ray_cluster import cluster_cpus_gpus, connect_ray, spread_actor_pool
     from pipeline.token_store import chunk_shard_files, derived_path
 
     config = config or NeighbourConfig()
@@ -133,16 +130,13 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     mf.update_stage(db, "neighbours", config=record, status="running")
 
     todo = [f for f in files if not os.path.exists(outs[f])]
-    ray = connect_ray()
+    connect_ray()
     cpus, _ = cluster_cpus_gpus()
     n_actors = max(1, min(actors or int(cpus), len(todo)))
     threads = max(1, int(cpus) // n_actors)
     t0, searched, nodes = time.perf_counter(), 0, 0
     if todo:
-        actor_cls = ray.remote(num_cpus=0.5, scheduling_strategy="SPREAD")(NeighbourActor)
-        actors = [actor_cls.remote(db, threads) for _ in range(n_actors)]
-        nodes = len(set(ray.get([a.node.remote() for a in actors])))
-        pool = ray.util.ActorPool(actors)
+        pool, nodes = spread_actor_pool(NeighbourActor, n_actors, {"num_cpus": 0.5}, db, threads)
         rows = {f: pq.ParquetFile(f).metadata.num_rows for f in todo}
         log.info("neighbours: %d shards (%d chunks) on %d actors", len(todo), sum(rows.values()), n_actors)
         with tqdm(total=sum(rows.values()), unit="chunk", desc="neighbours", mininterval=2) as bar:
