@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: venv build-db chunks add-documents serve train eval test bench bench-train bench-serve corpus clean
+.PHONY: venv build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-scaling corpus clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,12 +66,22 @@ bench-serve: venv
 bench-train: venv .venv-retro-pytorch/.installed
 	$(BIN)/python -m bench.train_throughput
 
-# Regenerates the bundled corpus from Debian's python3.11-doc package (byte-identical output).
-corpus: venv
+DOC_SOURCES := .corpus-src/root/usr/share/doc/python3.11/html/_sources
+$(DOC_SOURCES):
 	mkdir -p .corpus-src && cd .corpus-src && apt-get download python3.11-doc=3.11.2-6+deb12u9
 	dpkg -x .corpus-src/python3.11-doc_*.deb .corpus-src/root
-	$(BIN)/python -m pipeline.default_corpus --sources .corpus-src/root/usr/share/doc/python3.11/html/_sources
+
+# Regenerates the bundled corpus from Debian's python3.11-doc package (byte-identical output).
+corpus: venv $(DOC_SOURCES)
+	$(BIN)/python -m pipeline.default_corpus --sources $(DOC_SOURCES)
 	sha256sum -c data/python-docs-3.11.jsonl.zst.sha256
+
+# Cost per token at 1x and 10x (docs/SCALING.md): every section of the same package is the 10x
+# corpus, every 10th of its documents the 1x, every 100th the base build that measures start-up.
+SCALING_CORPUS := bench/out/python-docs-3.11-all.jsonl.zst
+bench-scaling: venv $(DOC_SOURCES)
+	$(BIN)/python -m pipeline.default_corpus --sources $(DOC_SOURCES) --all-sections --out $(SCALING_CORPUS)
+	$(BIN)/python -m bench.scaling --corpus $(SCALING_CORPUS)
 
 clean:
 	rm -rf $(DB) .corpus-src

@@ -91,20 +91,21 @@ def split_rst_sections(source: str) -> list[tuple[str, str]]:
     return out
 
 
-def iter_documents(sources_root: Path):
-    """Yields (relative path, title, text) for every section of the chosen source folders."""
-    for sub in SOURCE_DIRS:
+def iter_documents(sources_root: Path, *, sections: tuple[str, ...] = SOURCE_DIRS):
+    """Yields (relative path, title, text) for every section of the chosen source folders
+    (``("",)``: every ``.rst.txt`` of the package)."""
+    for sub in sections:
         for path in sorted((sources_root / sub).rglob("*.rst.txt")):
             rel = path.relative_to(sources_root).as_posix()
             for title, text in split_rst_sections(path.read_text(encoding="utf-8")):
                 yield rel, title, text
 
 
-def write_default_corpus(sources_root: Path, out_path: Path) -> int:
+def write_default_corpus(sources_root: Path, out_path: Path, *, sections: tuple[str, ...] = SOURCE_DIRS) -> int:
     """Writes the corpus as JSONL.zst (deterministic: level 19, single thread); returns #docs."""
     buf = io.StringIO()
     n = 0
-    for rel, title, text in iter_documents(sources_root):
+    for rel, title, text in iter_documents(sources_root, sections=sections):
         meta = {"source": f"python3.11-doc {DEB_VERSION}: {rel}", "title": title}
         buf.write(json.dumps({"text": text, "meta": meta}, ensure_ascii=False, sort_keys=True) + "\n")
         n += 1
@@ -120,8 +121,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", type=Path, required=True, help="the _sources folder of python3.11-doc")
     parser.add_argument("--out", type=Path, default=Path("data/python-docs-3.11.jsonl.zst"))
+    parser.add_argument("--all-sections", action="store_true",
+                        help="every section of the package (library, c-api, whatsnew, ...), ~7x the default "
+                             "corpus: the 10x corpus of bench.scaling")
     args = parser.parse_args()
-    write_default_corpus(args.sources, args.out)
+    write_default_corpus(args.sources, args.out, sections=("",) if args.all_sections else SOURCE_DIRS)
 
 
 if __name__ == "__main__":

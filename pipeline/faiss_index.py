@@ -46,15 +46,21 @@ class IndexConfig:
     seed: int = 1234
 
 
+HNSW_QUANTIZER_MIN_LISTS = 1 << 16
+
+
 def default_factory(n: int, d: int, *, min_points_per_list: int = 39) -> str:
     """IVF lists ~ 4 sqrt(n) (a power of two, each with >= min_points_per_list training points),
     PQ with d/8 one-byte subquantizers (48 bytes at d=384), no polysemous training (8x slower
-    to train, unused here)."""
+    to train, unused here). From 2^16 lists (n >= 2^28) the coarse quantizer is an HNSW graph:
+    a flat one costs nlist * d flops to assign each added vector and each query, which at 2^20
+    lists exceeds the PQ scan itself (docs/SCALING.md)."""
     nlist = 2 ** max(0, int(math.log2(max(1.0, 4 * math.sqrt(n)))))
     while nlist > 1 and nlist * min_points_per_list > n:
         nlist //= 2
     m = next(m for m in (d // 8, d // 4, d // 2, d) if m and d % m == 0)
-    return f"IVF{nlist},PQ{m}x8np"
+    quantizer = "_HNSW32" if nlist >= HNSW_QUANTIZER_MIN_LISTS else ""
+    return f"IVF{nlist}{quantizer},PQ{m}x8np"
 
 
 def load_embedding_rows(db: str, split: str | None = "train") -> ShardedRows:
@@ -336,6 +342,7 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     add_s = time.perf_counter() - t0
 
     index = RetrievalIndex(db, shard_paths=shard_paths, rerank_factor=config.rerank_factor)
+    t0 = time.perf_counter()
     queries = heldout_queries(db, config.recall_queries, config.seed)
     _, exact_ids, exact_qps = exact_top_k(db, queries, 10)
     grid = measure_recall(index, queries, exact_ids)
@@ -345,10 +352,11 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     if not good:
         log.warning("index: no nprobe reaches recall@10 %.2f (best %.3f); defaulting to %d", config.target_recall, max(g[key] for g in grid), default_nprobe)
     recall = next(g[key] for g in grid if g["nprobe"] == default_nprobe)
+    recall_s = time.perf_counter() - t0
     log.info("index: %s, %d vectors in %d shards; recall@10 %.3f at default nprobe %d", factory, index.ntotal, len(shards), recall, default_nprobe)
     return mf.update_stage(
         db, "index", config=record, status="complete", shards=shards, vectors=index.ntotal, dim=d,
-        bytes=sum(s["bytes"] for s in shards), add_seconds=round(add_s, 2), default_nprobe=default_nprobe,
+        bytes=sum(s["bytes"] for s in shards), add_seconds=round(add_s, 2), recall_seconds=round(recall_s, 2), default_nprobe=default_nprobe,
         recall_at_10=recall, recall_grid=grid, exact_qps=round(exact_qps, 1), recall_queries=len(queries),
         versions=mf.package_versions("faiss-cpu", "faiss-gpu", "numpy"),
     )

@@ -134,15 +134,16 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     cpus, _ = cluster_cpus_gpus()
     n_actors = max(1, min(actors or int(cpus), len(todo)))
     threads = max(1, int(cpus) // n_actors)
-    t0, searched, nodes = time.perf_counter(), 0, 0
+    t0, searched, nodes, actor_s = time.perf_counter(), 0, 0, 0.0
     if todo:
         pool, nodes = spread_actor_pool(NeighbourActor, n_actors, {"num_cpus": 0.5}, db, threads)
         rows = {f: pq.ParquetFile(f).metadata.num_rows for f in todo}
         log.info("neighbours: %d shards (%d chunks) on %d actors", len(todo), sum(rows.values()), n_actors)
         with tqdm(total=sum(rows.values()), unit="chunk", desc="neighbours", mininterval=2) as bar:
-            for _, n, _, _ in pool.map_unordered(lambda a, f: a.write_shard.remote(f, outs[f], asdict(config)), todo):
+            for _, n, _, shard_s in pool.map_unordered(lambda a, f: a.write_shard.remote(f, outs[f], asdict(config)), todo):
                 bar.update(n)
                 searched += n
+                actor_s += shard_s
     seconds = time.perf_counter() - t0
     shards, counts = [], {"chunks": 0, "full": 0}
     for f in files:
@@ -160,5 +161,7 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     return mf.update_stage(
         db, "neighbours", config=record, status="complete", shards=shards, counts=counts,
         queries_per_s_this_run=round(searched / seconds, 1) if searched else None, ray_nodes_this_run=nodes,
+        # summed over actors, without their start-up: the per-query cost a cluster scales
+        actor_seconds_this_run=round(actor_s, 2),
         versions=mf.package_versions("faiss-cpu", "ray", "pyarrow"),
     )

@@ -16,8 +16,10 @@ import pytest
 
 from conftest import BEAM_TEST_ARGS, BLOCK_ROWS, REPO
 from pipeline import chunk_pipeline as cp
+from pipeline.deletions import delete_documents
 from pipeline.embed import EmbedConfig, write_embeddings
-from pipeline.faiss_index import RetrievalIndex, indexable_rows, load_embedding_rows, recall_at_k, write_index
+from pipeline.faiss_index import (IndexConfig, RetrievalIndex, default_factory, indexable_rows, load_embedding_rows,
+                                 recall_at_k, write_index)
 from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
 from pipeline.manifest import ConfigMismatch, read_manifest, write_manifest
 from pipeline.neighbours import neighbours_of
@@ -67,6 +69,24 @@ def test_recall_at_10_is_at_least_0_9_at_the_default_nprobe(db):
     _, found = index.search(queries, 10)
     assert recall_at_k(found, exact) >= 0.9
     assert index.ntotal == len(vectors)
+
+
+def test_an_hnsw_coarse_quantizer_reaches_the_same_recall_and_honours_deletions(db, tmp_path):
+    # The default factory switches to it from 2^16 lists (n >= 2^28); forced here on the small DB.
+    assert default_factory(2**30, 384) == "IVF131072_HNSW32,PQ48x8np"
+    assert default_factory(10**6, 384) == "IVF2048,PQ48x8np"
+    work = str(tmp_path / "db")
+    shutil.copytree(db, work, ignore=shutil.ignore_patterns("index", "neighbours", "deleted"))
+    stage = write_index(work, config=IndexConfig(factory="IVF64_HNSW32,PQ48x8np"), overwrite=True)
+    assert stage["config"]["factory"] == "IVF64_HNSW32,PQ48x8np"
+    assert stage["recall_at_10"] >= 0.9
+    store = TokenStore(work)
+    queries = np.load(sorted(glob.glob(os.path.join(work, "embeddings", "valid", "*.npy")))[0])[:16].astype(np.float32)
+    _, before = RetrievalIndex(work).search(queries, 10)
+    hit_doc = int(store.doc_of(before[0, :1])[0])
+    delete_documents(work, [hit_doc], store)
+    _, after = RetrievalIndex(work).search(queries, 10)
+    assert (after >= 0).all() and not np.isin(store.doc_of(after.reshape(-1)), [hit_doc]).any()
 
 
 def test_no_neighbour_comes_from_its_own_document_and_continuations_do(db):
