@@ -84,7 +84,7 @@ class ShardedRows:
     def __init__(self, arrays: list[np.ndarray], starts: list[int]):
         order = np.argsort(np.asarray(starts, dtype=np.int64), kind="stable")  # ids are found by binary search
         self.arrays, self.starts = [arrays[i] for i in order], np.asarray(starts, dtype=np.int64)[order]
-        self.ends = self.starts + np.array([len(a) for a in arrays], dtype=np.int64)
+        self.ends = self.starts + np.array([len(a) for a in self.arrays], dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0

@@ -23,7 +23,7 @@ from pipeline.faiss_index import (IndexConfig, RetrievalIndex, default_factory, 
 from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
 from pipeline.manifest import ConfigMismatch, read_manifest, write_manifest
 from pipeline.neighbours import neighbours_of
-from pipeline.token_store import TokenStore, chunk_shard_files
+from pipeline.token_store import ShardedRows, TokenStore, chunk_shard_files
 
 
 def sha(path):
@@ -122,6 +122,14 @@ def test_padding_only_where_fewer_than_k_candidates_remain(db):
                                max_candidates=index.ntotal, nprobe=nlist)
     assert np.all(ids[:, :lonely_chunks] >= 0) and np.all(ids[:, lonely_chunks:] == -1)
     assert np.all(np.isinf(dists[:, lonely_chunks:])) and np.all(store.doc_of(ids[:, :lonely_chunks].reshape(-1)) == lonely_doc)
+
+
+def test_sharded_rows_given_out_of_order_find_every_row():
+    rows = ShardedRows([np.arange(3) + 100, np.arange(5)], starts=[5, 0])
+    assert rows.ends.tolist() == [5, 8]
+    assert rows.get([0, 4, 5, 7]).tolist() == [0, 4, 100, 102]
+    with pytest.raises(KeyError):
+        rows.get([8])
 
 
 def test_token_store_matches_the_parquet_shards(db):
