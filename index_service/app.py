@@ -239,7 +239,6 @@ class Ingress:
     def __init__(self, db: str, embedder, *searchers):
         import faiss
 
-
         manifest = check_db(db)
         self.db, self.embedder, self.searchers = db, embedder, list(searchers)
         self.tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
@@ -303,10 +302,8 @@ class Ingress:
             dists, ids = dists[:, : request.k], ids[:, : request.k]
         return json_response({"results": [self._neighbours(d, i, request.return_tokens) for d, i in zip(dists, ids)]})
 
-    def _neighbours(self, dists: np.ndarray, ids: np.ndarray, with_tokens: bool) -> list[dict]:
-        ids = ids[ids >= 0]
-        if not len(ids):
-            return []
+    def _chunks(self, ids: np.ndarray, with_tokens: bool) -> list[dict]:
+        """Each chunk's id, document, text and continuation (and their LM tokens)."""
         tokens, lengths = self.store.chunks(ids)
         cont, cont_lengths = self.store.continuations(ids, self.pad_id)
         docs = self.store.doc_of(ids)
@@ -314,11 +311,17 @@ class Ingress:
         for j, cid in enumerate(ids):
             text, toks = self._decode(tokens[j], lengths[j])
             cont_text, cont_toks = self._decode(cont[j], cont_lengths[j])
-            item = {"chunk_id": int(cid), "doc_id": int(docs[j]), "distance": float(dists[j]), "text": text, "continuation": cont_text}
+            item = {"chunk_id": int(cid), "doc_id": int(docs[j]), "text": text, "continuation": cont_text}
             if with_tokens:
                 item["tokens"], item["continuation_tokens"] = toks, cont_toks
             out.append(item)
         return out
+
+    def _neighbours(self, dists: np.ndarray, ids: np.ndarray, with_tokens: bool) -> list[dict]:
+        found = ids >= 0
+        if not found.any():
+            return []
+        return [{**item, "distance": float(d)} for item, d in zip(self._chunks(ids[found], with_tokens), dists[found])]
 
     @app.get("/v1/chunks/{chunk_id}", response_model=api.Chunk)
     async def chunk(self, chunk_id: int = Path(ge=0, le=api.MAX_ID)) -> dict:
@@ -330,11 +333,7 @@ class Ingress:
             raise HTTPException(404, f"chunk {chunk_id} does not exist in {os.path.basename(os.path.abspath(self.db))}") from None
         if doc in self.deleted_docs:
             raise HTTPException(404, f"chunk {chunk_id} belongs to document {doc}, which was deleted")
-        tokens, lengths = self.store.chunks([chunk_id])
-        cont, cont_lengths = self.store.continuations([chunk_id], self.pad_id)
-        text, toks = self._decode(tokens[0], lengths[0])
-        cont_text, cont_toks = self._decode(cont[0], cont_lengths[0])
-        return {"chunk_id": chunk_id, "doc_id": doc, "text": text, "tokens": toks, "continuation": cont_text, "continuation_tokens": cont_toks}
+        return self._chunks(np.array([chunk_id]), with_tokens=True)[0]
 
     @app.post("/v1/documents/delete", response_model=api.DeleteResponse)
     async def delete(self, request: api.DeleteRequest) -> dict:

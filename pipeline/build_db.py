@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 def summary_lines(db: str) -> list[str]:
     """A human summary of a DB's manifest."""
-    stages = mf.read_manifest(db)["stages"]
+    manifest = mf.read_manifest(db)
+    stages = manifest["stages"]
     lines = [f"RETRO DB at {db}"]
     if c := stages.get("chunks"):
         n = c["counts"]
@@ -29,7 +30,7 @@ def summary_lines(db: str) -> list[str]:
     if nb := stages.get("neighbours"):
         per = ", ".join(f"{s} k={v['k']} {v['full']}/{v['chunks']}" for s, v in nb["counts"]["by_split"].items())
         lines.append(f"  neighbours: coverage {nb['counts']['coverage']:.3f} (chunks with all k neighbours: {per})")
-    if incs := mf.read_manifest(db).get("increments"):
+    if incs := manifest.get("increments"):
         lines.append(f"  increments: {len(incs)} added ({sum(i['documents'] for i in incs)} docs, {sum(i['vectors'] for i in incs)} vectors"
                      f" in {sum(len(i['index_shards']) for i in incs)} index shards)")
     if d := stages.get("deletions"):

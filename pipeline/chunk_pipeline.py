@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import corpus_io, minhash
+from pipeline import corpus_io, minhash, remote_db
 from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, special_id, token_byte_lengths
 
 log = logging.getLogger(__name__)
@@ -587,11 +587,8 @@ def _delete_tree(path: str) -> None:
     """Deletes a directory, or on object stores (no directories) every object under the prefix."""
     if FileSystems.exists(path):
         FileSystems.delete([path])
-    elif "://" in path:
-        try:
-            found = [m.path for r in FileSystems.match([path.rstrip("/") + "/**"]) for m in r.metadata_list]
-        except Exception:
-            found = []
+    elif remote_db.is_remote(path):
+        found = [FileSystems.join(path, relative) for relative in remote_db.remote_files(path)]
         if found:
             FileSystems.delete(found)
 

@@ -24,14 +24,17 @@ def _path(db: str, name: str) -> str:
     return os.path.join(db, DIR, f"{name}.npy")
 
 
-def deleted_chunk_ids(db: str) -> np.ndarray:
-    path = _path(db, "chunk_ids")
+def _load(db: str, name: str) -> np.ndarray:
+    path = _path(db, name)
     return np.load(path) if os.path.exists(path) else np.zeros(0, dtype=np.int64)
+
+
+def deleted_chunk_ids(db: str) -> np.ndarray:
+    return _load(db, "chunk_ids")
 
 
 def deleted_doc_ids(db: str) -> np.ndarray:
-    path = _path(db, "doc_ids")
-    return np.load(path) if os.path.exists(path) else np.zeros(0, dtype=np.int64)
+    return _load(db, "doc_ids")
 
 
 def deletions_signature(db: str) -> tuple:

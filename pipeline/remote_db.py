@@ -39,7 +39,8 @@ def _skipped(relative: str) -> bool:
     return any(p.startswith(".") or p.endswith(".blocks") or ".tmp" in p for p in parts)
 
 
-def _remote_files(db: str) -> dict[str, int]:
+def remote_files(db: str) -> dict[str, int]:
+    """Every object under a bucket prefix: path relative to it -> size ({} when there are none)."""
     prefix = db.rstrip("/") + "/"
     try:
         results = FileSystems.match([prefix + "**"])
@@ -61,7 +62,7 @@ def _local_is_ahead(db: str, local: str) -> bool:
 def download_db(db: str, local: str) -> int:
     """Copies every file of ``db`` missing locally (or of another size); returns the count."""
     copied, keep_manifest = 0, _local_is_ahead(db, local)
-    for relative, size in sorted(_remote_files(db).items()):
+    for relative, size in sorted(remote_files(db).items()):
         target = os.path.join(local, relative)
         if relative == MANIFEST:
             if keep_manifest:
@@ -80,7 +81,7 @@ def download_db(db: str, local: str) -> int:
 
 def upload_db(local: str, db: str) -> int:
     """Copies every local file missing in ``db`` (or of another size), the manifest last; returns the count."""
-    remote = _remote_files(db)
+    remote = remote_files(db)
     todo = []
     for directory, _, files in os.walk(local):
         for name in files:

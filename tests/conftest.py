@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import socket
 
 import pytest
 import zstandard
@@ -19,6 +20,13 @@ def default_corpus_docs(limit=None):
     data = zstandard.ZstdDecompressor().decompress(open(DEFAULT_CORPUS, "rb").read(), max_output_size=1 << 30)
     docs = [json.loads(line) for line in data.decode("utf-8").splitlines()]
     return docs[:limit] if limit else docs
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

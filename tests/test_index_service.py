@@ -3,14 +3,13 @@
 import json
 import os
 import shutil
-import socket
 import time
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import BEAM_TEST_ARGS, REPO, default_corpus_docs
+from conftest import BEAM_TEST_ARGS, REPO, default_corpus_docs, free_port
 
 SMALL_MACHINE = dict(search_cpus=0.1, embed_cpus=0.25, ingress_cpus=0.1)  # leaves CPUs for add-documents' Ray actors
 
@@ -21,12 +20,6 @@ def serve_yaml_args() -> dict:
 
     (app,) = yaml.safe_load(open(os.path.join(REPO, "deploy", "serve.yaml")))["applications"]
     return app["args"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def service(service_db):
     from pipeline.ray_cluster import connect_ray
 
     connect_ray()
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {**serve_yaml_args(), **SMALL_MACHINE, "db": service_db}
     assert args["shard_groups"] == 2  # index shards on two replicas, merged by the ingress

@@ -4,13 +4,12 @@ written to a bucket, every stage's files in the bucket with the manifest's hashe
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, default_corpus_docs
+from conftest import REPO, default_corpus_docs, free_port
 
 BUCKET = "retro-test"
 
@@ -20,9 +19,7 @@ def s3(tmp_path_factory):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
