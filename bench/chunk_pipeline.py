@@ -65,7 +65,7 @@ def main() -> None:
 
     texts = scaled_texts(load_texts(args.corpus), args.scale)
     with tempfile.TemporaryDirectory() as tmp:
-        corpus, tok_path = os.path.join(tmp, "corpus.jsonl.zst"), os.path.join(tmp, "tokenizer.json")
+        corpus, tok_path = os.path.join(tmp, "corpus.jsonl.zst"), os.path.join(tmp, "lm-bpe.json")
         write_corpus(texts, corpus)
         tokenizer = train_lm_tokenizer(texts[: 2000], vocab_size=8192)
         tokenizer.save(tok_path)

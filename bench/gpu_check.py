@@ -21,19 +21,18 @@ import time
 
 
 def prepare(out: str, db: str, n: int = 8192) -> None:
-    import glob
-
     import pyarrow.parquet as pq
 
-    from pipeline.embed import resolve_model
-    from pipeline.lm_tokenizer import load_lm_tokenizer
+    from retro_db.embedder import resolve_model
+    from retro_db import layout
+    from retro_db.tokenizer import db_tokenizer
 
     os.makedirs(os.path.join(out, "minilm"), exist_ok=True)
     src = resolve_model("default")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(os.path.join(src, name), os.path.join(out, "minilm", name))
-    tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
-    chunks = [t for f in sorted(glob.glob(os.path.join(db, "chunks", "train", "*.parquet"))) for t in pq.read_table(f)["tokens"].to_pylist()]
+    tokenizer = db_tokenizer(db)
+    chunks = [t for f in layout.chunk_shard_files(db, "train") for t in pq.read_table(f)["tokens"].to_pylist()]
     with open(os.path.join(out, "chunks.json"), "w") as f:
         json.dump(tokenizer.decode_batch(chunks[:n]), f)
 
@@ -45,7 +44,7 @@ def embed_check(assets: str, arch: str = "minilm", batches=(128, 512)) -> list[s
     from sentence_transformers import SentenceTransformer
     from transformers import BertConfig, BertModel
 
-    from pipeline.embed import ChunkEmbedder
+    from retro_db.embedder import ChunkEmbedder
 
     texts = json.load(open(os.path.join(assets, "chunks.json")))
     model_dir = os.path.join(assets, f"{arch}-random")

@@ -17,9 +17,12 @@ import time
 
 import numpy as np
 
-from pipeline.faiss_index import RetrievalIndex, exact_top_k, heldout_queries, measure_recall
+from pipeline.index_build import indexable_rows
+from pipeline.index_recall import exact_top_k, heldout_queries, measure_recall
 from pipeline.neighbours import neighbours_of
-from pipeline.token_store import TokenStore
+from retro_db.layout import chunk_shard_files
+from retro_db.search import RetrievalIndex
+from retro_db.token_store import TokenStore
 
 
 def main() -> None:
@@ -32,7 +35,7 @@ def main() -> None:
 
     index = RetrievalIndex(args.db, threads=args.threads)
     queries = heldout_queries(args.db, args.queries, seed=7)
-    _, exact_ids, exact_qps = exact_top_k(args.db, queries, 10)
+    _, exact_ids, exact_qps = exact_top_k([indexable_rows(f) for f in chunk_shard_files(args.db, "train")], queries, 10)
     print(f"{index.ntotal} vectors, {len(queries)} held-out queries, {args.threads} threads; exact IndexFlatL2: {exact_qps:,.0f} queries/s")
     print(f"{'nprobe':>6s} {'recall@10 PQ':>13s} {'q/s PQ':>9s} {'recall@10 +rerank':>18s} {'q/s +rerank':>12s} {'x exact':>8s}")
     for row in measure_recall(index, queries, exact_ids):

@@ -27,15 +27,16 @@ def held_out_queries(db: str, n: int) -> tuple[list[str], np.ndarray]:
     """Texts and stored embeddings of valid/test chunks (never in the index) that hold text."""
     import pyarrow.parquet as pq
 
-    from pipeline.faiss_index import load_embedding_rows
-    from pipeline.lm_tokenizer import load_lm_tokenizer
-    from pipeline.token_store import TokenStore, chunk_shard_files, first_chunk_id
+    from retro_db.layout import chunk_shard_files
+    from retro_db.search import load_embedding_rows
+    from retro_db.token_store import TokenStore, first_chunk_id
+    from retro_db.tokenizer import db_tokenizer
 
     ids = np.concatenate([first_chunk_id(f) + np.flatnonzero(pq.read_table(f, columns=["n_bytes"])["n_bytes"].to_numpy() > 0)
                           for s in ("valid", "test") for f in chunk_shard_files(db, s)])
     ids = np.sort(np.random.default_rng(0).choice(ids, size=min(n, len(ids)), replace=False))
     tokens, lengths = TokenStore(db).chunks(ids)
-    texts = load_lm_tokenizer(os.path.join(db, "tokenizer.json")).decode_batch([t[:m].tolist() for t, m in zip(tokens, lengths)])
+    texts = db_tokenizer(db).decode_batch([t[:m].tolist() for t, m in zip(tokens, lengths)])
     return texts, np.asarray(load_embedding_rows(db, None).get(ids), dtype=np.float32)
 
 
@@ -85,10 +86,10 @@ def main() -> None:
     import requests
     from ray import serve
 
-    from index_service.app import build_app
-    from pipeline.embed import ChunkEmbedder
-    from pipeline.faiss_index import RetrievalIndex
-    from pipeline.ray_cluster import connect_ray
+    from index_service.app import ServiceConfig, build_app
+    from retro_db.embedder import ChunkEmbedder
+    from retro_db.ray_cluster import connect_ray
+    from retro_db.search import RetrievalIndex
 
     texts, vectors = held_out_queries(args.db, args.queries)
     n = min(args.queries, len(texts))
@@ -106,7 +107,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"db": args.db, "shard_groups": args.shard_groups, "embed_threads": args.embed_threads}), name="bench", route_prefix="/")
+    serve.run(build_app(ServiceConfig(db=args.db, shard_groups=args.shard_groups, embed_threads=args.embed_threads)), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/search"
     local = threading.local()
 

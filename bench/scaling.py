@@ -36,9 +36,12 @@ import time
 
 import zstandard
 
+from retro_db import layout
+from retro_db.manifest import read_manifest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("chunks", "embed", "index", "neighbours")
-OUTPUTS = {"chunks": (), "embed": ("embeddings", "tokens"), "index": ("index",), "neighbours": ("neighbours",)}
+OUTPUTS = {"chunks": (), "embed": (layout.EMBEDDINGS, layout.TOKENS), "index": (layout.INDEX,), "neighbours": (layout.NEIGHBOURS,)}
 TOLERANCE = 0.2
 
 log = logging.getLogger("bench.scaling")
@@ -84,7 +87,7 @@ def time_stage(stage: str, db: str, *, corpus: str, repeats: int, extra: list[st
         seconds = time.perf_counter() - t0
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
-        record = json.load(open(os.path.join(db, "manifest.json")))["stages"][RECORD[stage]]
+        record = read_manifest(db)["stages"][RECORD[stage]]
         best["seconds"] = min(best["seconds"], seconds)
         for key, name in OWN_SECONDS.get(stage, {}).items():
             best[key] = min(best.get(key, float("inf")), record[name])
@@ -93,7 +96,7 @@ def time_stage(stage: str, db: str, *, corpus: str, repeats: int, extra: list[st
 
 
 def manifest_figures(db: str) -> dict:
-    stages = json.load(open(os.path.join(db, "manifest.json")))["stages"]
+    stages = read_manifest(db)["stages"]
     index, neighbours = stages["index"], stages["neighbours"]
     return {"tokens": stages["chunks"]["counts"]["tokens"], "chunks": stages["chunks"]["counts"]["chunks"],
             "factory": index["config"]["factory"], "nprobe": neighbours["config"]["nprobe_used"],
@@ -122,7 +125,8 @@ def build_and_time(lines: list[str], fraction: float, root: str, *, stages: tupl
             seconds[stage] = earlier["seconds"][stage]
             own.update({key: earlier[key] for key in OWN_SECONDS.get(stage, {})})
     figures = manifest_figures(db)
-    sizes = {kind: dir_bytes(os.path.join(db, kind)) for kind in ("chunks", "documents", "tokens", "embeddings", "index", "neighbours")}
+    kinds = (layout.CHUNKS, layout.DOCUMENTS, layout.TOKENS, layout.EMBEDDINGS, layout.INDEX, layout.NEIGHBOURS)
+    sizes = {kind: dir_bytes(os.path.join(db, kind)) for kind in kinds}
     return {"fraction": fraction, "db": db, "documents": docs, "seconds": seconds, **own, **figures,
             "bytes_per_chunk": {k: round(v / figures["chunks"], 1) for k, v in sizes.items()}}
 
@@ -175,7 +179,7 @@ def assign_rate(db: str, *, nlists=(1 << 12, 1 << 14, 1 << 15), nprobe: int = 16
     import faiss
     import numpy as np
 
-    from pipeline.faiss_index import load_embedding_rows
+    from retro_db.search import load_embedding_rows
 
     faiss.omp_set_num_threads(threads)
     rows = load_embedding_rows(db, None)

@@ -43,7 +43,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "params": sum(p.numel() f
 def ours(steps: int, threads: int) -> dict:
     import torch
 
-    from model.model import tiny_config, Retro
+    from model.model import Retro, tiny_config
 
     s = SHAPE
     torch.set_num_threads(threads)

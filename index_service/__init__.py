@@ -1,1 +1,1 @@
-"""The retrieval database served as a Ray Serve application (the open index-service issue)."""
+"""The retrieval database served as a Ray Serve application (``app.build_app``) and its HTTP client."""

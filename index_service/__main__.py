@@ -1,54 +1,38 @@
 """``python -m index_service --db db --port 8000``: serve a built DB on Ray Serve (``make serve``).
 
 Binds 127.0.0.1 unless ``--host`` says otherwise; joins the Ray cluster at ``RAY_ADDRESS`` when set.
-Runs until interrupted. ``deploy/serve.yaml`` describes the same application for ``serve deploy``.
+Runs until interrupted. ``deploy/serve.yaml`` describes the same application for ``serve deploy``;
+every ``ServiceConfig`` setting is a flag here.
 """
-
-from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
+
+from ray import serve
+
+from index_service.app import ServiceConfig, build_app
+from retro_db import cli
+from retro_db.ray_cluster import connect_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from index_service.app import ServiceConfig
-
-    d = ServiceConfig()
     parser = argparse.ArgumentParser(prog="python -m index_service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", default="db")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--shard-groups", type=int, default=d.shard_groups, help="shard deployments (index shards dealt round-robin)")
-    parser.add_argument("--shard-replicas", type=int, default=d.shard_replicas, help="replicas per shard deployment")
-    parser.add_argument("--embed-replicas", type=int, default=d.embed_replicas)
-    parser.add_argument("--search-threads", type=int, default=d.search_threads, help="faiss threads per searcher replica")
-    parser.add_argument("--embed-threads", type=int, default=d.embed_threads, help="torch threads per embedder replica")
+    cli.add_config_flags(parser, ServiceConfig)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("index_service")
-
-    from ray import serve
-
-    from index_service.app import build_app
-    from pipeline.ray_cluster import connect_ray
-
-    try:
-        application = build_app({"db": args.db, "shard_groups": args.shard_groups, "shard_replicas": args.shard_replicas,
-                                 "embed_replicas": args.embed_replicas, "search_threads": args.search_threads,
-                                 "embed_threads": args.embed_threads})
-    except ValueError as e:
-        log.error("%s", e)
-        return 2
+    cfg = cli.config_from_args(ServiceConfig, args)
+    application = build_app(cfg)
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="retro-index", route_prefix="/")
-    log.info("serving %s at http://%s:%d (OpenAPI at /docs); Ctrl-C stops", args.db, args.host, args.port)
+    logging.getLogger("index_service").info("serving %s at http://%s:%d (OpenAPI at /docs); Ctrl-C stops", cfg.db, args.host, args.port)
     try:
         while True:
             time.sleep(3600)
@@ -58,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "index_service")

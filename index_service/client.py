@@ -1,4 +1,4 @@
-"""A small Python client for the index service, and the retriever that model generation uses.
+"""A small Python client for the index service (``model.retrieval.ServiceRetriever`` builds on it).
 
     from index_service.client import IndexClient
     client = IndexClient("http://127.0.0.1:8000")
@@ -51,20 +51,3 @@ class IndexClient:
 
     def health(self) -> dict:
         return self._call("GET", "/healthz")
-
-
-class ServiceRetriever:
-    """``model.generate``'s retriever over the service: chunk tokens -> (ids (k,), [N, F] tokens (k, 2m))."""
-
-    def __init__(self, client: IndexClient, *, k: int = 2, chunk_size: int = 64, pad_id: int = 0, nprobe: int | None = None):
-        self.client, self.k, self.m, self.pad_id, self.nprobe = client, k, chunk_size, pad_id, nprobe
-
-    def __call__(self, chunk_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        results = self.client.search(token_ids=[chunk_tokens], k=self.k, nprobe=self.nprobe, return_tokens=True)[0]
-        ids = np.full(self.k, -1, dtype=np.int64)
-        rows = np.full((self.k, 2 * self.m), self.pad_id, dtype=np.int64)
-        for j, hit in enumerate(results):
-            ids[j] = hit["chunk_id"]
-            rows[j, : len(hit["tokens"])] = hit["tokens"]
-            rows[j, self.m : self.m + len(hit["continuation_tokens"])] = hit["continuation_tokens"]
-        return ids, rows

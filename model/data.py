@@ -17,9 +17,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.deletions import deleted_chunk_ids
-from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id, token_byte_lengths
-from pipeline.token_store import TokenStore, chunk_shard_files, derived_path, first_chunk_id
+from retro_db import layout
+from retro_db.deletions import deleted_chunk_ids
+from retro_db.manifest import DBNotReady, require_stages
+from retro_db.token_store import TokenStore, first_chunk_id
+from retro_db.tokenizer import PAD, db_tokenizer, special_id, token_byte_lengths
 
 
 class RetroSequences(torch.utils.data.Dataset):
@@ -27,21 +29,22 @@ class RetroSequences(torch.utils.data.Dataset):
 
     def __init__(self, db: str, split: str = "train", *, chunks_per_seq: int = 4, k: int = 2):
         self.db, self.split, self.l, self.k = db, split, chunks_per_seq, k
+        require_stages(db, ("chunks", "embeddings", "index", "neighbours"))
         self.store = TokenStore(db)  # every split: neighbours of valid/test chunks are train chunks
-        tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
+        tokenizer = db_tokenizer(db)
         self.pad_id = special_id(tokenizer, PAD)
         self.vocab_size = tokenizer.get_vocab_size()
         self.byte_lengths = token_byte_lengths(tokenizer)
         self.m = self.store.chunk_size
-        files = chunk_shard_files(db, split)
+        files = layout.chunk_shard_files(db, split)
         if not files:
-            raise FileNotFoundError(f"{db}/chunks/{split} holds no shards")
+            raise DBNotReady(f"{db}/{layout.CHUNKS}/{split} holds no shards (the corpus gave no {split} documents)")
         self.first = first_chunk_id(files[0])  # a split's shards are one contiguous id range
         self.n_chunks = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        self.neighbour_files = [derived_path(f, "neighbours", ".parquet") for f in files]
+        self.neighbour_files = [layout.aligned_path(f, layout.NEIGHBOURS) for f in files]
         missing = [f for f in self.neighbour_files if not os.path.exists(f)]
         if missing:
-            raise FileNotFoundError(f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage of build-db")
+            raise DBNotReady(f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage (make build-db DB={db})")
         self.neighbour_starts = np.array([first_chunk_id(f) for f in files], dtype=np.int64)  # aligned with the chunk shards
         self.deleted = deleted_chunk_ids(db)  # documents removed after the tables were built
 

@@ -22,6 +22,7 @@ import torch
 
 from model.data import RetroSequences, longest_common_substring
 from model.train import load_model
+from retro_db import cli
 
 log = logging.getLogger("model.evaluate")
 
@@ -68,6 +69,10 @@ def evaluate(model, data: RetroSequences, *, retrieval: bool, batch_size: int = 
 def evaluate_run(db: str, run: str, *, splits=("valid", "test"), device: str | None = None, k: int = 2) -> dict:
     """retro_on, retro_off and baseline, per split, into ``run``/eval.json."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    missing = [name for name in ("retro", "baseline") if not os.path.exists(os.path.join(run, name, "ckpt.pt"))]
+    if missing:
+        raise FileNotFoundError(f"{run}: no {' or '.join(missing)} checkpoint ({os.path.join(run, missing[0], 'ckpt.pt')}); "
+                                f"train the run first (make train DB={db} RUN={run})")
     retro, _ = load_model(os.path.join(run, "retro", "ckpt.pt"))
     baseline, _ = load_model(os.path.join(run, "baseline", "ckpt.pt"))
     results = {"retro_on": {}, "retro_off": {}, "baseline": {}}
@@ -106,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "model.evaluate")

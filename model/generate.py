@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from model.retrieval import LocalRetriever, Retriever, ServiceRetriever
+from model.train import load_model
+from retro_db import cli
+from retro_db.tokenizer import EOS, db_tokenizer, special_id
 
 log = logging.getLogger("model.generate")
 
@@ -29,30 +33,8 @@ class GeneratedChunk:
     neighbour_texts: list = field(default_factory=list)
 
 
-class LocalRetriever:
-    """Embeds LM-token chunks and searches the DB's index: chunk tokens -> (k ids, k [N, F] token rows)."""
-
-    def __init__(self, db: str, *, k: int = 2, nprobe: int | None = None, device: str | None = None):
-        from pipeline import manifest as mf
-        from pipeline.embed import ChunkEmbedder
-        from pipeline.faiss_index import RetrievalIndex
-        from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
-        from pipeline.token_store import TokenStore
-
-        tokenizer_json = open(os.path.join(db, "tokenizer.json")).read()
-        model_name = mf.read_manifest(db)["stages"]["embeddings"]["config"]["model"]
-        self.embedder = ChunkEmbedder(model_name, lm_tokenizer_json=tokenizer_json, device=device)
-        self.index, self.store, self.k, self.nprobe = RetrievalIndex(db), TokenStore(db), k, nprobe
-        self.pad_id = special_id(load_lm_tokenizer(tokenizer_json), PAD)
-
-    def __call__(self, chunk_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        query = self.embedder.embed_token_chunks([chunk_tokens])
-        _, ids = self.index.search(query, self.k, nprobe=self.nprobe)
-        return ids[0], self.store.neighbour_tokens(ids[0], self.pad_id)  # (k,), (k, 2m)
-
-
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], retrieve, *, max_new_tokens: int = 128, temperature: float = 0.0,
+def generate(model, prompt_ids: list[int], retrieve: Retriever, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_k: int = 0, seed: int = 0, stop_id: int | None = None) -> tuple[list[int], list[list]]:
     """Greedy (temperature 0) or sampled continuation of ``prompt_ids``.
 
@@ -101,16 +83,13 @@ def generate(model, prompt_ids: list[int], retrieve, *, max_new_tokens: int = 12
 
 
 def generate_text(db: str, ckpt: str, prompt: str, *, max_new_tokens: int = 128, k: int = 2, temperature: float = 0.0,
-                  retriever=None) -> list[GeneratedChunk]:
+                  retriever: Retriever | None = None) -> list[GeneratedChunk]:
     """Text in, chunks out: each with the neighbours (ids and [N, F] text) that conditioned it.
 
-    ``retriever``: a ``LocalRetriever`` (default) or ``index_service.client.ServiceRetriever``.
+    ``retriever``: a ``LocalRetriever`` over ``db`` by default, or a ``ServiceRetriever``.
     """
-    from model.train import load_model
-    from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, special_id
-
-    tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
     model, _ = load_model(ckpt)
+    tokenizer = db_tokenizer(db)
     retriever = retriever or LocalRetriever(db, k=k)
     tokens, per_chunk = generate(model, tokenizer.encode(prompt).ids, retriever, max_new_tokens=max_new_tokens,
                                  temperature=temperature, stop_id=special_id(tokenizer, EOS))
@@ -125,7 +104,7 @@ def generate_text(db: str, ckpt: str, prompt: str, *, max_new_tokens: int = 128,
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", default="db")
     parser.add_argument("--ckpt", default="runs/default/retro/ckpt.pt")
@@ -135,15 +114,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--service", help="retrieve through the index service at this URL instead of the local index")
     args = parser.parse_args()
-    retriever = None
-    if args.service:
-        from index_service.client import IndexClient, ServiceRetriever
-        from pipeline import manifest as mf
-        from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
-
-        pad_id = special_id(load_lm_tokenizer(os.path.join(args.db, "tokenizer.json")), PAD)
-        chunk_size = mf.read_manifest(args.db)["stages"]["chunks"]["config"]["chunk_size"]
-        retriever = ServiceRetriever(IndexClient(args.service), k=args.k, chunk_size=chunk_size, pad_id=pad_id)
+    retriever = ServiceRetriever.for_db(args.service, args.db, k=args.k) if args.service else None
     for u, chunk in enumerate(generate_text(args.db, args.ckpt, args.prompt, max_new_tokens=args.tokens, k=args.k,
                                             temperature=args.temperature, retriever=retriever)):
         print(f"--- chunk {u}: {chunk.text!r}")
@@ -152,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "model.generate")

@@ -21,10 +21,13 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model.data import RetroSequences
 from model.model import Retro, RetroConfig, paper_172m_config, tiny_config
-from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
+from retro_db import cli
+from retro_db.manifest import require_stages
+from retro_db.tokenizer import PAD, db_tokenizer, special_id
 
 log = logging.getLogger("model.train")
 
@@ -97,6 +100,8 @@ def save_checkpoint(path: str, model, optimizer, step: int, model_config: RetroC
 
 
 def load_model(path: str, map_location="cpu") -> tuple[Retro, dict]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first (make train DB=<db> RUN=<run>)")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     model = Retro(RetroConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
@@ -111,8 +116,7 @@ def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> Retr
 def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = False, retrofit: str | None = None,
           cfg: TrainConfig | None = None, device: str | None = None) -> dict:
     """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present."""
-    from tqdm import tqdm
-
+    require_stages(db, ("chunks", "embeddings", "index", "neighbours"))
     cfg = cfg or TrainConfig()
     rank, world = distributed()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,7 +133,7 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
         log.info("resuming %s at step %d", ckpt_path, start)
     else:
         ckpt, start = None, 0
-        tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
+        tokenizer = db_tokenizer(db)
         model = Retro(build_model(config_name, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), baseline))
         if cfg.retrofit:
             base, _ = load_model(cfg.retrofit)
@@ -199,22 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="tiny", choices=("tiny", "paper-172m"))
     parser.add_argument("--baseline", action="store_true", help="the same decoder without retrieval")
     parser.add_argument("--retrofit", help="a baseline checkpoint to freeze; train only encoder and CCA")
-    d = TrainConfig()
-    for name, value in asdict(d).items():
-        if name == "retrofit":
-            continue
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--device")
+    cli.add_config_flags(parser, TrainConfig, skip=("retrofit",))
     return parser
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = build_parser().parse_args()
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig()) if k != "retrofit"})
+    cfg = cli.config_from_args(TrainConfig, args)
     last = train(args.db, args.out, config_name=args.config, baseline=args.baseline, retrofit=args.retrofit, cfg=cfg, device=args.device)
     log.info("done: %s", last)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "model.train")

@@ -20,6 +20,15 @@ import dataclasses
 import logging
 import os
 
+import faiss
+
+from pipeline.chunk_pipeline import ChunkConfig, write_chunk_shards
+from pipeline.embed import EmbedConfig, write_embeddings
+from pipeline.index_build import write_index_shard
+from retro_db import layout
+from retro_db import manifest as mf
+from retro_db.storage import sha256_file
+
 log = logging.getLogger(__name__)
 
 
@@ -31,20 +40,16 @@ def next_ids(manifest: dict) -> tuple[int, int]:
     return max(d for d, _ in ends), max(c for _, c in ends)
 
 
+def _config_of(cls, record: dict):
+    """A stage's config dataclass from its manifest record (the record's fingerprints left out)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in record["config"].items() if k in fields})
+
+
 def add_documents(corpus: list[str], db: str, *, name: str = "", beam_args: list[str] = (), actors: int = 0) -> dict:
     """Chunks, embeds and indexes ``corpus`` as increment ``name`` of ``db``; returns its manifest entry."""
-    import faiss
-
-    from pipeline import manifest as mf
-    from pipeline.chunk_pipeline import ChunkConfig, write_chunk_shards
-    from pipeline.embed import EmbedConfig, write_embeddings
-    from pipeline.faiss_index import write_index_shard
-    from pipeline.token_store import chunk_shard_files
-
-    manifest = mf.read_manifest(db)
+    manifest = mf.require_stages(db)
     stages = manifest["stages"]
-    if any(stages.get(s, {}).get("status") != "complete" for s in ("chunks", "embeddings", "index")):
-        raise FileNotFoundError(f"{db}: build the DB first (chunks, embeddings and index must be complete)")
     increments = manifest.get("increments", [])
     name = name or f"{len(increments):05d}"
     if not name.replace("-", "").replace("_", "").isalnum():
@@ -52,24 +57,23 @@ def add_documents(corpus: list[str], db: str, *, name: str = "", beam_args: list
     if done := next((inc for inc in increments if inc["name"] == name), None):
         log.info("add-documents: increment %r is already part of %s, skipping", name, db)
         return done
-    root = os.path.join(db, "increments", name)
+    root = layout.increment_root(db, name)
     first_doc, first_chunk = next_ids(manifest)
 
-    base = ChunkConfig(**{k: v for k, v in stages["chunks"]["config"].items() if k not in ("inputs", "tokenizer_sha256")})
+    base = _config_of(ChunkConfig, stages["chunks"])
     config = dataclasses.replace(base, valid_fraction=0.0, test_fraction=0.0, first_doc_id=first_doc, first_chunk_id=first_chunk)
-    chunks = write_chunk_shards(corpus, root, config=config, tokenizer_path=os.path.join(db, "tokenizer.json"), beam_args=beam_args,
+    chunks = write_chunk_shards(corpus, root, config=config, tokenizer_path=layout.tokenizer_path(db), beam_args=beam_args,
                                 existing_documents=db)
-    embed_fields = {f.name for f in dataclasses.fields(EmbedConfig)}
-    write_embeddings(root, config=EmbedConfig(**{k: v for k, v in stages["embeddings"]["config"].items() if k in embed_fields}), actors=actors)
+    write_embeddings(root, config=_config_of(EmbedConfig, stages["embeddings"]), actors=actors)
 
-    trained = faiss.read_index(os.path.join(db, "index", "trained.faissindex"))
+    trained = faiss.read_index(layout.trained_index_path(db))
     skip_textless = stages["index"]["config"].get("skip_textless_chunks", True)
     shards = []
-    for f in chunk_shard_files(root, "train"):
-        path = os.path.join(root, "index", "train", os.path.basename(f).replace(".parquet", ".faissindex"))
+    for f in layout.chunk_shard_files(root, layout.INDEXED_SPLIT):
+        path = layout.aligned_path(f, layout.INDEX)
         if not os.path.exists(path):
             write_index_shard(trained, f, path, skip_textless=skip_textless)
-        shards.append({"path": os.path.relpath(path, db), "sha256": mf.sha256_file(path), "vectors": faiss.read_index(path).ntotal})
+        shards.append({"path": os.path.relpath(path, db), "sha256": sha256_file(path), "vectors": faiss.read_index(path).ntotal})
 
     entry = {"name": name, "path": os.path.relpath(root, db), "inputs": chunks["config"]["inputs"],
              "first_doc_id": first_doc, "first_chunk_id": first_chunk, "documents": chunks["counts"]["documents_kept"],

@@ -6,7 +6,13 @@ import logging
 import os
 import time
 
-from pipeline import manifest as mf
+from pipeline import remote_db
+from pipeline.chunk_pipeline import write_chunk_shards
+from pipeline.embed import write_embeddings
+from pipeline.index_build import write_index
+from pipeline.neighbours import write_neighbours
+from retro_db import layout, storage
+from retro_db import manifest as mf
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,8 @@ def summary_lines(db: str) -> list[str]:
                      f" in {sum(len(i['index_shards']) for i in incs)} index shards)")
     if d := stages.get("deletions"):
         lines.append(f"  deleted   : {d['documents']} documents ({d['chunks']} chunks), excluded from every search")
-    lines.append(f"  outputs   : {db}/manifest.json, chunks/, documents/, tokens/, embeddings/, index/, neighbours/, rejected/")
+    kinds = (layout.CHUNKS, layout.DOCUMENTS, layout.TOKENS, layout.EMBEDDINGS, layout.INDEX, layout.NEIGHBOURS, layout.REJECTED)
+    lines.append(f"  outputs   : {layout.manifest_path(db)}, " + ", ".join(f"{kind}/" for kind in kinds))
     return lines
 
 
@@ -43,14 +50,8 @@ def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=Non
              neighbour_config=None, overwrite: bool = False, actors: int = 0, work_dir: str | None = None) -> None:
     """Every stage into ``db``, a directory or a bucket URI (then stages 2-4 run on a local mirror
     in ``work_dir`` and are uploaded after each stage; see ``pipeline.remote_db``)."""
-    from pipeline import remote_db
-    from pipeline.chunk_pipeline import write_chunk_shards
-    from pipeline.embed import write_embeddings
-    from pipeline.faiss_index import write_index
-    from pipeline.neighbours import write_neighbours
-
     local = db
-    if remote_db.is_remote(db):
+    if storage.is_remote(db):
         local = work_dir or remote_db.default_work_dir(db)
         os.makedirs(local, exist_ok=True)
     timings = {}

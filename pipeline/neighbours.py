@@ -11,24 +11,32 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from pipeline.ray_cluster import ReportsNode
+from pipeline.actor_pool import ReportsNode, cluster_cpus_gpus, spread_actor_pool
+from pipeline.stage import Stage, completed
+from retro_db import layout
+from retro_db import manifest as mf
+from retro_db.ray_cluster import connect_ray
+from retro_db.search import RetrievalIndex
+from retro_db.token_store import TokenStore, read_chunk_shard
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class NeighbourConfig:
-    k_train: int = 2
-    k_eval: int = 10
+    k_train: int = field(default=2, metadata={"help": 'neighbours stored per train chunk'})
+    k_eval: int = field(default=10, metadata={"help": 'neighbours stored per valid/test chunk'})
     candidates: int = 32  # first search depth K (at least 4k)
     max_candidates: int = 1024
-    nprobe: int = 0  # 0: the index's measured default
+    nprobe: int = field(default=0, metadata={"help": 'nprobe for neighbour search (default: the measured one)'})
     batch: int = 1024
 
 
@@ -64,25 +72,16 @@ class NeighbourActor(ReportsNode):
 
     def __init__(self, db: str, threads: int):
         os.environ["OMP_NUM_THREADS"] = str(threads)
-        from pipeline.faiss_index import RetrievalIndex
-        from pipeline.token_store import TokenStore
-
         self.db = db
         self.index = RetrievalIndex(db, threads=threads)
         self.store = TokenStore(db)
 
     def write_shard(self, chunk_file: str, out_path: str, config: dict) -> tuple[str, int, int, float]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from pipeline.token_store import derived_path, read_chunk_shard
-
         cfg = NeighbourConfig(**config)
         t0 = time.perf_counter()
-        split = os.path.basename(os.path.dirname(chunk_file))
-        k = cfg.k_train if split == "train" else cfg.k_eval
+        k = cfg.k_train if layout.split_of(chunk_file) == "train" else cfg.k_eval
         table = read_chunk_shard(chunk_file, columns=("chunk_id", "doc_id"))
-        queries = np.load(derived_path(chunk_file, "embeddings", ".npy"), mmap_mode="r")
+        queries = np.load(layout.aligned_path(chunk_file, layout.EMBEDDINGS), mmap_mode="r")
         query_docs = table["doc_id"].to_numpy()
         ids, dists = [], []
         for s in range(0, len(queries), cfg.batch):
@@ -93,11 +92,11 @@ class NeighbourActor(ReportsNode):
             dists.append(d)
         ids = np.concatenate(ids) if ids else np.zeros((0, k), np.int64)
         dists = np.concatenate(dists) if dists else np.zeros((0, k), np.float32)
-        out = pa.table({
-            "chunk_id": table["chunk_id"],
-            "neighbour_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
-            "distances": pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
-        })
+        out = pa.Table.from_arrays([
+            table["chunk_id"],
+            pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
+            pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
+        ], schema=layout.NEIGHBOUR_SCHEMA)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         pq.write_table(out, out_path + ".tmp", compression="zstd")
         os.replace(out_path + ".tmp", out_path)
@@ -106,28 +105,15 @@ class NeighbourActor(ReportsNode):
 
 def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: int = 0, overwrite: bool = False) -> dict:
     """Runs stage 4 over every chunk shard; returns its manifest record."""
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
-
-    from pipeline import manifest as mf
-    from pipeline.ray_cluster import cluster_cpus_gpus, connect_ray, spread_actor_pool
-    from pipeline.token_store import chunk_shard_files, derived_path
-
     config = config or NeighbourConfig()
-    index_stage = mf.read_manifest(db)["stages"].get("index")
-    if not index_stage or index_stage.get("status") != "complete":
-        raise FileNotFoundError(f"{db}: the index stage is not complete; run it first")
-    record = {**asdict(config), "index_shards": [s["sha256"] for s in index_stage["shards"]],
-              "nprobe_used": config.nprobe or index_stage["default_nprobe"]}
-    state = mf.stage_state(db, "neighbours", record, overwrite=overwrite)
-    files = chunk_shard_files(db)
-    outs = {f: derived_path(f, "neighbours", ".parquet") for f in files}
-    if state == "complete" and all(os.path.exists(o) for o in outs.values()):
-        log.info("neighbours: complete with the same config, skipping")
-        return mf.read_manifest(db)["stages"]["neighbours"]
-    if state == "new":
-        shutil.rmtree(os.path.join(db, "neighbours"), ignore_errors=True)
-    mf.update_stage(db, "neighbours", config=record, status="running")
+    index = completed(db, "index")
+    stage = Stage(db, "neighbours", config, overwrite=overwrite, fingerprints={
+        "index_shards": [s["sha256"] for s in index["shards"]], "nprobe_used": config.nprobe or index["default_nprobe"]})
+    files = layout.chunk_shard_files(db)
+    outs = {f: layout.aligned_path(f, layout.NEIGHBOURS) for f in files}
+    if done := stage.finished(list(outs.values())):
+        return done
+    stage.start(wipe=[os.path.join(db, layout.NEIGHBOURS)])
 
     todo = [f for f in files if not os.path.exists(outs[f])]
     connect_ray()
@@ -149,17 +135,17 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     for f in files:
         table = pq.read_table(outs[f], columns=["neighbour_ids"])
         ids = np.array(table["neighbour_ids"].to_pylist(), dtype=np.int64).reshape(table.num_rows, -1)
-        split = os.path.basename(os.path.dirname(f))
+        split = layout.split_of(f)
         full = int((ids >= 0).all(axis=1).sum()) if ids.size else 0
         counts["chunks"] += table.num_rows
         counts["full"] += full
         counts.setdefault("by_split", {}).setdefault(split, {"chunks": 0, "full": 0, "k": ids.shape[1] if ids.ndim == 2 else 0})
         counts["by_split"][split]["chunks"] += table.num_rows
         counts["by_split"][split]["full"] += full
-        shards.append({"path": os.path.relpath(outs[f], db), "rows": table.num_rows, "sha256": mf.sha256_file(outs[f]), "status": "complete"})
+        shards.append(stage.shard(outs[f], rows=table.num_rows))
     counts["coverage"] = round(counts["full"] / counts["chunks"], 4) if counts["chunks"] else 0.0
-    return mf.update_stage(
-        db, "neighbours", config=record, status="complete", shards=shards, counts=counts,
+    return stage.complete(
+        shards=shards, counts=counts,
         queries_per_s_this_run=round(searched / seconds, 1) if searched else None, ray_nodes_this_run=nodes,
         # summed over actors, without their start-up: the per-query cost a cluster scales
         actor_seconds_this_run=round(actor_s, 2),

@@ -1,4 +1,4 @@
-"""DBs at bucket URIs (s3://, gs://, hdfs://, anything Beam's filesystems reach).
+"""DBs at bucket URIs (s3://, gs://, hdfs://, anything ``retro_db.storage`` reaches).
 
 The Beam stage reads the corpus and writes chunk shards straight to the bucket (its workers may be
 anywhere). The Ray and faiss stages work on a local mirror of the DB, because faiss reads and
@@ -15,16 +15,10 @@ import logging
 import os
 import shutil
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+from retro_db import layout, storage
+from retro_db import manifest as mf
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
 
 
 def default_work_dir(db: str) -> str:
@@ -39,39 +33,26 @@ def _skipped(relative: str) -> bool:
     return any(p.startswith(".") or p.endswith(".blocks") or ".tmp" in p for p in parts)
 
 
-def remote_files(db: str) -> dict[str, int]:
-    """Every object under a bucket prefix: path relative to it -> size ({} when there are none)."""
-    prefix = db.rstrip("/") + "/"
-    try:
-        results = FileSystems.match([prefix + "**"])
-    except Exception:  # nothing there yet
-        return {}
-    return {m.path[len(prefix):]: m.size_in_bytes for r in results for m in r.metadata_list}
-
-
 def _local_is_ahead(db: str, local: str) -> bool:
     """The local manifest extends the bucket's (same chunk stage, later stages further along): keep
     it, so an interrupted stage resumes from its local blocks instead of starting over."""
-    from pipeline import manifest as mf
-
-    if not os.path.exists(os.path.join(local, MANIFEST)):
+    if not os.path.exists(layout.manifest_path(local)):
         return False
     return mf.read_manifest(local)["stages"].get("chunks") == mf.read_manifest(db)["stages"].get("chunks")
 
 
 def download_db(db: str, local: str) -> int:
     """Copies every file of ``db`` missing locally (or of another size); returns the count."""
-    copied, keep_manifest = 0, _local_is_ahead(db, local)
-    for relative, size in sorted(remote_files(db).items()):
+    copied, keep_manifest, remote = 0, _local_is_ahead(db, local), storage.storage_for(db)
+    for relative, size in sorted(remote.list_files(db).items()):
         target = os.path.join(local, relative)
-        if relative == MANIFEST:
+        if relative == layout.MANIFEST:
             if keep_manifest:
                 continue
         elif _skipped(relative) or (os.path.exists(target) and os.path.getsize(target) == size):
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with FileSystems.open(FileSystems.join(db, relative), compression_type=CompressionTypes.UNCOMPRESSED) as src, \
-                open(target + ".tmp", "wb") as dst:
+        with remote.open_input(storage.join(db, relative)) as src, open(target + ".tmp", "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
         os.replace(target + ".tmp", target)
         copied += 1
@@ -81,16 +62,16 @@ def download_db(db: str, local: str) -> int:
 
 def upload_db(local: str, db: str) -> int:
     """Copies every local file missing in ``db`` (or of another size), the manifest last; returns the count."""
-    remote = remote_files(db)
+    store = storage.storage_for(db)
+    remote = store.list_files(db)
     todo = []
     for directory, _, files in os.walk(local):
         for name in files:
             relative = os.path.relpath(os.path.join(directory, name), local).replace(os.sep, "/")
-            if not _skipped(relative) and relative != MANIFEST and remote.get(relative) != os.path.getsize(os.path.join(local, relative)):
+            if not _skipped(relative) and relative != layout.MANIFEST and remote.get(relative) != os.path.getsize(os.path.join(local, relative)):
                 todo.append(relative)
-    for relative in sorted(todo) + [MANIFEST]:
-        with open(os.path.join(local, relative), "rb") as src, \
-                FileSystems.create(FileSystems.join(db, relative), compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+    for relative in sorted(todo) + [layout.MANIFEST]:
+        with open(os.path.join(local, relative), "rb") as src, store.open_output(storage.join(db, relative)) as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
     log.info("mirror: %d files from %s to %s", len(todo) + 1, local, db)
     return len(todo) + 1

@@ -54,7 +54,7 @@ def db(tmp_path_factory):
     import shutil
 
     from pipeline.embed import EmbedConfig, write_embeddings
-    from pipeline.faiss_index import write_index
+    from pipeline.index_build import write_index
     from pipeline.neighbours import write_neighbours
 
     root = tmp_path_factory.mktemp("build")

@@ -16,14 +16,17 @@ import pytest
 
 from conftest import BEAM_TEST_ARGS, BLOCK_ROWS, REPO
 from pipeline import chunk_pipeline as cp
-from pipeline.deletions import delete_documents
 from pipeline.embed import EmbedConfig, write_embeddings
-from pipeline.faiss_index import (IndexConfig, RetrievalIndex, default_factory, indexable_rows, load_embedding_rows,
-                                 recall_at_k, write_index)
-from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
-from pipeline.manifest import ConfigMismatch, read_manifest, write_manifest
+from pipeline.index_build import IndexConfig, default_factory, indexable_rows, write_index
+from pipeline.index_recall import recall_at_k
 from pipeline.neighbours import neighbours_of
-from pipeline.token_store import ShardedRows, TokenStore, chunk_shard_files
+from pipeline.stage import ConfigMismatch
+from retro_db.deletions import delete_documents
+from retro_db.layout import chunk_shard_files
+from retro_db.manifest import read_manifest, write_manifest
+from retro_db.search import RetrievalIndex, load_embedding_rows
+from retro_db.token_store import ShardedRows, TokenStore
+from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
 
 
 def sha(path):
@@ -42,7 +45,7 @@ def neighbour_table(db, split):
 
 
 def test_embeddings_align_with_chunks_and_match_a_direct_forward(db):
-    from pipeline.embed import ChunkEmbedder
+    from retro_db.embedder import ChunkEmbedder
 
     manifest = read_manifest(db)["stages"]
     assert manifest["embeddings"]["counts"]["chunks"] == manifest["chunks"]["counts"]["chunks"]
@@ -197,7 +200,7 @@ def test_corrupt_or_missing_shards_and_foreign_tokenizer_or_model_are_named(db, 
     built = str(tmp_path / "built")
     shutil.copytree(db, built)
     with pytest.raises(ConfigMismatch, match="model"):
-        write_embeddings(built, config=EmbedConfig(model="bert-base-cased", model_sha256="name:bert-base-cased", block_rows=BLOCK_ROWS))
+        write_embeddings(built, config=EmbedConfig(model="bert-base-cased", block_rows=BLOCK_ROWS))
     os.remove(glob.glob(os.path.join(built, "embeddings", "train", "*.npy"))[0])
     manifest = read_manifest(built)
     manifest["stages"].pop("index")

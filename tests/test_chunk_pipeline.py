@@ -18,8 +18,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import BEAM_TEST_ARGS
 from pipeline import chunk_pipeline as cp
 from pipeline import minhash
-from pipeline.lm_tokenizer import EOS, load_lm_tokenizer, train_lm_tokenizer
-from pipeline.manifest import ConfigMismatch, read_manifest
+from pipeline.lm_tokenizer import train_lm_tokenizer
+from pipeline.stage import ConfigMismatch
+from retro_db.manifest import read_manifest
+from retro_db.tokenizer import EOS, load_lm_tokenizer
 
 
 @pytest.fixture(scope="module")

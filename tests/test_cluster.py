@@ -56,7 +56,7 @@ def _files(db: str, kind: str) -> dict:
 
 
 def test_embedding_and_neighbour_stages_on_two_nodes_match_one_node(db, two_node_cluster, tmp_path):
-    from pipeline.manifest import read_manifest
+    from retro_db.manifest import read_manifest
 
     work = str(tmp_path / "db")
     shutil.copytree(os.path.join(os.path.dirname(db), "chunks-only"), work)

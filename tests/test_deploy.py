@@ -83,6 +83,7 @@ def test_dockerfile_copies_what_exists_and_installs_the_lock():
 
 
 def test_rayservice_serve_config_builds_the_make_serve_application(db):
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_builds  # what serve run/deploy call
     from ray.serve.schema import ServeDeploySchema
 
     from index_service.app import build_app
@@ -93,7 +94,7 @@ def test_rayservice_serve_config_builds_the_make_serve_application(db):
     local = ServeDeploySchema.model_validate(_yaml("serve.yaml"))
     (app,), (local_app,) = config.applications, local.applications
     assert app.import_path == local_app.import_path == "index_service.app:build_app"
-    assert type(build_app({**app.args, "db": db})).__name__ == "Application"  # every arg is a ServiceConfig field
+    assert type(serve_builds(build_app, {**app.args, "db": db})).__name__ == "Application"  # every arg is a ServiceConfig field
 
 
 def test_rayjob_and_cluster_launcher_run_real_commands():

@@ -34,16 +34,16 @@ def service_db(db, tmp_path_factory):
 def service(service_db):
     from ray import serve
 
-    from index_service.app import build_app
+    from index_service.app import ServiceConfig, build_app
     from index_service.client import IndexClient
-    from pipeline.ray_cluster import connect_ray
+    from retro_db.ray_cluster import connect_ray
 
     connect_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {**serve_yaml_args(), **SMALL_MACHINE, "db": service_db}
     assert args["shard_groups"] == 2  # index shards on two replicas, merged by the ingress
-    serve.run(build_app(args), name="retro-index-test", route_prefix="/")
+    serve.run(build_app(ServiceConfig(**args)), name="retro-index-test", route_prefix="/")
     client = IndexClient(f"http://127.0.0.1:{port}")
     deadline = time.time() + 120
     while True:
@@ -59,14 +59,14 @@ def service(service_db):
 
 
 def _valid_queries(db, n=16):
-    from pipeline.faiss_index import load_embedding_rows
+    from retro_db.search import load_embedding_rows
 
     rows = load_embedding_rows(db, "valid")
     return np.asarray(rows.arrays[0][:n], dtype=np.float32)
 
 
 def test_search_equals_direct_search_of_the_built_index(service, service_db):
-    from pipeline.faiss_index import RetrievalIndex
+    from retro_db.search import RetrievalIndex
 
     index = RetrievalIndex(service_db)
     queries = _valid_queries(service_db)
@@ -78,8 +78,8 @@ def test_search_equals_direct_search_of_the_built_index(service, service_db):
 
 
 def test_results_carry_text_and_continuation(service, service_db):
-    from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
-    from pipeline.token_store import TokenStore
+    from retro_db.token_store import TokenStore
+    from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
 
     store, tokenizer = TokenStore(service_db), load_lm_tokenizer(os.path.join(service_db, "tokenizer.json"))
     pad = special_id(tokenizer, PAD)
@@ -98,9 +98,9 @@ def test_results_carry_text_and_continuation(service, service_db):
 
 
 def test_text_and_token_queries_match_in_process_embedding(service, service_db):
-    from pipeline.embed import ChunkEmbedder
-    from pipeline.faiss_index import RetrievalIndex
-    from pipeline.token_store import TokenStore
+    from retro_db.embedder import ChunkEmbedder
+    from retro_db.search import RetrievalIndex
+    from retro_db.token_store import TokenStore
 
     texts = ["The with statement and context managers", "decimal floating point arithmetic"]
     vectors = ChunkEmbedder(threads=1).embed_texts(texts)
@@ -159,8 +159,8 @@ def test_openapi_schema_and_metrics(service):
 
 
 def test_deleted_documents_never_come_back(service, service_db):
-    from pipeline.faiss_index import RetrievalIndex
-    from pipeline.token_store import TokenStore
+    from retro_db.search import RetrievalIndex
+    from retro_db.token_store import TokenStore
 
     queries = _valid_queries(service_db, 8)
     before = service.search(embeddings=queries, k=10)
@@ -180,8 +180,8 @@ def test_deleted_documents_never_come_back(service, service_db):
 
 
 def test_added_documents_are_served_without_restart(service, service_db, tmp_path):
-    from pipeline import manifest as mf
     from pipeline.add_documents import add_documents
+    from retro_db import manifest as mf
 
     vectors_before = service.health()["vectors"]
     kept = service.search(texts=["decimal floating point"], k=1)[0][0]["chunk_id"]
@@ -210,10 +210,10 @@ def test_added_documents_are_served_without_restart(service, service_db, tmp_pat
 def test_generation_through_the_service_client_equals_local_retrieval(service, service_db):
     import torch
 
-    from index_service.client import ServiceRetriever
-    from model.generate import LocalRetriever, generate
+    from model.generate import generate
     from model.model import Retro, tiny_config
-    from pipeline.lm_tokenizer import PAD, load_lm_tokenizer, special_id
+    from model.retrieval import LocalRetriever, ServiceRetriever
+    from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
 
     tokenizer = load_lm_tokenizer(os.path.join(service_db, "tokenizer.json"))
     pad = special_id(tokenizer, PAD)
@@ -221,7 +221,7 @@ def test_generation_through_the_service_client_equals_local_retrieval(service, s
     model = Retro(tiny_config(vocab_size=tokenizer.get_vocab_size(), pad_id=pad))
     prompt = tokenizer.encode("Python's for statement iterates over the items of any sequence, in order. " * 3).ids
     local = generate(model, prompt, LocalRetriever(service_db, k=2), max_new_tokens=140)
-    remote = generate(model, prompt, ServiceRetriever(service, k=2, chunk_size=64, pad_id=pad), max_new_tokens=140)
+    remote = generate(model, prompt, ServiceRetriever.for_db(service.url, service_db, k=2), max_new_tokens=140)
     assert local[0] == remote[0]
     retrieved = [(ids.tolist(), rows.tolist()) for ids, rows in (h for h in local[1] if h is not None)]
     assert len(retrieved) >= 2
@@ -281,9 +281,17 @@ def test_serve_config_yaml_builds_the_make_serve_application(service_db):
     (application,) = config.applications
     module, name = application.import_path.split(":")
     assert (module, name) == ("index_service.app", "build_app")
-    from index_service import app
+    from pydantic import ValidationError
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_builds  # what serve run/deploy call
 
-    built = getattr(app, name)({**application.args, "db": service_db})
+    from index_service import app
+    from retro_db.manifest import DBNotReady
+
+    built = serve_builds(getattr(app, name), {**application.args, "db": service_db})
     assert type(built).__name__ == "Application"
-    with pytest.raises(ValueError, match="no manifest.json"):
-        app.build_app({**application.args, "db": os.path.join(service_db, "missing")})
+    with pytest.raises(DBNotReady, match="no manifest.json"):
+        serve_builds(app.build_app, {**application.args, "db": os.path.join(service_db, "missing")})
+    with pytest.raises(ValidationError, match="shard_gropus"):  # a typo is refused before anything starts
+        serve_builds(app.build_app, {**application.args, "db": service_db, "shard_gropus": 3})
+    with pytest.raises(ValidationError, match="shard_groups"):
+        serve_builds(app.build_app, {**application.args, "db": service_db, "shard_groups": "two"})

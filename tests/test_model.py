@@ -160,8 +160,9 @@ def test_ddp_on_two_cpu_processes_with_gloo(db, tmp_path):
 
 
 def test_generation_retrieves_every_chunk_and_reports_its_neighbours(db, runs):
-    from model.generate import LocalRetriever, generate_text
-    from pipeline.lm_tokenizer import load_lm_tokenizer
+    from model.generate import generate_text
+    from model.retrieval import LocalRetriever
+    from retro_db.tokenizer import load_lm_tokenizer
 
     root, _ = runs
     tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))

@@ -62,6 +62,15 @@ def test_build_db_reads_and_writes_a_bucket(s3, tmp_path):
     assert any(k.startswith("tokens/train/") for k in objects)
     assert not [k for k in objects if ".tmp" in k or ".blocks" in k or "/." in k or k.startswith(".")]
 
+    # a reader without Beam (retro_db.storage on pyarrow.fs) sees the same manifest and tokenizer in the bucket
+    read = subprocess.run([sys.executable, "-c", "import sys, json; sys.modules['apache_beam'] = None\n"
+                           "from retro_db import layout, manifest, storage\n"
+                           f"db = 's3://{BUCKET}/db'\n"
+                           "print(json.dumps([manifest.read_manifest(db), storage.sha256_file(layout.tokenizer_path(db))]))"],
+                          cwd=REPO, env={**s3["env"], "AWS_ENDPOINT_URL": s3["endpoint"]}, capture_output=True, text=True, timeout=300)
+    assert read.returncode == 0, read.stderr[-3000:]
+    assert json.loads(read.stdout) == [manifest, hashlib.sha256(_read(s3["client"], "db/tokenizer.json")).hexdigest()]
+
     again = subprocess.run(cmd, cwd=REPO, env=s3["env"], capture_output=True, text=True, timeout=900)  # resumes: nothing to redo
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads(_read(s3["client"], "db/manifest.json"))["stages"]

@@ -1,44 +1,31 @@
-"""O(1) access to chunk tokens and embeddings by chunk id, memory-mapped, never loaded whole.
+"""O(1) access to chunk tokens by chunk id, memory-mapped, never loaded whole.
 
 Chunk ids are dense over shards in (split, shard) order, so a shard is found by a binary search
 over the S shard start ids (O(log S), with S in the thousands at trillion-token scale) and a row
-by subtraction. ``DB/tokens/<split>/shard-*.npy`` holds each chunk shard's tokens as a padded
-(n, m) array plus its lengths and document ids, written from the Parquet chunk shards once.
+by subtraction. ``DB/tokens/<split>/shard-*/`` holds each chunk shard's tokens as a padded (n, m)
+array plus its lengths and document ids (written once by the embeddings stage).
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import logging
 import os
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.chunk_pipeline import SPLITS
-
-log = logging.getLogger(__name__)
-
-
-def chunk_shard_files(db: str, split: str | None = None, kind: str = "chunks", suffix: str = ".parquet") -> list[str]:
-    """Shard files of one split (or all splits, in chunk id order)."""
-    splits = [split] if split else list(SPLITS)
-    return [f for s in splits for f in sorted(glob.glob(os.path.join(db, kind, s, f"shard-*{suffix}")))]
+from retro_db import layout
+from retro_db.manifest import BUILD_HINT, DBNotReady, db_roots
 
 
-def derived_path(chunk_file: str, kind: str, suffix: str) -> str:
-    """The path of a per-shard output aligned with a chunk shard: chunks/train/x.parquet -> kind/train/x<suffix>."""
-    split_dir, name = os.path.split(chunk_file)
-    db = os.path.dirname(os.path.dirname(split_dir))
-    return os.path.join(db, kind, os.path.basename(split_dir), name.replace(".parquet", suffix))
+def _token_meta(token_dir: str) -> dict:
+    with open(os.path.join(token_dir, layout.TOKEN_META)) as f:
+        return json.load(f)
 
 
 def first_chunk_id(chunk_file: str) -> int:
     """The shard's first chunk id, from the token shard's metadata (written before embedding)."""
-    with open(os.path.join(derived_path(chunk_file, "tokens", ""), "meta.json")) as f:
-        return json.load(f)["first_chunk_id"]
+    return _token_meta(layout.aligned_path(chunk_file, layout.TOKENS))["first_chunk_id"]
 
 
 def read_chunk_shard(path: str, columns=("chunk_id", "doc_id", "tokens")):
@@ -46,36 +33,6 @@ def read_chunk_shard(path: str, columns=("chunk_id", "doc_id", "tokens")):
         return pq.read_table(path, columns=list(columns))
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise ValueError(f"chunk shard {path} is unreadable ({type(e).__name__}: {e}); rebuild the chunks stage with --overwrite") from e
-
-
-def write_token_shard(chunk_file: str, *, chunk_size: int, pad_id: int) -> str:
-    """Writes one chunk shard's padded tokens (n, m), lengths and doc ids as .npy files; returns the folder."""
-    out = derived_path(chunk_file, "tokens", "")
-    if os.path.exists(os.path.join(out, "meta.json")):
-        return out
-    table = read_chunk_shard(chunk_file)
-    lists = table["tokens"].combine_chunks()
-    lengths = np.diff(lists.offsets.to_numpy()).astype(np.int16)
-    values = lists.values.to_numpy()
-    dtype = np.uint16 if values.dtype == np.uint16 else np.uint32
-    tokens = np.full((len(lengths), chunk_size), pad_id, dtype=dtype)
-    mask = np.arange(chunk_size)[None, :] < lengths[:, None]
-    tokens[mask] = values
-    tmp = out + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
-    np.save(os.path.join(tmp, "tokens.npy"), tokens)
-    np.save(os.path.join(tmp, "lengths.npy"), lengths)
-    np.save(os.path.join(tmp, "doc_ids.npy"), table["doc_id"].to_numpy())
-    ids = table["chunk_id"].to_numpy()
-    meta = {"first_chunk_id": int(ids[0]) if len(ids) else 0, "rows": len(ids)}
-    if len(ids) and not np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
-        raise ValueError(f"{chunk_file}: chunk ids are not dense; the shard is corrupt")
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    if os.path.exists(out):  # a crash after an earlier rename left a partial directory
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 class ShardedRows:
@@ -115,20 +72,16 @@ class TokenStore:
     """
 
     def __init__(self, db: str):
-        from pipeline import manifest as mf
-
-        roots = mf.db_roots(db)
-        dirs = [d for root in roots for s in SPLITS for d in sorted(glob.glob(os.path.join(root, "tokens", s, "shard-*")))
-                if not d.endswith(".tmp")]
+        dirs = [d for root in db_roots(db) for d in layout.token_shard_dirs(root)]
         if not dirs:
-            raise FileNotFoundError(f"{db}/tokens holds no token shards; run the build-db embeddings stage first")
-        metas = [json.load(open(os.path.join(d, "meta.json"))) for d in dirs]
+            raise DBNotReady(f"{db}/{layout.TOKENS} holds no token shards; run the embeddings stage first ({BUILD_HINT.format(db=db)})")
+        metas = [_token_meta(d) for d in dirs]
         keep = [i for i, m in enumerate(metas) if m["rows"]]
         dirs, starts = [dirs[i] for i in keep], [metas[i]["first_chunk_id"] for i in keep]
-        load = lambda name: [np.load(os.path.join(d, name), mmap_mode="r") for d in dirs]  # noqa: E731
-        self.tokens = ShardedRows(load("tokens.npy"), starts)
-        self.lengths = ShardedRows(load("lengths.npy"), starts)
-        self.doc_ids = ShardedRows(load("doc_ids.npy"), starts)
+        tokens, lengths, doc_ids = ([np.load(os.path.join(d, name), mmap_mode="r") for d in dirs] for name in layout.TOKEN_ARRAYS)
+        self.tokens = ShardedRows(tokens, starts)
+        self.lengths = ShardedRows(lengths, starts)
+        self.doc_ids = ShardedRows(doc_ids, starts)
         self.chunk_size = self.tokens.arrays[0].shape[1]
 
     def __len__(self) -> int:

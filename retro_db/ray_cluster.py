@@ -1,4 +1,8 @@
-"""Connecting to Ray: a cluster at ``RAY_ADDRESS`` when given, else a local one on 127.0.0.1."""
+"""Connecting to Ray: a cluster at ``RAY_ADDRESS`` when given, else a local one on 127.0.0.1.
+
+Shared by the build's Ray stages and the index service; Ray is imported only when connecting, so
+readers of a DB that never start Ray do not need it installed.
+"""
 
 from __future__ import annotations
 
@@ -26,29 +30,3 @@ def connect_ray(address: str | None = None):
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env={"env_vars": env},
                  logging_level=logging.WARNING, log_to_driver=False)
     return ray
-
-
-class ReportsNode:
-    """Mixed into stage actors: the node an actor landed on (the manifest records how many were used)."""
-
-    def node(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-
-def spread_actor_pool(actor_class, n: int, resources: dict, *args):
-    """(ActorPool of ``n`` actors placed one per node before two on one, number of nodes they landed on)."""
-    import ray
-
-    remote_class = ray.remote(scheduling_strategy="SPREAD", **resources)(actor_class)
-    actors = [remote_class.remote(*args) for _ in range(n)]
-    return ray.util.ActorPool(actors), len(set(ray.get([a.node.remote() for a in actors])))
-
-
-def cluster_cpus_gpus() -> tuple[float, float]:
-    """CPUs and GPUs free now: a node that also runs the index service lends only what is left."""
-    import ray
-
-    resources = ray.available_resources()
-    return resources.get("CPU", 0.0), resources.get("GPU", 0.0)

@@ -1,0 +1,68 @@
+"""Recall of a DB's index, measured at build time against exact search over the same stored vectors.
+
+recall@10 is 10-recall@10 (the share of the exact top 10 found in the returned top 10) on held-out
+valid/test chunks, never in the index; it and queries/s are measured for a grid of nprobe values,
+with and without exact re-ranking. The index stage records the grid and picks its default nprobe.
+"""
+
+from __future__ import annotations
+
+import time
+
+import faiss
+import numpy as np
+
+from retro_db import layout
+from retro_db.search import RetrievalIndex, load_embedding_rows
+
+NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """k-recall@k: the share of the exact top k found in the returned top k."""
+    k = exact.shape[1]
+    return float(np.mean([len(np.intersect1d(f[f >= 0], e)) / k for f, e in zip(found, exact)]))
+
+
+def heldout_queries(db: str, n: int, seed: int) -> np.ndarray:
+    """Embeddings of valid/test chunks (never in the index); train chunks if there are none."""
+    try:
+        rows = [load_embedding_rows(db, s) for s in ("valid", "test") if layout.chunk_shard_files(db, s)]
+        pool = np.concatenate([a for r in rows for a in r.arrays]) if rows else None
+    except ValueError:
+        pool = None
+    if pool is None or not len(pool):
+        pool = np.concatenate(load_embedding_rows(db, layout.INDEXED_SPLIT).arrays)
+    rng = np.random.default_rng(seed)
+    return np.asarray(pool[np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))], dtype=np.float32)
+
+
+def measure_recall(index: RetrievalIndex, queries: np.ndarray, exact_ids: np.ndarray, k: int = 10, grid=NPROBE_GRID) -> list[dict]:
+    """recall@k and queries/s per nprobe, with and without re-ranking."""
+    rows = []
+    factor = index.rerank_factor
+    for nprobe in grid:
+        entry = {"nprobe": nprobe}
+        for name, rf in (("pq", 0), ("reranked", factor)):
+            if name == "reranked" and not factor:
+                continue
+            index.rerank_factor = rf
+            t0 = time.perf_counter()
+            _, ids = index.search(queries, k, nprobe=nprobe)
+            seconds = time.perf_counter() - t0
+            entry[f"recall@{k}_{name}"] = round(recall_at_k(ids, exact_ids), 4)
+            entry[f"qps_{name}"] = round(len(queries) / seconds, 1)
+        rows.append(entry)
+    index.rerank_factor = factor
+    return rows
+
+
+def exact_top_k(shards: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Brute force (IndexFlatL2) over every indexed vector, given per shard as (vectors (n, d), chunk ids (n,));
+    returns (D, I, queries/s)."""
+    flat = faiss.IndexIDMap2(faiss.IndexFlatL2(shards[0][0].shape[1]))
+    for vectors, ids in shards:
+        flat.add_with_ids(vectors, ids)
+    t0 = time.perf_counter()
+    dists, ids = flat.search(queries, k)
+    return dists, ids, len(queries) / (time.perf_counter() - t0)

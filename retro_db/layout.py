@@ -1,0 +1,130 @@
+"""Every path and file name of a RETRO DB, and the Parquet schemas of its shards.
+
+    DB/manifest.json                    one record per stage (``retro_db.manifest``)
+    DB/tokenizer.json                   the LM tokenizer (HF tokenizers format)
+    DB/chunks/<split>/shard-*.parquet   chunks: chunk_id, doc_id, chunk_index, tokens, n_bytes
+    DB/documents/<split>/shard-*.parquet  one row per kept document (source, position, meta, ...)
+    DB/tokens/<split>/shard-*/          each chunk shard's tokens as padded .npy arrays (O(1) reads)
+    DB/embeddings/<split>/shard-*.npy   (n, d) fp16 frozen-BERT embeddings, rows aligned with the chunks
+    DB/index/trained.faissindex         the trained, empty IVF-PQ index
+    DB/index/train/shard-*.faissindex   one index shard per train chunk shard
+    DB/neighbours/<split>/shard-*.parquet  chunk_id, neighbour_ids, distances
+    DB/rejected/<reason>-*.jsonl        dead-letter records with their reasons
+    DB/deleted/{doc_ids,chunk_ids}.npy  retroactively removed documents and their chunks
+    DB/increments/<name>/               documents added later, in this same layout
+
+Every per-shard output is named after its chunk shard (``chunks/train/shard-00000-of-00004.parquet``
+-> ``embeddings/train/shard-00000-of-00004.npy``), so shards of all stages align by name. Paths are
+strings joined for local directories and bucket URIs alike (``retro_db.storage.join``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pyarrow as pa
+
+from retro_db.storage import join
+
+SPLITS = ("train", "valid", "test")
+
+MANIFEST = "manifest.json"
+MANIFEST_LOCK = ".manifest.lock"
+TOKENIZER = "tokenizer.json"
+CHUNKS = "chunks"
+DOCUMENTS = "documents"
+TOKENS = "tokens"
+EMBEDDINGS = "embeddings"
+INDEX = "index"
+NEIGHBOURS = "neighbours"
+REJECTED = "rejected"
+DELETED = "deleted"
+INCREMENTS = "increments"
+STAGING_CHUNKS = ".staging-chunks"  # the Beam job's statistics before they reach the manifest
+TRAINED_INDEX = "trained.faissindex"
+INDEXED_SPLIT = "train"  # only train chunks are retrievable
+
+# Inside one token shard directory.
+TOKEN_ARRAYS = ("tokens.npy", "lengths.npy", "doc_ids.npy")
+TOKEN_META = "meta.json"
+
+# Inside DB/deleted.
+DELETED_DOC_IDS = "doc_ids.npy"
+DELETED_CHUNK_IDS = "chunk_ids.npy"  # written last: readers watch this one
+DELETIONS_LOCK = ".lock"
+
+_SUFFIX = {CHUNKS: ".parquet", DOCUMENTS: ".parquet", NEIGHBOURS: ".parquet", EMBEDDINGS: ".npy", INDEX: ".faissindex", TOKENS: ""}
+
+
+def chunk_schema(token_type: pa.DataType) -> pa.Schema:
+    """Chunk shards; ``token_type`` is uint16 for vocabularies up to 2^16, else uint32."""
+    return pa.schema([("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("chunk_index", pa.int32()),
+                      ("tokens", pa.list_(token_type)), ("n_bytes", pa.int32())])
+
+
+DOCUMENT_SCHEMA = pa.schema([
+    ("doc_id", pa.int64()), ("doc_hash", pa.string()), ("first_chunk_id", pa.int64()), ("n_chunks", pa.int32()),
+    ("n_tokens", pa.int32()), ("n_bytes", pa.int64()), ("source", pa.string()), ("position", pa.int64()), ("meta", pa.string()),
+])
+NEIGHBOUR_SCHEMA = pa.schema([("chunk_id", pa.int64()), ("neighbour_ids", pa.list_(pa.int64())), ("distances", pa.list_(pa.float32()))])
+
+
+def shard_relpath(split: str, shard: int, n_shards: int, kind: str = CHUNKS) -> str:
+    """A shard's path relative to the DB (the manifest stores relative paths: DBs can move)."""
+    return f"{kind}/{split}/shard-{shard:05d}-of-{n_shards:05d}{_SUFFIX[kind]}"
+
+
+def chunk_shard_files(db: str, split: str | None = None) -> list[str]:
+    """Chunk shard files of one split (or all splits, in chunk id order) of a local DB."""
+    splits = [split] if split else list(SPLITS)
+    return [f for s in splits for f in sorted(glob.glob(os.path.join(db, CHUNKS, s, f"shard-*{_SUFFIX[CHUNKS]}")))]
+
+
+def aligned_path(chunk_file: str, kind: str) -> str:
+    """The per-shard output of stage ``kind`` aligned with a chunk shard:
+    ``DB/chunks/<split>/x.parquet`` -> ``DB/<kind>/<split>/x<suffix>`` (index shards: train only)."""
+    split_dir, name = os.path.split(chunk_file)
+    db = os.path.dirname(os.path.dirname(split_dir))
+    return os.path.join(db, kind, os.path.basename(split_dir), name[: -len(_SUFFIX[CHUNKS])] + _SUFFIX[kind])
+
+
+def split_of(chunk_file: str) -> str:
+    return os.path.basename(os.path.dirname(chunk_file))
+
+
+def token_shard_dirs(db: str) -> list[str]:
+    """Finished token shard directories of a local DB, in chunk id order."""
+    return [d for s in SPLITS for d in sorted(glob.glob(os.path.join(db, TOKENS, s, "shard-*"))) if not d.endswith(".tmp")]
+
+
+def index_shard_files(db: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(db, INDEX, INDEXED_SPLIT, f"shard-*{_SUFFIX[INDEX]}")))
+
+
+def manifest_path(db: str) -> str:
+    return join(db, MANIFEST)
+
+
+def tokenizer_path(db: str) -> str:
+    return join(db, TOKENIZER)
+
+
+def trained_index_path(db: str) -> str:
+    return join(db, INDEX, TRAINED_INDEX)
+
+
+def deleted_path(db: str, name: str) -> str:
+    return join(db, DELETED, name)
+
+
+def increment_root(db: str, name: str) -> str:
+    return join(db, INCREMENTS, name)
+
+
+def rejected_path(db: str, reason: str, part: int) -> str:
+    return join(db, REJECTED, f"{reason}-{part:05d}.jsonl")
+
+
+def documents_glob(db: str) -> str:
+    return join(db, DOCUMENTS, "*", f"*{_SUFFIX[DOCUMENTS]}")

@@ -1,0 +1,145 @@
+"""Nearest-chunk search over a DB's sharded IVF-PQ index, with exact re-ranking.
+
+``RetrievalIndex`` asks every index shard (the DB's and its increments') for ``rerank_factor * k``
+candidates, merges them and re-ranks them by exact squared L2 on the fp16 embeddings memory-mapped
+from ``DB/embeddings``: plain PQ codes plateau near 0.7 recall@10 on 384-d text embeddings; the
+re-ranking stage (what faiss ``IndexRefine`` and SCaNN do) lifts it above 0.9 without holding the
+vectors in RAM. Every merge orders by (distance, id) (``merge_top_k``), so one process and shards
+spread over many servers (``index_service``) give the same answer. Deleted documents
+(``retro_db.deletions``) are excluded inside faiss, so k results still come back.
+
+Axes: n queries, k results, c candidates, d embedding dim. Ids are chunk ids; -1 where fewer exist.
+"""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+
+from retro_db import deletions, layout
+from retro_db import manifest as mf
+from retro_db.token_store import ShardedRows, first_chunk_id
+
+
+def load_embedding_rows(db: str, split: str | None = "train") -> ShardedRows:
+    """fp16 embeddings of a split addressed by chunk id (memory-mapped)."""
+    arrays, starts = [], []
+    for f in layout.chunk_shard_files(db, split):
+        path = layout.aligned_path(f, layout.EMBEDDINGS)
+        if not os.path.exists(path):
+            raise mf.DBNotReady(f"{path} is missing; run the embeddings stage (build-db resumes it)")
+        array = np.load(path, mmap_mode="r")
+        if len(array):
+            arrays.append(array)
+            starts.append(first_chunk_id(f))
+    if not arrays:
+        raise ValueError(f"{db}: no {split or 'any'} embeddings to index (the corpus produced no {split} chunks)")
+    return ShardedRows(arrays, starts)
+
+
+def index_shard_paths(db: str) -> list[str]:
+    """The DB's index shards, then those of every added increment (``python -m pipeline add-documents``)."""
+    return [p for root in mf.db_roots(db) for p in layout.index_shard_files(root)]
+
+
+def merge_top_k(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of several (distances (n, c), ids (n, c)) results, nearest first, ties by id.
+
+    Breaking ties by id makes the merge independent of the order of its inputs, so shards spread
+    over any number of servers merge to the same answer as one process searching them all.
+    """
+    dists = np.concatenate([d for d, _ in results], axis=1)
+    ids = np.concatenate([i for _, i in results], axis=1)
+    dists = np.where(ids < 0, np.inf, dists)
+    order = np.lexsort((ids, dists))[:, :k]  # by distance, then id
+    dists, ids = np.take_along_axis(dists, order, 1), np.take_along_axis(ids, order, 1)
+    ids = np.where(np.isfinite(dists), ids, -1)
+    if dists.shape[1] < k:  # fewer candidates than k in all inputs together
+        pad = k - dists.shape[1]
+        dists = np.pad(dists, ((0, 0), (0, pad)), constant_values=np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return dists.astype(np.float32), ids
+
+
+def deleted_selector(chunk_ids: np.ndarray):
+    """A faiss selector that excludes deleted chunk ids inside the search (k results still come back)."""
+    if not len(chunk_ids):
+        return None
+    return faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(chunk_ids, dtype=np.int64)))
+
+
+class IndexShard:
+    """One IVF-PQ index shard: approximate top-k by PQ distance. Ids are chunk ids; -1 where fewer exist."""
+
+    def __init__(self, path: str, *, mmap: bool = False):
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            self.index = faiss.read_index(path, flags)
+        except RuntimeError as e:
+            raise ValueError(f"index shard {path} is unreadable ({str(e).splitlines()[0]}); rebuild the index stage") from e
+        self.path, self.dim = path, self.index.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int, selector=None) -> tuple[np.ndarray, np.ndarray]:
+        """(n, k) approximate distances, (n, k) ids; ``selector`` excludes deleted ids inside faiss."""
+        return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe, sel=selector))
+
+
+def search_shards(shards: list[IndexShard], queries: np.ndarray, k: int, *, nprobe: int, selector=None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top k over several shards, merged. (n, k) distances, (n, k) ids."""
+    return merge_top_k([s.search(queries, k, nprobe=nprobe, selector=selector) for s in shards], k)
+
+
+def load_indexed_vectors(db: str) -> ShardedRows:
+    """The fp16 train embeddings of the DB and its increments, memory-mapped: what re-ranking reads."""
+    rows = [load_embedding_rows(root, layout.INDEXED_SPLIT) for root in mf.db_roots(db)]
+    return ShardedRows([a for r in rows for a in r.arrays], [s for r in rows for s in r.starts])
+
+
+def rerank(vectors: ShardedRows, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact squared L2 between queries (n, d) and their candidates' stored vectors; top k, ties by id."""
+    valid = ids >= 0
+    stored = np.zeros(ids.shape + (queries.shape[1],), dtype=np.float32)  # (n, c, d)
+    if valid.any():
+        stored[valid] = vectors.get(ids[valid])
+    return merge_top_k([(((stored - queries[:, None, :]) ** 2).sum(-1), ids)], k)
+
+
+class RetrievalIndex:
+    """Searches every index shard for ``rerank_factor * k`` candidates, merges them and re-ranks
+    them exactly on the stored vectors; deleted documents are excluded inside faiss."""
+
+    def __init__(self, db: str, *, shard_paths: list[str] | None = None, nprobe: int | None = None,
+                 rerank_factor: int | None = None, threads: int | None = None, mmap: bool = False):
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        stage = mf.read_manifest(db)["stages"].get("index", {})
+        paths = shard_paths or index_shard_paths(db)
+        if not paths:
+            raise mf.DBNotReady(f"{db}/{layout.INDEX} holds no index shards; run the index stage ({mf.BUILD_HINT.format(db=db)})")
+        self.shards = [IndexShard(p, mmap=mmap) for p in paths]
+        self.dim = self.shards[0].dim
+        self.vectors = load_indexed_vectors(db)
+        self.nprobe = nprobe or stage.get("default_nprobe") or 8
+        self.rerank_factor = stage.get("config", {}).get("rerank_factor", 4) if rerank_factor is None else rerank_factor
+        self.selector = deleted_selector(deletions.deleted_chunk_ids(db))
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k chunk ids by squared L2. (n, k) distances, (n, k) ids."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (n, {self.dim}); got {queries.shape}")
+        candidates = k * max(1, self.rerank_factor)
+        dists, ids = search_shards(self.shards, queries, candidates, nprobe=nprobe or self.nprobe, selector=self.selector)
+        return rerank(self.vectors, queries, ids, k) if self.rerank_factor else (dists[:, :k], ids[:, :k])
+
+
