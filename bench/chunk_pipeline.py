@@ -3,10 +3,12 @@
 Both run on the same text and the same cores in one process tree: the baseline is
 ``Tokenizer.encode_batch_fast`` over every document (Rust, all cores), the pipeline is
 ``write_chunk_shards`` (read, normalise, exact dedup, tokenize, MinHash, LSH near-dup and
-leakage removal, Parquet writing) on the local FnApiRunner with one worker per core.
-Throughput is input tokens per second; the ratio is pipeline / raw tokenizer.
+leakage removal, Parquet writing) on the local FnApiRunner with one worker per core, then the same
+pipeline on Beam's Dask runner over a loopback dask.distributed cluster of ``--dask-workers``
+single-threaded worker processes (same corpus, same run; 0 skips it). Throughput is input tokens
+per second; the ratios are pipeline / raw tokenizer and Dask / local runner.
 
-    python -m bench.chunk_pipeline [--scale 8]
+    python -m bench.chunk_pipeline [--scale 8] [--dask-workers 2]
 
 ``--scale N`` builds a larger corpus of distinct real text by recombining the paragraphs of
 the default corpus's documents (document d, variant v: paragraphs of d and d+v interleaved).
@@ -23,6 +25,7 @@ import time
 
 import zstandard
 
+from bench.dask_cluster import loopback_dask_cluster
 from pipeline.__main__ import DEFAULT_CORPUS
 from pipeline.chunk_pipeline import ChunkConfig, write_chunk_shards
 from pipeline.lm_tokenizer import train_lm_tokenizer
@@ -61,6 +64,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=DEFAULT_CORPUS)
     parser.add_argument("--scale", type=int, default=1)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--dask-workers", type=int, default=2, help="worker processes of the Dask runner's cluster; 0 skips it")
     args = parser.parse_args()
 
     texts = scaled_texts(load_texts(args.corpus), args.scale)
@@ -81,6 +85,16 @@ def main() -> None:
         record = write_chunk_shards([corpus], os.path.join(tmp, "db"), tokenizer_path=tok_path, config=ChunkConfig(), beam_args=beam_args)
         pipe_s = time.perf_counter() - t0
 
+        dask_s = None
+        if args.dask_workers:
+            with loopback_dask_cluster(args.dask_workers, log_dir=os.path.join(tmp, "dask-logs")) as address:
+                t0 = time.perf_counter()
+                on_dask = write_chunk_shards([corpus], os.path.join(tmp, "db-dask"), tokenizer_path=tok_path, config=ChunkConfig(),
+                                             beam_args=["--runner=DaskRunner", f"--dask_client_address={address}"])
+                dask_s = time.perf_counter() - t0
+            if on_dask["shards"] != record["shards"]:
+                raise SystemExit("the Dask runner wrote other shards than the local runner")
+
     mb = sum(len(t.encode()) for t in texts) / 1e6
     raw_tps, pipe_tps = tokens / raw_s, tokens / pipe_s
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {tokens} tokens; workers={args.workers}")
@@ -88,6 +102,9 @@ def main() -> None:
     print(f"Beam chunk pipeline         : {pipe_s:8.2f} s  {pipe_tps:12,.0f} tokens/s  "
           f"(kept {record['counts']['documents_kept']} docs, {record['counts']['chunks']} chunks)")
     print(f"ratio pipeline / raw        : {pipe_tps / raw_tps:.3f}")
+    if dask_s:
+        print(f"Beam on Dask, {args.dask_workers} workers     : {dask_s:8.2f} s  {tokens / dask_s:12,.0f} tokens/s  (same shards as local)")
+        print(f"ratio Dask / local runner   : {pipe_s / dask_s:.3f}")
 
 
 if __name__ == "__main__":

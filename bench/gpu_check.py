@@ -1,11 +1,12 @@
-"""One short GPU check: CUDA embedding throughput and bf16 RETRO training steps.
+"""One short GPU check: CUDA embedding throughput, faiss index training and search, bf16 RETRO training steps.
 
 Runs on a lent GPU machine whose image has torch, transformers and sentence-transformers but not
 this project's other dependencies and no network. It takes a folder (``--assets``) prepared on the
 CPU machine by ``python -m bench.gpu_check --prepare DIR --db db``: the packaged MiniLM's config
 and tokenizer files (its 90 MB of weights exceed what travels, so the GPU side initialises the same
 architecture randomly: throughput does not depend on weight values) and real chunk texts decoded
-from the DB.
+from the DB, and the DB's stored train embeddings for the index check (which needs faiss's GPU
+build and pyarrow on the GPU machine; without them it says so and the rest still runs).
 
     python -m bench.gpu_check --prepare .gpu --db db      # CPU machine
     python3 -m bench.gpu_check --assets .gpu              # GPU machine
@@ -19,12 +20,14 @@ import os
 import shutil
 import time
 
+import numpy as np
+
 
 def prepare(out: str, db: str, n: int = 8192) -> None:
     import pyarrow.parquet as pq
 
-    from retro_db.embedder import resolve_model
     from retro_db import layout
+    from retro_db.embedder import resolve_model
     from retro_db.tokenizer import db_tokenizer
 
     os.makedirs(os.path.join(out, "minilm"), exist_ok=True)
@@ -35,6 +38,57 @@ def prepare(out: str, db: str, n: int = 8192) -> None:
     chunks = [t for f in layout.chunk_shard_files(db, "train") for t in pq.read_table(f)["tokens"].to_pylist()]
     with open(os.path.join(out, "chunks.json"), "w") as f:
         json.dump(tokenizer.decode_batch(chunks[:n]), f)
+    from retro_db.search import load_embedding_rows
+
+    np.save(os.path.join(out, "vectors.npy"), np.concatenate(load_embedding_rows(db, "train").arrays))  # fp16 (n, d)
+
+
+def index_check(assets: str, copies: int = 32, factory: str = "IVF1024,PQ48x8np", nprobe: int = 16) -> list[str]:
+    """k-means + PQ training on the GPU against the CPU (same code path, ``train_index``), recall@10
+    of both against exact search, and IVF-PQ search queries/s on the GPU against the CPU. The DB's
+    vectors are tiled ``copies`` times with small noise so that training has lists to fill."""
+    try:
+        import faiss
+
+        from pipeline.index_build import train_index
+        from pipeline.index_recall import recall_at_k
+        from retro_db.search import faiss_gpus
+    except ImportError as e:
+        return [f"index: skipped ({e}); the GPU machine needs faiss-gpu and pyarrow"]
+    if not faiss_gpus():
+        return [f"index: skipped: faiss {faiss.__version__} sees no GPU (install the faiss-gpu build)"]
+    rng = np.random.default_rng(0)
+    base = np.load(os.path.join(assets, "vectors.npy")).astype(np.float32)
+    x = np.concatenate([base + rng.normal(0, 0.01, base.shape).astype(np.float32) for _ in range(copies)])
+    queries, data = x[:1000], x[1000:]
+    exact = faiss.IndexFlatL2(x.shape[1])
+    exact.add(data)
+    t0 = time.perf_counter()
+    _, truth = exact.search(queries, 10)
+    exact_qps = len(queries) / (time.perf_counter() - t0)
+    lines, trained = [], {}
+    for device in ("cpu", "gpu"):
+        index = faiss.index_factory(x.shape[1], factory)
+        t0 = time.perf_counter()
+        train_index(index, data[: 256 * 1024], device)
+        seconds = time.perf_counter() - t0
+        index.add(data)
+        faiss.extract_index_ivf(index).nprobe = nprobe
+        _, found = index.search(queries, 10)
+        trained[device] = index
+        lines.append(f"index {factory} on {len(data):,} vectors: trained on {device} in {seconds:.1f} s; recall@10 (PQ, nprobe {nprobe}) "
+                     f"{recall_at_k(found, truth):.3f}")
+    res = faiss.StandardGpuResources()
+    on_gpu = faiss.index_cpu_to_gpu(res, 0, trained["gpu"])
+    faiss.GpuParameterSpace().set_index_parameter(on_gpu, "nprobe", nprobe)
+    for name, index in (("cpu", trained["gpu"]), ("gpu", on_gpu)):
+        index.search(queries, 40)
+        t0 = time.perf_counter()
+        _, found = index.search(queries, 40)
+        qps = len(queries) / (time.perf_counter() - t0)
+        lines.append(f"search on {name}: {qps:,.0f} queries/s for 40 candidates (exact CPU flat search: {exact_qps:,.0f} q/s); "
+                     f"recall@10 of the top 10 {recall_at_k(found[:, :10], truth):.3f}")
+    return lines
 
 
 def embed_check(assets: str, arch: str = "minilm", batches=(128, 512)) -> list[str]:
@@ -124,6 +178,7 @@ def main() -> None:
     parser.add_argument("--db", default="db")
     parser.add_argument("--assets", default=".gpu")
     parser.add_argument("--embed-only", action="store_true")
+    parser.add_argument("--index-only", action="store_true", help="only the faiss training and search check")
     parser.add_argument("--scaling", action="store_true", help="only the embedding rates docs/SCALING.md uses (MiniLM and BERT-base, batch 512)")
     args = parser.parse_args()
     if args.prepare:
@@ -137,7 +192,11 @@ def main() -> None:
             for line in embed_check(args.assets, arch, batches=(512,)):
                 print(line, flush=True)
         return
-    for line in embed_check(args.assets) + ([] if args.embed_only else train_check()):
+    if args.index_only:
+        for line in index_check(args.assets):
+            print(line, flush=True)
+        return
+    for line in embed_check(args.assets) + ([] if args.embed_only else index_check(args.assets) + train_check()):
         print(line, flush=True)
 
 

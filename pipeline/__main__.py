@@ -41,6 +41,8 @@ def _add_chunk_args(p: argparse.ArgumentParser) -> None:
 
 def _add_later_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=0, help="Ray actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where faiss trains the index and searches neighbours (auto: a GPU when faiss or Ray sees one)")
     for cls in (EmbedConfig, IndexConfig, NeighbourConfig):
         cli.add_config_flags(p, cls, flags=FLAGS[cls])
 
@@ -91,16 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         embed, index, neighbours = (cli.config_from_args(cls, args) for cls in (EmbedConfig, IndexConfig, NeighbourConfig))
     if args.command == "build-db":
         build_db(args.corpus, args.db, chunk_kwargs=chunk_kwargs, embed_config=embed, index_config=index, neighbour_config=neighbours,
-                 overwrite=args.overwrite, actors=args.actors, work_dir=args.work_dir)
+                 overwrite=args.overwrite, actors=args.actors, work_dir=args.work_dir, device=args.device)
     elif args.command == "chunks":
         record = write_chunk_shards(args.corpus, args.db, overwrite=args.overwrite, **chunk_kwargs)
         log.info("chunks: %s", {k: v for k, v in record["counts"].items() if k != "by_split"})
     elif args.command == "embed":
         write_embeddings(args.db, config=embed, actors=args.actors, overwrite=args.overwrite)
     elif args.command == "index":
-        write_index(args.db, config=index, overwrite=args.overwrite)
+        write_index(args.db, config=index, overwrite=args.overwrite, device=args.device)
     elif args.command == "neighbours":
-        write_neighbours(args.db, config=neighbours, actors=args.actors, overwrite=args.overwrite)
+        write_neighbours(args.db, config=neighbours, actors=args.actors, overwrite=args.overwrite, device=args.device)
     elif args.command == "add-documents":
         add_documents(args.corpus, args.db, name=args.name, beam_args=beam_args, actors=args.actors)
     elif args.command == "summary":

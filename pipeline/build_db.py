@@ -47,7 +47,7 @@ def summary_lines(db: str) -> list[str]:
 
 
 def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=None, index_config=None,
-             neighbour_config=None, overwrite: bool = False, actors: int = 0, work_dir: str | None = None) -> None:
+             neighbour_config=None, overwrite: bool = False, actors: int = 0, work_dir: str | None = None, device: str = "auto") -> None:
     """Every stage into ``db``, a directory or a bucket URI (then stages 2-4 run on a local mirror
     in ``work_dir`` and are uploaded after each stage; see ``pipeline.remote_db``)."""
     local = db
@@ -58,8 +58,8 @@ def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=Non
     for name, run in (
         ("chunks", lambda: write_chunk_shards(corpus, db, overwrite=overwrite, **chunk_kwargs)),
         ("embeddings", lambda: write_embeddings(local, config=embed_config, actors=actors, overwrite=overwrite)),
-        ("index", lambda: write_index(local, config=index_config, overwrite=overwrite)),
-        ("neighbours", lambda: write_neighbours(local, config=neighbour_config, actors=actors, overwrite=overwrite)),
+        ("index", lambda: write_index(local, config=index_config, overwrite=overwrite, device=device)),
+        ("neighbours", lambda: write_neighbours(local, config=neighbour_config, actors=actors, overwrite=overwrite, device=device)),
     ):
         t0 = time.perf_counter()
         run()

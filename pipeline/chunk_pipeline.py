@@ -2,7 +2,7 @@
 
     files -> ReadCorpus -> Normalize -> ExactDedup -> Tokenize -> MinHash
           -> DropNearDuplicates (within a split) + DropLeakage (train vs valid/test)
-          -> WriteChunkShards (dense chunk ids via per-shard counts as a side input)
+          -> WriteChunkShards (dense chunk ids: per-shard counts, prefix sums joined to each shard)
 
 Every record read ends in exactly one place: a kept document, or ``DB/rejected/`` with its
 reason (bad records and every kind of drop alike), so ``records_read == kept + rejected``.
@@ -123,7 +123,7 @@ def _count(name: str, n: int = 1) -> None:
 
 
 class ReadRecordsFn(beam.DoFn):
-    """(path, size) -> Record, or Rejected on the 'rejected' output."""
+    """(path, size) -> Record, or Rejected."""
 
     def __init__(self, text_field: str, max_record_bytes: int):
         self.text_field, self.max_record_bytes = text_field, max_record_bytes
@@ -134,20 +134,18 @@ class ReadRecordsFn(beam.DoFn):
             _count("records_read")
             if isinstance(item, corpus_io.Rejected):
                 _count(f"rejected_{item.reason}")
-                yield beam.pvalue.TaggedOutput("rejected", item)
-            else:
-                yield item
+            yield item
 
 
 class NormalizeFn(beam.DoFn):
-    """Record -> doc dict keyed by the hash of its normalised text; empty text is dropped."""
+    """Record -> doc dict keyed by the hash of its normalised text; empty text -> Rejected."""
 
     def process(self, record: corpus_io.Record):
         text = normalize_text(record.text)
         doc = {"source": record.source, "position": record.position, "meta": record.meta}
         if not text:
             _count(f"rejected_{EMPTY}")
-            yield beam.pvalue.TaggedOutput("rejected", _rejected(doc, EMPTY, "no text after normalisation"))
+            yield _rejected(doc, EMPTY, "no text after normalisation")
             return
         doc["text"] = text
         doc["key"] = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
@@ -155,7 +153,7 @@ class NormalizeFn(beam.DoFn):
 
 
 class KeepFirstFn(beam.DoFn):
-    """(hash, [docs with that exact text]) -> the first by (source, position); the rest dropped.
+    """(hash, [docs with that exact text]) -> the first by (source, position); the rest -> Rejected.
 
     A group that holds ``EXISTING`` (the text is already in the DB being grown) keeps none.
     """
@@ -165,19 +163,21 @@ class KeepFirstFn(beam.DoFn):
         if EXISTING in docs:
             for dup in (d for d in docs if d != EXISTING):
                 _count(f"rejected_{EXACT_DUPLICATE}")
-                yield beam.pvalue.TaggedOutput("rejected", _rejected(dup, EXACT_DUPLICATE, "same text as a document already in the DB"))
+                yield _rejected(dup, EXACT_DUPLICATE, "same text as a document already in the DB")
             return
         docs = sorted(docs, key=lambda d: (d["source"], d["position"]))
         yield docs[0]
         for dup in docs[1:]:
             _count(f"rejected_{EXACT_DUPLICATE}")
-            yield beam.pvalue.TaggedOutput(
-                "rejected", _rejected(dup, EXACT_DUPLICATE, f"same text as {docs[0]['source']}:{docs[0]['position']}")
-            )
+            yield _rejected(dup, EXACT_DUPLICATE, f"same text as {docs[0]['source']}:{docs[0]['position']}")
 
 
-class TokenizeBatchFn(beam.DoFn):
-    """[doc] -> doc with ``tokens`` (LM ids + EOS, uint32 bytes) and ``split``; text is dropped."""
+class TokenizeFn(beam.DoFn):
+    """doc -> doc with ``tokens`` (LM ids + EOS, uint32 bytes) and ``split``; text is dropped.
+
+    One document per call: ``encode_batch_fast`` of one text costs what it costs inside a batch of
+    1024 (measured), and batching across elements needs ``finish_bundle`` output, which not every
+    runner delivers (the Dask runner drops it)."""
 
     def __init__(self, tokenizer_json: str, config: ChunkConfig):
         self.tokenizer_json, self.config = tokenizer_json, config
@@ -186,17 +186,16 @@ class TokenizeBatchFn(beam.DoFn):
         self.tokenizer = load_lm_tokenizer(self.tokenizer_json)
         self.eos = special_id(self.tokenizer, EOS)
 
-    def process(self, docs):
-        encodings = self.tokenizer.encode_batch_fast([d["text"] for d in docs], add_special_tokens=False)
-        for doc, enc in zip(docs, encodings):
-            tokens = np.empty(len(enc.ids) + 1, dtype=np.uint32)
-            tokens[:-1] = enc.ids
-            tokens[-1] = self.eos
-            _count("tokens", len(tokens))
-            out = {k: v for k, v in doc.items() if k != "text"}
-            out["tokens"] = tokens.tobytes()  # bytes: Beam's coder copies them without pickling
-            out["split"] = split_of(doc["key"], self.config)
-            yield out
+    def process(self, doc):
+        ids = self.tokenizer.encode_batch_fast([doc["text"]], add_special_tokens=False)[0].ids
+        tokens = np.empty(len(ids) + 1, dtype=np.uint32)
+        tokens[:-1] = ids
+        tokens[-1] = self.eos
+        _count("tokens", len(tokens))
+        out = {k: v for k, v in doc.items() if k != "text"}
+        out["tokens"] = tokens.tobytes()  # bytes: Beam's coder copies them without pickling
+        out["split"] = split_of(doc["key"], self.config)
+        yield out
 
 
 class MinHashFn(beam.DoFn):
@@ -250,7 +249,7 @@ class VerifyBucketFn(beam.DoFn):
 
 
 class ApplyDropsFn(beam.DoFn):
-    """(key, {doc, near, leak}) -> the doc, unless it was marked a near-duplicate or leaked."""
+    """(key, {doc, near, leak}) -> the doc, or Rejected when it was marked a near-duplicate or leaked."""
 
     def process(self, joined):
         _, groups = joined
@@ -258,11 +257,11 @@ class ApplyDropsFn(beam.DoFn):
             if groups["near"]:
                 _count(f"rejected_{NEAR_DUPLICATE}")
                 detail = f"near-duplicate of document {min(groups['near']).hex()}"
-                yield beam.pvalue.TaggedOutput("rejected", _rejected(doc, NEAR_DUPLICATE, detail))
+                yield _rejected(doc, NEAR_DUPLICATE, detail)
             elif groups["leak"]:
                 _count(f"rejected_{LEAKAGE}")
                 detail = f"13-gram Jaccard >= threshold with held-out document {min(groups['leak']).hex()}"
-                yield beam.pvalue.TaggedOutput("rejected", _rejected(doc, LEAKAGE, detail))
+                yield _rejected(doc, LEAKAGE, detail)
             else:
                 yield {k: doc[k] for k in ("key", "split", "source", "position", "meta", "tokens")}
 
@@ -297,7 +296,8 @@ def _write_parquet_atomically(table: pa.Table, path: str) -> tuple[int, str]:
 
 
 class WriteChunkShardFn(beam.DoFn):
-    """((split, shard), [doc]) -> writes that shard's chunks and documents; yields its status."""
+    """((split, shard), {docs: [doc], offsets: [(first doc id, first chunk id)]}) -> writes that shard's
+    chunks and documents; yields its status."""
 
     def __init__(self, db: str, config: ChunkConfig, tokenizer_json: str):
         self.db, self.config, self.tokenizer_json = db, config, tokenizer_json
@@ -307,10 +307,12 @@ class WriteChunkShardFn(beam.DoFn):
         self.byte_lengths = token_byte_lengths(tokenizer)
         self.chunk_schema = layout.chunk_schema(pa.uint16() if tokenizer.get_vocab_size() <= 1 << 16 else pa.uint32())
 
-    def process(self, shard_docs, counts):
-        (split, shard), docs = shard_docs
-        docs = sorted(docs, key=lambda d: d["key"])
-        doc_id, chunk_id = id_offsets(counts, self.config)[(split, shard)]
+    def process(self, joined):
+        (split, shard), groups = joined
+        if not groups["docs"]:  # shards without documents get no files
+            return
+        docs = sorted(groups["docs"], key=lambda d: d["key"])
+        ((doc_id, chunk_id),) = groups["offsets"]
         m = self.config.chunk_size
         chunk_cols = {name: [] for name in self.chunk_schema.names}
         doc_cols = {name: [] for name in layout.DOCUMENT_SCHEMA.names}
@@ -360,17 +362,42 @@ class WriteRejectedFn(beam.DoFn):
         yield reason, len(lines)
 
 
-def _write_json(obj, path: str) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(obj, sort_keys=True, indent=1).encode("utf-8"))
+class WriteSummaryFn(beam.DoFn):
+    """(None, {stats: [(name, n)], shards: [status]}) -> ``staging``/stats.json and shards.json for the driver."""
+
+    def __init__(self, staging: str):
+        self.staging = staging
+
+    def process(self, joined):
+        _, groups = joined
+        shards = sorted(groups["shards"], key=lambda x: (SPLITS.index(x["split"]), x["shard"]))
+        for name, obj in (("stats.json", dict(sorted(groups["stats"]))), ("shards.json", shards)):
+            with FileSystems.create(FileSystems.join(self.staging, name)) as f:
+                f.write(json.dumps(obj, sort_keys=True, indent=1).encode("utf-8"))
+        yield len(shards)
 
 
 # ---------------------------------------------------------------------------------------------
-# Composite transforms.
+# Composite transforms. They use only ParDo, GroupByKey, Flatten and Create (every runner's
+# primitives, the Dask runner's included): no tagged outputs, no side inputs, no output from
+# finish_bundle, and one leaf at the end that depends on every write.
+
+
+class DeadLettered(beam.PTransform):
+    """A DoFn that yields kept elements or ``Rejected`` -> {'kept': ..., 'rejected': ...}."""
+
+    def __init__(self, fn: beam.DoFn):
+        super().__init__()
+        self.fn = fn
+
+    def expand(self, pcoll):
+        both = pcoll | "Apply" >> beam.ParDo(self.fn)
+        return {"kept": both | "Kept" >> beam.Filter(lambda x: not isinstance(x, corpus_io.Rejected)),
+                "rejected": both | "Rejected" >> beam.Filter(lambda x: isinstance(x, corpus_io.Rejected))}
 
 
 class ReadCorpus(beam.PTransform):
-    """(path, size) pairs -> {'records': Record, 'rejected': Rejected}."""
+    """(path, size) pairs -> {'kept': Record, 'rejected': Rejected}."""
 
     def __init__(self, files: list, config: ChunkConfig):
         super().__init__()
@@ -381,12 +408,19 @@ class ReadCorpus(beam.PTransform):
             pbegin
             | "Files" >> beam.Create(self.files)
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(ReadRecordsFn(self.config.text_field, self.config.max_record_bytes)).with_outputs("rejected", main="records")
+            | "Read" >> DeadLettered(ReadRecordsFn(self.config.text_field, self.config.max_record_bytes))
         )
 
 
+def _existing_hashes(path: str):
+    """A documents shard of the DB being grown -> (text hash, EXISTING) per document."""
+    with FileSystems.open(path) as f:
+        for text_hash in pq.read_table(f, columns=["doc_hash"])["doc_hash"].to_pylist():
+            yield bytes.fromhex(text_hash), EXISTING
+
+
 class ExactDedup(beam.PTransform):
-    """doc -> {'docs': one doc per distinct normalised text, 'rejected': the others}.
+    """doc -> {'kept': one doc per distinct normalised text, 'rejected': the others}.
 
     ``existing``: globs of a DB's ``documents`` Parquet shards; texts already there are dropped too
     (a shuffle join on the text hash, so it scales with the DB).
@@ -399,16 +433,15 @@ class ExactDedup(beam.PTransform):
     def expand(self, docs):
         keyed = docs | "ByTextHash" >> beam.Map(lambda d: (d["key"], d))
         if self.existing:
-            known = (
-                [docs.pipeline | f"ReadExisting{i}" >> beam.io.ReadFromParquet(g, columns=["doc_hash"]) for i, g in enumerate(self.existing)]
-                | "AllExisting" >> beam.Flatten()
-                | "ExistingHash" >> beam.Map(lambda row: (bytes.fromhex(row["doc_hash"]), EXISTING))
-            )
+            # files listed here and read by a ParDo: Beam's Parquet source is a splittable DoFn,
+            # which not every runner executes (the Dask runner does not)
+            files = sorted(m.path for result in FileSystems.match(self.existing) for m in result.metadata_list)
+            known = docs.pipeline | "ExistingFiles" >> beam.Create(files) | "ExistingHashes" >> beam.FlatMap(_existing_hashes)
             keyed = (keyed, known) | "WithExisting" >> beam.Flatten()
         return (
             keyed
             | "GroupByTextHash" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.ParDo(KeepFirstFn()).with_outputs("rejected", main="docs")
+            | "KeepFirst" >> DeadLettered(KeepFirstFn())
         )
 
 
@@ -444,7 +477,7 @@ class FindNearDuplicates(beam.PTransform):
 
 
 class Deduplicate(beam.PTransform):
-    """Tokenized docs -> {'docs': kept, 'rejected': near-duplicates and leaked train docs}."""
+    """Tokenized docs -> {'kept': kept, 'rejected': near-duplicates and leaked train docs}."""
 
     def __init__(self, config: ChunkConfig):
         super().__init__()
@@ -458,7 +491,7 @@ class Deduplicate(beam.PTransform):
         return (
             {"doc": keyed, "near": near, "leak": leak}
             | "Join" >> beam.CoGroupByKey()
-            | "ApplyDrops" >> beam.ParDo(ApplyDropsFn()).with_outputs("rejected", main="docs")
+            | "ApplyDrops" >> DeadLettered(ApplyDropsFn())
         )
 
 
@@ -472,15 +505,20 @@ class WriteChunkShards(beam.PTransform):
     def expand(self, docs):
         c = self.config
         by_shard = docs | "ByShard" >> beam.Map(lambda d: ((d["split"], shard_of(d["key"], d["split"], c)), d))
-        counts = (
+        # ids of a shard start at the prefix sums of all shards' sizes: the few sizes meet on one key,
+        # and each shard's offsets reach its documents by a join
+        offsets = (
             by_shard
             | "ShardSizes" >> beam.Map(lambda kv: (kv[0], (1, chunk_count(len(doc_tokens(kv[1])), c.chunk_size))))
             | "SumShardSizes" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs))) if pairs else (0, 0))
+            | "OneKey" >> beam.Map(lambda kv: (None, kv))
+            | "AllSizes" >> beam.GroupByKey()
+            | "Offsets" >> beam.FlatMap(lambda kv: id_offsets(dict(kv[1]), c).items())
         )
         return (
-            by_shard
-            | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(WriteChunkShardFn(self.db, c, self.tokenizer_json), counts=beam.pvalue.AsDict(counts))
+            {"docs": by_shard, "offsets": offsets}
+            | "JoinOffsets" >> beam.CoGroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteChunkShardFn(self.db, c, self.tokenizer_json))
         )
 
 
@@ -506,32 +544,24 @@ def build_chunk_pipeline(p: beam.Pipeline, *, inputs: list, db: str, config: Chu
                          existing_documents: list[str] = ()) -> None:
     """Adds stage 1 over ``inputs`` [(path, size)] to ``p``. Its statistics land in ``staging``/stats.json and shards.json."""
     read = p | "ReadCorpus" >> ReadCorpus(inputs, config)
-    normalized = read.records | "Normalize" >> beam.ParDo(NormalizeFn()).with_outputs("rejected", main="docs")
-    unique = normalized.docs | "ExactDedup" >> ExactDedup(existing_documents)
-    tokenized = (
-        unique.docs
-        | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=1024)
-        | "Tokenize" >> beam.ParDo(TokenizeBatchFn(tokenizer_json, config))
-    )
+    normalized = read["kept"] | "Normalize" >> DeadLettered(NormalizeFn())
+    unique = normalized["kept"] | "ExactDedup" >> ExactDedup(existing_documents)
+    tokenized = unique["kept"] | "Tokenize" >> beam.ParDo(TokenizeFn(tokenizer_json, config))
     kept = tokenized | "Deduplicate" >> Deduplicate(config)
-    statuses = kept.docs | "WriteChunkShards" >> WriteChunkShards(db, config, tokenizer_json)
-    rejected = (read.rejected, normalized.rejected, unique.rejected, kept.rejected) | "AllRejected" >> beam.Flatten()
+    statuses = kept["kept"] | "WriteChunkShards" >> WriteChunkShards(db, config, tokenizer_json)
+    rejected = (read["rejected"], normalized["rejected"], unique["rejected"], kept["rejected"]) | "AllRejected" >> beam.Flatten()
     rejected_counts = rejected | "WriteRejected" >> WriteRejected(db, config.rejected_shards)
     records_read = (
-        (read.records, read.rejected) | "AllRead" >> beam.Flatten()
-        | "CountRead" >> beam.combiners.Count.Globally()
-        | "AsPair" >> beam.Map(lambda n: ("records_read", n))
+        ((read["kept"], read["rejected"]) | "AllRead" >> beam.Flatten() | "OnePerRecord" >> beam.Map(lambda _: ("records_read", 1)),
+         p | "NoneRead" >> beam.Create([("records_read", 0)]))  # so that an empty corpus still reports 0
+        | "ReadMarks" >> beam.Flatten()
+        | "CountRead" >> beam.CombinePerKey(sum)
     )
+    stats = (records_read, rejected_counts | "RejectedKeys" >> beam.Map(lambda kv: (f"rejected_{kv[0]}", kv[1]))) | "AllCounts" >> beam.Flatten()
     (
-        (records_read, rejected_counts | "RejectedKeys" >> beam.Map(lambda kv: (f"rejected_{kv[0]}", kv[1])))
-        | "AllCounts" >> beam.Flatten()
-        | "CountsToList" >> beam.combiners.ToList()
-        | "WriteStats" >> beam.Map(lambda pairs: _write_json(dict(sorted(pairs)), FileSystems.join(staging, "stats.json")))
-    )
-    (
-        statuses
-        | "StatusesToList" >> beam.combiners.ToList()
-        | "WriteShardStatuses" >> beam.Map(lambda s: _write_json(sorted(s, key=lambda x: (SPLITS.index(x["split"]), x["shard"])), FileSystems.join(staging, "shards.json")))
+        {"stats": stats | "StatsOnOneKey" >> beam.Map(lambda kv: (None, kv)), "shards": statuses | "ShardsOnOneKey" >> beam.Map(lambda x: (None, x))}
+        | "Summary" >> beam.CoGroupByKey()
+        | "WriteSummary" >> beam.ParDo(WriteSummaryFn(staging))
     )
 
 
@@ -539,10 +569,18 @@ def build_chunk_pipeline(p: beam.Pipeline, *, inputs: list, db: str, config: Chu
 # The stage: tokenizer, resumability, manifest.
 
 
+# Runners Beam ships but does not know by their short name.
+RUNNER_PATHS = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
 def local_beam_options(beam_args: list[str]):
     """Beam options; without --runner, the local FnApiRunner on every core (never Prism,
-    which downloads a binary and fails offline)."""
-    args = list(beam_args)
+    which downloads a binary and fails offline). ``--runner=DaskRunner`` runs on the dask.distributed
+    cluster at ``--dask_client_address``."""
+    args = []
+    for arg in beam_args:
+        name, _, runner = arg.partition("=")
+        args.append(f"--runner={RUNNER_PATHS[runner]}" if name == "--runner" and runner in RUNNER_PATHS else arg)
     if not any(a.startswith("--runner") for a in args):
         args += ["--runner=FnApiRunner", f"--direct_num_workers={os.cpu_count() or 1}", "--direct_running_mode=multi_processing"]
     return PipelineOptions(args)

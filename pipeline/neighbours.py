@@ -70,10 +70,10 @@ def neighbours_of(index, queries: np.ndarray, query_docs: np.ndarray, doc_of, *,
 class NeighbourActor(ReportsNode):
     """Ray actor: holds the index and token store, writes one neighbour shard per call."""
 
-    def __init__(self, db: str, threads: int):
+    def __init__(self, db: str, threads: int, device: str):
         os.environ["OMP_NUM_THREADS"] = str(threads)
         self.db = db
-        self.index = RetrievalIndex(db, threads=threads)
+        self.index = RetrievalIndex(db, threads=threads, device=device)
         self.store = TokenStore(db)
 
     def write_shard(self, chunk_file: str, out_path: str, config: dict) -> tuple[str, int, int, float]:
@@ -103,8 +103,10 @@ class NeighbourActor(ReportsNode):
         return out_path, len(ids), int((ids >= 0).all(axis=1).sum()), time.perf_counter() - t0
 
 
-def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: int = 0, overwrite: bool = False) -> dict:
-    """Runs stage 4 over every chunk shard; returns its manifest record."""
+def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: int = 0, overwrite: bool = False,
+                     device: str = "auto") -> dict:
+    """Runs stage 4 over every chunk shard (searching on GPUs when ``device`` resolves to them);
+    returns its manifest record."""
     config = config or NeighbourConfig()
     index = completed(db, "index")
     stage = Stage(db, "neighbours", config, overwrite=overwrite, fingerprints={
@@ -117,14 +119,21 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
 
     todo = [f for f in files if not os.path.exists(outs[f])]
     connect_ray()
-    cpus, _ = cluster_cpus_gpus()
-    n_actors = max(1, min(actors or int(cpus), len(todo)))
-    threads = max(1, int(cpus) // n_actors)
+    cpus, gpus = cluster_cpus_gpus()
+    # the actors' nodes hold the GPUs (not always the driver's): Ray's count decides, each actor's faiss checks
+    if device == "gpu" and not gpus:
+        raise ValueError("device gpu: the Ray cluster has no GPUs; use auto or cpu")
+    device = "gpu" if device in ("auto", "gpu") and gpus else "cpu"
+    if device == "gpu":
+        n_actors, threads, resources = max(1, min(actors or int(gpus), len(todo))), 1, {"num_gpus": 1}
+    else:
+        n_actors = max(1, min(actors or int(cpus), len(todo)))
+        threads, resources = max(1, int(cpus) // n_actors), {"num_cpus": 0.5}
     t0, searched, nodes, actor_s = time.perf_counter(), 0, 0, 0.0
     if todo:
-        pool, nodes = spread_actor_pool(NeighbourActor, n_actors, {"num_cpus": 0.5}, db, threads)
+        pool, nodes = spread_actor_pool(NeighbourActor, n_actors, resources, db, threads, device)
         rows = {f: pq.ParquetFile(f).metadata.num_rows for f in todo}
-        log.info("neighbours: %d shards (%d chunks) on %d actors", len(todo), sum(rows.values()), n_actors)
+        log.info("neighbours: %d shards (%d chunks) on %d actors (%s)", len(todo), sum(rows.values()), n_actors, device)
         with tqdm(total=sum(rows.values()), unit="chunk", desc="neighbours", mininterval=2) as bar:
             for _, n, _, shard_s in pool.map_unordered(lambda a, f: a.write_shard.remote(f, outs[f], asdict(config)), todo):
                 bar.update(n)
@@ -146,7 +155,7 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     counts["coverage"] = round(counts["full"] / counts["chunks"], 4) if counts["chunks"] else 0.0
     return stage.complete(
         shards=shards, counts=counts,
-        queries_per_s_this_run=round(searched / seconds, 1) if searched else None, ray_nodes_this_run=nodes,
+        queries_per_s_this_run=round(searched / seconds, 1) if searched else None, ray_nodes_this_run=nodes, search_device=device,
         # summed over actors, without their start-up: the per-query cost a cluster scales
         actor_seconds_this_run=round(actor_s, 2),
         versions=mf.package_versions("faiss-cpu", "ray", "pyarrow"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -43,7 +44,8 @@ class ChunkEmbedder:
     """A frozen BERT that embeds LM-token chunks or texts. Output (n, d) float32."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, lm_tokenizer_json: str | None = None, device: str | None = None,
-                 precision: str = "fp32", max_length: int = 256, batch_size: int = 128, threads: int | None = None):
+                 precision: str = "fp32", max_length: int = 256, batch_size: int = 128, threads: int | None = None,
+                 tokenizer_threads: int | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -61,14 +63,28 @@ class ChunkEmbedder:
         self.bert = bert.to(self.device)
         self.dim = self.bert.config.hidden_size
         self.max_length, self.batch_size = max_length, batch_size
+        # On a GPU the model outruns one process's wordpiece tokenizer; the Rust tokenizer releases
+        # the GIL, so threads tokenize in parallel. On CPUs the model's own threads use the cores.
+        self.tokenizer_threads = tokenizer_threads or ((os.cpu_count() or 1) if self.device.startswith("cuda") else 1)
         self.lm_tokenizer = None
         if lm_tokenizer_json:
             self.lm_tokenizer = load_lm_tokenizer(lm_tokenizer_json)
 
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """BERT wordpiece ids per text, on ``tokenizer_threads`` threads (the same ids as one thread)."""
+        def encode(part):
+            return self.bert_tokenizer(part, truncation=True, max_length=self.max_length)["input_ids"] if part else []
+
+        if self.tokenizer_threads <= 1 or len(texts) < 2 * self.batch_size:
+            return encode(texts)
+        step = -(-len(texts) // self.tokenizer_threads)
+        with ThreadPoolExecutor(self.tokenizer_threads) as pool:
+            return [ids for part in pool.map(encode, [texts[i : i + step] for i in range(0, len(texts), step)]) for ids in part]
+
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Mean-pooled BERT embeddings. Batches are length-sorted so padding is minimal. (n, d)"""
         torch = self.torch
-        encoded = self.bert_tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        encoded = self.tokenize(texts)
         lengths = np.array([len(ids) for ids in encoded])
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)

@@ -8,6 +8,10 @@ vectors in RAM. Every merge orders by (distance, id) (``merge_top_k``), so one p
 spread over many servers (``index_service``) give the same answer. Deleted documents
 (``retro_db.deletions``) are excluded inside faiss, so k results still come back.
 
+On a GPU (``device="gpu"``, faiss's GPU build) the IVF-PQ shards are searched there; GPU indexes
+take no id selector, so deleted ids are dropped from the candidates afterwards (a query may then get
+fewer than k results where deletions crowd its candidates).
+
 Axes: n queries, k results, c candidates, d embedding dim. Ids are chunk ids; -1 where fewer exist.
 """
 
@@ -63,6 +67,26 @@ def merge_top_k(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[n
     return dists.astype(np.float32), ids
 
 
+def faiss_gpus() -> int:
+    """GPUs faiss can use: 0 with the faiss-cpu build or without a CUDA device."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """'auto' is 'gpu' when faiss sees a GPU, else 'cpu'; asking for 'gpu' without one is an error."""
+    if requested not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device {requested!r}: use auto, cpu or gpu")
+    gpus = faiss_gpus()
+    if requested == "gpu" and not gpus:
+        raise ValueError("device gpu: faiss sees no GPU (this is the faiss-cpu build, or no CUDA device is visible); use auto or cpu")
+    return "gpu" if gpus and requested != "cpu" else "cpu"
+
+
+def drop_deleted(dists: np.ndarray, ids: np.ndarray, deleted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates without deleted ids, nearest first, padded at the end: the filter for searches without a selector."""
+    return merge_top_k([(dists, np.where(np.isin(ids, deleted), -1, ids))], ids.shape[1])
+
+
 def deleted_selector(chunk_ids: np.ndarray):
     """A faiss selector that excludes deleted chunk ids inside the search (k results still come back)."""
     if not len(chunk_ids):
@@ -73,20 +97,25 @@ def deleted_selector(chunk_ids: np.ndarray):
 class IndexShard:
     """One IVF-PQ index shard: approximate top-k by PQ distance. Ids are chunk ids; -1 where fewer exist."""
 
-    def __init__(self, path: str, *, mmap: bool = False):
+    def __init__(self, path: str, *, mmap: bool = False, gpu_resources=None):
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
             self.index = faiss.read_index(path, flags)
         except RuntimeError as e:
             raise ValueError(f"index shard {path} is unreadable ({str(e).splitlines()[0]}); rebuild the index stage") from e
-        self.path, self.dim = path, self.index.d
+        self.path, self.dim, self.on_gpu = path, self.index.d, gpu_resources is not None
+        if self.on_gpu:  # the codes move to GPU 0; the CPU copy is dropped
+            self.index = faiss.index_cpu_to_gpu(gpu_resources, 0, self.index)
 
     @property
     def ntotal(self) -> int:
         return self.index.ntotal
 
     def search(self, queries: np.ndarray, k: int, *, nprobe: int, selector=None) -> tuple[np.ndarray, np.ndarray]:
-        """(n, k) approximate distances, (n, k) ids; ``selector`` excludes deleted ids inside faiss."""
+        """(n, k) approximate distances, (n, k) ids; ``selector`` excludes deleted ids inside faiss (CPU only)."""
+        if self.on_gpu:
+            faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+            return self.index.search(queries, k)
         return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe, sel=selector))
 
 
@@ -112,22 +141,25 @@ def rerank(vectors: ShardedRows, queries: np.ndarray, ids: np.ndarray, k: int) -
 
 class RetrievalIndex:
     """Searches every index shard for ``rerank_factor * k`` candidates, merges them and re-ranks
-    them exactly on the stored vectors; deleted documents are excluded inside faiss."""
+    them exactly on the stored vectors; deleted documents are excluded (inside faiss on the CPU)."""
 
     def __init__(self, db: str, *, shard_paths: list[str] | None = None, nprobe: int | None = None,
-                 rerank_factor: int | None = None, threads: int | None = None, mmap: bool = False):
+                 rerank_factor: int | None = None, threads: int | None = None, mmap: bool = False, device: str = "cpu"):
         if threads:
             faiss.omp_set_num_threads(threads)
         stage = mf.read_manifest(db)["stages"].get("index", {})
         paths = shard_paths or index_shard_paths(db)
         if not paths:
             raise mf.DBNotReady(f"{db}/{layout.INDEX} holds no index shards; run the index stage ({mf.BUILD_HINT.format(db=db)})")
-        self.shards = [IndexShard(p, mmap=mmap) for p in paths]
+        self.device = resolve_device(device)
+        resources = faiss.StandardGpuResources() if self.device == "gpu" else None
+        self.shards = [IndexShard(p, mmap=mmap, gpu_resources=resources) for p in paths]
         self.dim = self.shards[0].dim
         self.vectors = load_indexed_vectors(db)
         self.nprobe = nprobe or stage.get("default_nprobe") or 8
         self.rerank_factor = stage.get("config", {}).get("rerank_factor", 4) if rerank_factor is None else rerank_factor
-        self.selector = deleted_selector(deletions.deleted_chunk_ids(db))
+        self.deleted = deletions.deleted_chunk_ids(db)
+        self.selector = deleted_selector(self.deleted) if self.device == "cpu" else None
 
     @property
     def ntotal(self) -> int:
@@ -140,6 +172,8 @@ class RetrievalIndex:
             raise ValueError(f"queries must be (n, {self.dim}); got {queries.shape}")
         candidates = k * max(1, self.rerank_factor)
         dists, ids = search_shards(self.shards, queries, candidates, nprobe=nprobe or self.nprobe, selector=self.selector)
+        if self.device == "gpu" and len(self.deleted):
+            dists, ids = drop_deleted(dists, ids, self.deleted)
         return rerank(self.vectors, queries, ids, k) if self.rerank_factor else (dists[:, :k], ids[:, :k])
 
 

@@ -3,6 +3,8 @@ import logging
 import os
 import socket
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zstandard
 
@@ -32,6 +34,25 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def corpus_docs():
     return default_corpus_docs()
+
+
+def write_mixed_corpus(root, docs):
+    root.mkdir()
+    texts = [d["text"] for d in docs]
+    lines = [json.dumps({"text": t, "meta": {"i": i}}) for i, t in enumerate(texts[:60])]
+    lines.insert(3, '{"text": "unterminated')                 # malformed JSON, line 4
+    lines.insert(7, '{"no_text": "here"}')                    # missing text, line 8
+    lines.insert(9, json.dumps({"text": texts[0]}))           # exact duplicate of line 1
+    lines.insert(11, json.dumps({"text": "   \n  "}))         # empty after normalisation
+    lines.insert(12, json.dumps({"text": "y" * 300_000}))     # huge record, line 13
+    (root / "part-0.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff utf8"}\n')
+    zst = "".join(json.dumps({"text": t}) + "\n" for t in texts[60:100]).encode()
+    (root / "part-1.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zst))
+    cut = zstandard.ZstdCompressor().compress("".join(json.dumps({"text": t}) + "\n" for t in texts[100:140]).encode())
+    (root / "part-2.jsonl.zst").write_bytes(cut[: len(cut) * 2 // 3])
+    pq.write_table(pa.table({"text": texts[140:150]}), root / "part-3.parquet")
+    (root / "notes.txt").write_text(texts[150])
+    (root / "empty.jsonl").write_bytes(b"")
 
 
 BLOCK_ROWS = 256

@@ -11,11 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import zstandard
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from conftest import BEAM_TEST_ARGS
+from conftest import BEAM_TEST_ARGS, write_mixed_corpus
 from pipeline import chunk_pipeline as cp
 from pipeline import minhash
 from pipeline.lm_tokenizer import train_lm_tokenizer
@@ -53,8 +52,8 @@ def perturb(tokens, fraction, rng):
 def run_dedup(docs, config):
     with TestPipeline(argv=BEAM_TEST_ARGS) as p:
         out = p | beam.Create(docs) | cp.Deduplicate(config)
-        kept = out.docs | "KeptSources" >> beam.Map(lambda d: d["source"])
-        dropped = out.rejected | "DroppedSources" >> beam.Map(lambda r: (r.source, r.reason))
+        kept = out["kept"] | "KeptSources" >> beam.Map(lambda d: d["source"])
+        dropped = out["rejected"] | "DroppedSources" >> beam.Map(lambda r: (r.source, r.reason))
         kept | "WriteKept" >> beam.io.WriteToText("/tmp/_dedup_kept", shard_name_template="")
         dropped | "WriteDropped" >> beam.io.WriteToText("/tmp/_dedup_dropped", shard_name_template="")
     kept = open("/tmp/_dedup_kept").read().split()
@@ -103,8 +102,8 @@ def test_exact_dedup_keeps_the_first_occurrence():
             {"key": b"k2", "source": "c", "position": 0}]
     with TestPipeline(argv=BEAM_TEST_ARGS) as p:
         out = p | beam.Create(docs) | cp.ExactDedup()
-        assert_that(out.docs | beam.Map(lambda d: (d["source"], d["position"])), equal_to([("a", 7), ("c", 0)]), label="kept")
-        assert_that(out.rejected | beam.Map(lambda r: (r.source, r.reason, r.detail)),
+        assert_that(out["kept"] | beam.Map(lambda d: (d["source"], d["position"])), equal_to([("a", 7), ("c", 0)]), label="kept")
+        assert_that(out["rejected"] | beam.Map(lambda r: (r.source, r.reason, r.detail)),
                     equal_to([("b", cp.EXACT_DUPLICATE, "same text as a:7")]), label="dropped")
 
 
@@ -115,25 +114,6 @@ def test_normalize_text():
 
 # ---------------------------------------------------------------------------------------------
 # End to end on a small mixed corpus with every kind of bad input.
-
-
-def write_mixed_corpus(root, docs):
-    root.mkdir()
-    texts = [d["text"] for d in docs]
-    lines = [json.dumps({"text": t, "meta": {"i": i}}) for i, t in enumerate(texts[:60])]
-    lines.insert(3, '{"text": "unterminated')                 # malformed JSON, line 4
-    lines.insert(7, '{"no_text": "here"}')                    # missing text, line 8
-    lines.insert(9, json.dumps({"text": texts[0]}))           # exact duplicate of line 1
-    lines.insert(11, json.dumps({"text": "   \n  "}))         # empty after normalisation
-    lines.insert(12, json.dumps({"text": "y" * 300_000}))     # huge record, line 13
-    (root / "part-0.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff utf8"}\n')
-    zst = "".join(json.dumps({"text": t}) + "\n" for t in texts[60:100]).encode()
-    (root / "part-1.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(zst))
-    cut = zstandard.ZstdCompressor().compress("".join(json.dumps({"text": t}) + "\n" for t in texts[100:140]).encode())
-    (root / "part-2.jsonl.zst").write_bytes(cut[: len(cut) * 2 // 3])
-    pq.write_table(pa.table({"text": texts[140:150]}), root / "part-3.parquet")
-    (root / "notes.txt").write_text(texts[150])
-    (root / "empty.jsonl").write_bytes(b"")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """deploy/'s launch files: they parse, name real entry points with flags those accept, use the
 project's images, and the RayService's Serve config builds the application `make serve` runs."""
 
+import argparse
 import glob
 import os
 import re
@@ -31,8 +32,21 @@ def _images(node) -> list[str]:
     return []
 
 
+def _beam_flags(options_class) -> set[str]:
+    """Every flag Beam's registered option classes accept (a flag's name may differ from its dest)."""
+    parser = argparse.ArgumentParser(conflict_handler="resolve")
+    todo = [options_class]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if "_add_argparse_args" in vars(cls):
+            cls._add_argparse_args(parser)
+    return {flag.lstrip("-") for action in parser._actions for flag in action.option_strings}
+
+
 def _check_cli(argv: list[str]) -> None:
     """``python -m <module> args``: the module's own parser accepts them; leftovers are Beam options."""
+    import apache_beam.runners.dask.dask_runner  # noqa: F401  (registers the Dask runner's options)
     from apache_beam.options.pipeline_options import PipelineOptions
 
     assert argv[:2] == ["python", "-m"], argv
@@ -47,7 +61,7 @@ def _check_cli(argv: list[str]) -> None:
         raise AssertionError(f"unknown entry point {module}")
     _, unknown = build_parser().parse_known_args(args)
     assert module == "pipeline" or not unknown, f"{module} does not accept {unknown}"
-    known = PipelineOptions([]).get_all_options(drop_default=False, retain_unknown_options=False)
+    known = _beam_flags(PipelineOptions)
     for flag in unknown:
         name = flag.split("=")[0].lstrip("-")
         assert flag.startswith("--") and name in known, f"{module}: {flag} is neither ours nor a Beam option"
@@ -109,9 +123,23 @@ def test_rayjob_and_cluster_launcher_run_real_commands():
     assert all(c.startswith("ray ") for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"])
 
 
+def test_dask_cluster_runs_the_project_image_with_single_threaded_workers():
+    cluster = _yaml("dask/dask-cluster.yaml")
+    assert cluster["kind"] == "DaskCluster" and cluster["apiVersion"] == "kubernetes.dask.org/v1"
+    (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
+    (scheduler,) = cluster["spec"]["scheduler"]["spec"]["containers"]
+    assert worker["args"][:2] == ["dask", "worker"] and worker["args"][worker["args"].index("--nthreads") + 1] == "1"
+    assert scheduler["args"][:2] == ["dask", "scheduler"]
+    port = scheduler["args"][scheduler["args"].index("--port") + 1]
+    script = _script_command(os.path.join(DEPLOY, "beam", "dask.sh"), "python -m pipeline")
+    name = cluster["metadata"]["name"]
+    assert "--runner=DaskRunner" in script and open(os.path.join(DEPLOY, "beam", "dask.sh")).read().count(f"tcp://{name}-scheduler:{port}") == 1
+
+
 @pytest.mark.parametrize("script, marker", [
     ("beam/dataflow.sh", "python -m pipeline"),
     ("beam/flink.sh", "python -m pipeline"),
+    ("beam/dask.sh", "python -m pipeline"),
     ("torchrun/train-multinode.sh", "torchrun"),
 ])
 def test_launch_scripts_are_valid_shell_and_call_real_entry_points(script, marker):
