@@ -24,8 +24,10 @@ import numpy as np
 
 from bench.chunk_pipeline import load_texts
 from pipeline.__main__ import DEFAULT_CORPUS
+from pipeline.embed import EmbedConfig, actor_layout
 from pipeline.lm_tokenizer import train_lm_tokenizer
 from retro_db.embedder import ChunkEmbedder, resolve_model
+from retro_db.ray_cluster import connect_ray
 
 log = logging.getLogger("bench.embed")
 
@@ -60,8 +62,6 @@ def timed(fn, *args):
 
 def ray_pool_embed(texts: list[str], model: str, batch_size: int, cores: int) -> tuple[np.ndarray, float]:
     """The stage's layout: one actor per node using all of its cores, length-sorted blocks."""
-    from pipeline.embed import EmbedConfig, actor_layout
-    from retro_db.ray_cluster import connect_ray
 
     ray = connect_ray()
     n_actors, threads, resources = actor_layout(cores, 0)

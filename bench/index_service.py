@@ -19,19 +19,23 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
+import requests
+from ray import serve
+
+from index_service.app import ServiceConfig, build_app
+from retro_db.embedder import ChunkEmbedder
+from retro_db.layout import chunk_shard_files
+from retro_db.ray_cluster import connect_ray
+from retro_db.search import RetrievalIndex, load_embedding_rows
+from retro_db.token_store import TokenStore, first_chunk_id
+from retro_db.tokenizer import db_tokenizer
 
 log = logging.getLogger("bench.index_service")
 
 
 def held_out_queries(db: str, n: int) -> tuple[list[str], np.ndarray]:
     """Texts and stored embeddings of valid/test chunks (never in the index) that hold text."""
-    import pyarrow.parquet as pq
-
-    from retro_db.layout import chunk_shard_files
-    from retro_db.search import load_embedding_rows
-    from retro_db.token_store import TokenStore, first_chunk_id
-    from retro_db.tokenizer import db_tokenizer
-
     ids = np.concatenate([first_chunk_id(f) + np.flatnonzero(pq.read_table(f, columns=["n_bytes"])["n_bytes"].to_numpy() > 0)
                           for s in ("valid", "test") for f in chunk_shard_files(db, s)])
     ids = np.sort(np.random.default_rng(0).choice(ids, size=min(n, len(ids)), replace=False))
@@ -82,14 +86,6 @@ def main() -> None:
     parser.add_argument("--shard-groups", type=int, default=2)
     parser.add_argument("--embed-threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-
-    import requests
-    from ray import serve
-
-    from index_service.app import ServiceConfig, build_app
-    from retro_db.embedder import ChunkEmbedder
-    from retro_db.ray_cluster import connect_ray
-    from retro_db.search import RetrievalIndex
 
     texts, vectors = held_out_queries(args.db, args.queries)
     n = min(args.queries, len(texts))

@@ -38,6 +38,7 @@ import zstandard
 
 from retro_db import layout
 from retro_db.manifest import read_manifest
+from retro_db.search import load_embedding_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("chunks", "embed", "index", "neighbours")
@@ -179,7 +180,6 @@ def assign_rate(db: str, *, nlists=(1 << 12, 1 << 14, 1 << 15), nprobe: int = 16
     import faiss
     import numpy as np
 
-    from retro_db.search import load_embedding_rows
 
     faiss.omp_set_num_threads(threads)
     rows = load_embedding_rows(db, None)
