@@ -180,7 +180,6 @@ def assign_rate(db: str, *, nlists=(1 << 12, 1 << 14, 1 << 15), nprobe: int = 16
     import faiss
     import numpy as np
 
-
     faiss.omp_set_num_threads(threads)
     rows = load_embedding_rows(db, None)
     x = np.concatenate([np.asarray(a, dtype=np.float32) for a in rows.arrays])

@@ -48,23 +48,24 @@ LEAKAGE = "leakage"
 COUNTERS = "retro.chunks"
 EXISTING = "existing"  # marks a text hash of a document already in the DB (add-documents)
 
+
 @dataclass
 class ChunkConfig:
     """Everything that determines the chunk shards' bytes (recorded in the manifest)."""
 
     chunk_size: int = 64
-    text_field: str = field(default="text", metadata={"help": 'JSON field / Parquet column holding the text'})
-    max_record_bytes: int = field(default=8 << 20, metadata={"help": 'larger records are rejected'})
+    text_field: str = field(default="text", metadata={"help": "JSON field / Parquet column holding the text"})
+    max_record_bytes: int = field(default=8 << 20, metadata={"help": "larger records are rejected"})
     valid_fraction: float = 0.03
     test_fraction: float = 0.03
-    num_shards: int = field(default=4, metadata={"help": 'train shards (valid/test get a proportional share, at least one)'})
+    num_shards: int = field(default=4, metadata={"help": "train shards (valid/test get a proportional share, at least one)"})
     num_perm: int = 128
     lsh_bands: int = 16
     lsh_rows: int = 8
     dedup_ngram: int = 5
-    dedup_threshold: float = field(default=0.8, metadata={"help": 'MinHash Jaccard for near-duplicates'})
+    dedup_threshold: float = field(default=0.8, metadata={"help": "MinHash Jaccard for near-duplicates"})
     leakage_ngram: int = 13
-    leakage_threshold: float = field(default=0.8, metadata={"help": 'MinHash Jaccard of a train document to a valid/test one that drops it'})
+    leakage_threshold: float = field(default=0.8, metadata={"help": "MinHash Jaccard of a train document to a valid/test one that drops it"})
     max_bucket_compare: int = 64  # pairs checked per document in one LSH bucket
     rejected_shards: int = 1
     first_doc_id: int = 0  # ids start here: an increment's ids follow its DB's (add-documents)

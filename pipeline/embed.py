@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EmbedConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": 'frozen BERT: an HF path or name (default: the packaged all-MiniLM-L6-v2)'})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "frozen BERT: an HF path or name (default: the packaged all-MiniLM-L6-v2)"})
     max_length: int = 256  # wordpieces; a 64-token chunk rarely needs more than ~150
     batch_size: int = 128
     precision: str = field(default="fp32", metadata={"help": "CPU embedding precision: int8 quantises Linear layers dynamically (GPUs use bf16 autocast)", "choices": ("fp32", "int8")})
-    block_rows: int = field(default=4096, metadata={"help": 'chunks per resumable work unit, length-sorted within a shard'})
+    block_rows: int = field(default=4096, metadata={"help": "chunks per resumable work unit, length-sorted within a shard"})
 
 
 class EmbedActor(ReportsNode):

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class IndexConfig:
-    factory: str = field(default="", metadata={"help": 'faiss index_factory string (default: IVF-PQ scaled to the DB)'})
-    rerank_factor: int = field(default=4, metadata={"help": 'exact re-ranking of k*factor candidates; 0 disables it'})
-    skip_textless_chunks: bool = field(default=True, metadata={"help": 'leave chunks holding only <|endoftext|> out of the index'})
+    factory: str = field(default="", metadata={"help": "faiss index_factory string (default: IVF-PQ scaled to the DB)"})
+    rerank_factor: int = field(default=4, metadata={"help": "exact re-ranking of k*factor candidates; 0 disables it"})
+    skip_textless_chunks: bool = field(default=True, metadata={"help": "leave chunks holding only <|endoftext|> out of the index"})
     min_points_per_list: int = 39
     max_points_per_list: int = 256
     target_recall: float = 0.9

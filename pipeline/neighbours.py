@@ -32,11 +32,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class NeighbourConfig:
-    k_train: int = field(default=2, metadata={"help": 'neighbours stored per train chunk'})
-    k_eval: int = field(default=10, metadata={"help": 'neighbours stored per valid/test chunk'})
+    k_train: int = field(default=2, metadata={"help": "neighbours stored per train chunk"})
+    k_eval: int = field(default=10, metadata={"help": "neighbours stored per valid/test chunk"})
     candidates: int = 32  # first search depth K (at least 4k)
     max_candidates: int = 1024
-    nprobe: int = field(default=0, metadata={"help": 'nprobe for neighbour search (default: the measured one)'})
+    nprobe: int = field(default=0, metadata={"help": "nprobe for neighbour search (default: the measured one)"})
     batch: int = 1024
 
 

@@ -28,14 +28,20 @@ def join(base: str, *parts: str) -> str:
 
 class Storage(Protocol):
     def open_input(self, path: str) -> BinaryIO: ...
+
     def open_output(self, path: str) -> BinaryIO: ...
+
     def exists(self, path: str) -> bool: ...
+
     def rename(self, src: str, dst: str) -> None:
         """Moves ``src`` over ``dst`` (replacing it): atomic on a local disk."""
+
     def delete(self, paths: list[str]) -> None:
         """Deletes files, or directories with all they hold."""
+
     def list_files(self, prefix: str) -> dict[str, int]:
         """Every file under ``prefix``, recursively: path relative to it -> size ({} when none)."""
+
     def mkdirs(self, path: str) -> None: ...
 
 
