@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import corpus_io, minhash
 from pipeline.lm_tokenizer import train_lm_tokenizer
@@ -638,9 +638,15 @@ def write_chunk_shards(
     staging = storage.join(db, layout.STAGING_CHUNKS)
     total_bytes = sum(size for _, size in inputs)
     log.info("chunks: %d files, %.1f MB -> %s", len(inputs), total_bytes / 1e6, db)
-    with beam.Pipeline(options=local_beam_options(list(beam_args))) as p:
+    options = local_beam_options(list(beam_args))
+    with beam.Pipeline(options=options) as p:
         existing = [layout.documents_glob(root) for root in mf.db_roots(existing_documents)] if existing_documents else []
         build_chunk_pipeline(p, inputs=inputs, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging, existing_documents=existing)
+    if options.view_as(StandardOptions).runner == RUNNER_PATHS["DaskRunner"]:
+        # the runner leaves its distributed Client open, reconnecting (and logging) once the cluster goes
+        import distributed
+
+        distributed.default_client().close()
 
     counts = json.loads(storage.read_bytes(storage.join(staging, "stats.json")))
     shards = json.loads(storage.read_bytes(storage.join(staging, "shards.json")))

@@ -31,6 +31,12 @@ def corpus(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def dask_address(corpus):
+    with loopback_dask_cluster(2, log_dir=str(corpus / "dask-logs")) as address:
+        yield address
+
+
 def _chunks(corpus, db, *runner_args):
     cmd = [sys.executable, "-m", "pipeline", "chunks", "--corpus", str(corpus / "in"), "--db", str(db), "--num-shards", "2",
            "--valid-fraction", "0.1", "--test-fraction", "0.1", "--max-record-bytes", "200000", "--vocab-size", "2048", *runner_args]
@@ -45,14 +51,13 @@ def _files(db) -> dict[str, str]:
             if os.path.basename(p) not in ("manifest.json", ".manifest.lock")}
 
 
-def test_chunk_stage_on_dask_gives_the_local_runners_bytes(corpus):
+def test_chunk_stage_on_dask_gives_the_local_runners_bytes(corpus, dask_address):
     from distributed import Client
 
     local = _chunks(corpus, corpus / "local", "--runner=FnApiRunner")
-    with loopback_dask_cluster(2, log_dir=str(corpus / "dask-logs")) as address:
-        on_dask = _chunks(corpus, corpus / "dask", "--runner=DaskRunner", f"--dask_client_address={address}")
-        with Client(address) as client:
-            executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    on_dask = _chunks(corpus, corpus / "dask", "--runner=DaskRunner", f"--dask_client_address={dask_address}")
+    with Client(dask_address) as client:
+        executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
 
     assert len(executed) == 2 and all(n > 0 for n in executed.values())  # both worker processes ran tasks
     rejected = {k for k, v in local["counts"].items() if k.startswith("rejected_") and v}
@@ -63,3 +68,22 @@ def test_chunk_stage_on_dask_gives_the_local_runners_bytes(corpus):
     files = _files(corpus / "local")
     assert any(f.startswith("rejected/") for f in files) and any(f.startswith("documents/") for f in files)
     assert _files(corpus / "dask") == files  # chunks, documents, dead letters and tokenizer, byte for byte
+
+
+def test_growing_a_db_on_dask_drops_its_existing_documents_as_the_local_runner_does(corpus, dask_address):
+    """add-documents' chunk stage: new documents after the DB's ids, texts already in the DB dropped
+    (the DB's document hashes are read by the pipeline itself)."""
+    from pipeline.chunk_pipeline import ChunkConfig, write_chunk_shards
+
+    db = corpus / "local"  # built by the test above
+    docs = default_corpus_docs(200)
+    (corpus / "new.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in docs[:3] + docs[180:200]))
+    counts = read_manifest(str(db))["stages"]["chunks"]["counts"]
+    config = ChunkConfig(valid_fraction=0.0, test_fraction=0.0, num_shards=2, first_doc_id=counts["documents_kept"], first_chunk_id=counts["chunks"])
+    grown = {}
+    for name, args in (("local", ["--runner=FnApiRunner"]), ("dask", ["--runner=DaskRunner", f"--dask_client_address={dask_address}"])):
+        grown[name] = write_chunk_shards([str(corpus / "new.jsonl")], str(corpus / f"increment-{name}"), config=config,
+                                         tokenizer_path=str(db / "tokenizer.json"), existing_documents=str(db), beam_args=args)
+    assert grown["local"]["counts"]["rejected_exact_duplicate"] == 3 and grown["local"]["counts"]["documents_kept"] == 20
+    assert grown["dask"]["counts"] == grown["local"]["counts"] and grown["dask"]["shards"] == grown["local"]["shards"]
+    assert _files(corpus / "increment-dask") == _files(corpus / "increment-local")
