@@ -37,9 +37,6 @@ class BeamStorage:
             return {}
         return {m.path[len(prefix):]: m.size_in_bytes for r in results for m in r.metadata_list}
 
-    def mkdirs(self, path: str) -> None:
-        FileSystems.mkdirs(path)
-
 
 def use_beam_filesystems(beam_args: list[str]) -> None:
     """Beam's filesystems, configured by ``beam_args``, for every bucket URI the driver touches."""

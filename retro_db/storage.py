@@ -42,8 +42,6 @@ class Storage(Protocol):
     def list_files(self, prefix: str) -> dict[str, int]:
         """Every file under ``prefix``, recursively: path relative to it -> size ({} when none)."""
 
-    def mkdirs(self, path: str) -> None: ...
-
 
 class LocalStorage:
     def open_input(self, path: str) -> BinaryIO:
@@ -73,9 +71,6 @@ class LocalStorage:
                 path = os.path.join(directory, name)
                 found[os.path.relpath(path, prefix).replace(os.sep, "/")] = os.path.getsize(path)
         return found
-
-    def mkdirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
 
 
 class ArrowStorage:
@@ -125,9 +120,6 @@ class ArrowStorage:
         except (FileNotFoundError, OSError):
             return {}
         return {i.path[len(p) + 1:]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
-
-    def mkdirs(self, path: str) -> None:
-        pass  # object stores have no directories
 
 
 _LOCAL = LocalStorage()
