@@ -35,12 +35,10 @@ class ConfigMismatch(RuntimeError):
 
 
 def completed(db: str, name: str) -> dict:
-    """The manifest record of a complete stage (the one a later stage reads); else DBNotReady."""
-    record = mf.read_manifest(db)["stages"].get(name) or {}
-    if record.get("status") != "complete":
-        raise mf.DBNotReady(f"{db}: the {name} stage is not complete; run `python -m pipeline {COMMANDS[name]} --db {db}` "
-                            f"(or make build-db) first")
-    return record
+    """The manifest record of a complete stage (the one a later stage reads); else DBNotReady
+    naming the command that builds it."""
+    hint = f"`python -m pipeline {COMMANDS[name]} --db {{db}}` or make build-db DB={{db}}"
+    return mf.require_stages(db, (name,), hint=hint)["stages"][name]
 
 
 class Stage:

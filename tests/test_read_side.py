@@ -139,7 +139,7 @@ def test_every_config_field_is_a_flag():
 @pytest.mark.parametrize("argv, says", [
     (["-m", "model.train", "--db", "no-such-db", "--out", "runs/x"], "no manifest.json, so no DB is there; build it first (make build-db DB=no-such-db)"),
     (["-m", "model.evaluate", "--db", "no-such-db", "--run", "no-such-run"], "train the run first (make train DB=no-such-db RUN=no-such-run)"),
-    (["-m", "pipeline", "index", "--db", "no-such-db"], "the embeddings stage is not complete; run `python -m pipeline embed --db no-such-db`"),
+    (["-m", "pipeline", "index", "--db", "no-such-db"], "no manifest.json, so no DB is there; build it first (`python -m pipeline embed --db no-such-db`"),
     (["-m", "index_service", "--db", "no-such-db"], "no manifest.json, so no DB is there"),
     (["-m", "model.generate", "--db", "no-such-db", "--ckpt", "no-such.pt", "--prompt", "x"], "no checkpoint at no-such.pt"),
 ])
