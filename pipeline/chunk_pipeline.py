@@ -625,7 +625,7 @@ def write_chunk_shards(
         tokenizer_fingerprint = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
     stage = Stage(db, "chunks", config, fingerprints={"inputs": inputs, "tokenizer_sha256": tokenizer_fingerprint}, overwrite=overwrite)
     if stage.state == "complete":
-        shards = mf.read_manifest(db)["stages"]["chunks"]["shards"]
+        shards = stage.previous["shards"]
         if done := stage.finished([storage.join(db, s[k]["path"]) for s in shards for k in ("chunks_file", "documents_file")]):
             return done
     stage.start(wipe=[storage.join(db, kind) for kind in (layout.CHUNKS, layout.DOCUMENTS, layout.REJECTED, layout.DELETED, layout.INCREMENTS)])

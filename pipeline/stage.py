@@ -42,11 +42,13 @@ def completed(db: str, name: str) -> dict:
 
 
 class Stage:
-    """One stage's bookkeeping in ``DB/manifest.json``; ``state`` is 'new', 'resume' or 'complete'."""
+    """One stage's bookkeeping in ``DB/manifest.json``; ``state`` is 'new', 'resume' or 'complete';
+    ``previous`` is the record an earlier run with this config left (None when the stage is new)."""
 
     def __init__(self, db: str, name: str, config, *, fingerprints: dict | None = None, overwrite: bool = False):
         self.db, self.name = db, name
         self.record = {**dataclasses.asdict(config), **(fingerprints or {})}
+        self.previous: dict | None = None
         self.state = self._state(overwrite)
 
     def _state(self, overwrite: bool) -> str:
@@ -55,6 +57,7 @@ class Stage:
         if record is None:
             return "new"
         if record.get("config") == self.record:
+            self.previous = record
             return "complete" if record.get("status") == "complete" else "resume"
         old = record.get("config", {})
         if not overwrite:
@@ -83,7 +86,7 @@ class Stage:
             log.warning("%s: %d outputs are missing (%s...), rebuilding them", self.name, len(missing), missing[0])
             return None
         log.info("%s: complete with the same config, skipping", self.name)
-        return mf.read_manifest(self.db)["stages"][self.name]
+        return self.previous
 
     def start(self, *, wipe: list[str] = ()) -> None:
         """Marks the stage running; a new one first deletes what an older config left in ``wipe``."""

@@ -28,10 +28,11 @@ class DBNotReady(FileNotFoundError):
     """The DB (or one of its stages) is missing: the message names what and the command that builds it."""
 
 
-def read_manifest(db: str) -> dict:
+def _read(db: str) -> dict | None:
+    """The manifest, or None when the DB has none."""
     path = layout.manifest_path(db)
     if not storage.storage_for(path).exists(path):
-        return {"format": FORMAT_VERSION, "stages": {}}
+        return None
     try:
         manifest = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -42,6 +43,11 @@ def read_manifest(db: str) -> dict:
     return manifest
 
 
+def read_manifest(db: str) -> dict:
+    """The manifest; an empty one (no stages) when the DB has none yet."""
+    return _read(db) or {"format": FORMAT_VERSION, "stages": {}}
+
+
 def write_manifest(db: str, manifest: dict) -> None:
     # atomic: a running index service never sees a half-written or missing manifest
     storage.write_atomically(layout.manifest_path(db), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
@@ -49,9 +55,9 @@ def write_manifest(db: str, manifest: dict) -> None:
 
 def require_stages(db: str, stages=("chunks", "embeddings", "index"), *, hint: str = BUILD_HINT) -> dict:
     """The manifest of a DB whose ``stages`` are complete; else ``DBNotReady`` saying what to run."""
-    if not storage.storage_for(layout.manifest_path(db)).exists(layout.manifest_path(db)):
+    manifest = _read(db)
+    if manifest is None:
         raise DBNotReady(f"{db}: no {layout.MANIFEST}, so no DB is there; build it first ({hint.format(db=db)})")
-    manifest = read_manifest(db)
     missing = [s for s in stages if manifest["stages"].get(s, {}).get("status") != "complete"]
     if missing:
         raise DBNotReady(f"{db}: stage(s) {', '.join(missing)} not complete; finish them with {hint.format(db=db)}")
