@@ -1,17 +1,25 @@
-"""Load benchmark of the index service on loopback, against the same work done in process.
+"""Load benchmark of the index service on loopback, side by side in one run with the same work done
+in one process and with no-op Serve apps of the service's hop structure (the framework's floor).
 
-    python -m bench.index_service --db db [--clients 8] [--queries 400] [--seconds 60]
+    python -m bench.index_service --db db [--seconds 10] [--clients 1 8] [--sizes 1 64] [--out FILE]
 
-Closed loop: each of ``--clients`` threads sends one query (k=10) and waits for the answer, until
-``--queries`` answers or ``--seconds`` pass. Text queries are decoded held-out chunks (the service
-embeds them); embedding queries are their stored vectors (search only). The baseline runs the
-same queries one at a time in this process: ``ChunkEmbedder.embed_texts`` + ``RetrievalIndex.search``.
-Reports queries/s, p50 and p99 latency, and service/in-process throughput ratios.
+Closed loop: each client thread sends one request (k=10) and waits for the answer. A request holds
+``size`` queries: held-out valid/test chunks (never in the index), as decoded text (the service
+embeds them) or as their stored vectors (search only); q/s counts queries, not requests. Bodies are
+encoded before the clock starts, so the load generator's cost is the same for every row.
+
+- in process: ``ChunkEmbedder.embed_texts`` + ``RetrievalIndex.search`` on the same requests, all
+  cores to torch; with 1 client this is one-at-a-time (size 1) or batched (size 64) in-process work.
+- service i: ``index_service.app`` with the i-th ``--services`` config (by default: the default
+  ``ServiceConfig``, then 2 shard groups as remote deployments), one after the other.
+- floor, N hops: a FastAPI ingress on Serve that takes the same body and answers with a response the
+  service gave to a request of the same size, after N - 1 sequential calls to a no-op deployment (N = 2: proxy -> ingress ->
+  one inner deployment, an embedding query's path through a remote shard group; N = 3: a text
+  query's, embedder then searcher; N = 1: the ingress alone).
 """
 
-from __future__ import annotations
-
 import argparse
+import json
 import logging
 import os
 import socket
@@ -21,6 +29,8 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import requests
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from ray import serve
 
 from index_service.app import ServiceConfig, build_app
@@ -32,6 +42,7 @@ from retro_db.token_store import TokenStore, first_chunk_id
 from retro_db.tokenizer import db_tokenizer
 
 log = logging.getLogger("bench.index_service")
+K = 10
 
 
 def held_out_queries(db: str, n: int) -> tuple[list[str], np.ndarray]:
@@ -44,25 +55,28 @@ def held_out_queries(db: str, n: int) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(load_embedding_rows(db, None).get(ids), dtype=np.float32)
 
 
-def latency_summary(latencies: list[float], seconds: float) -> dict:
+def requests_of(items: list, size: int, count: int) -> list[list]:
+    """``count`` requests of ``size`` consecutive items, wrapping around."""
+    return [[items[(r * size + j) % len(items)] for j in range(size)] for r in range(count)]
+
+
+def latency_summary(latencies: list[float], seconds: float, size: int) -> dict:
     ms = np.array(latencies) * 1000
-    return {"queries": len(ms), "qps": len(ms) / seconds, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return {"requests": len(ms), "qps": len(ms) * size / seconds, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def closed_loop(call, queries: list, *, clients: int, max_queries: int, max_seconds: float) -> dict:
-    """``clients`` threads each calling ``call(query)`` back to back; bounded in count and time."""
+def closed_loop(call, work: list, *, clients: int, size: int, seconds: float) -> dict:
+    """``clients`` threads each calling ``call(work[i])`` back to back for ``seconds``."""
     latencies, lock, next_i = [], threading.Lock(), [0]
-    deadline = time.perf_counter() + max_seconds
+    deadline = time.perf_counter() + seconds
 
     def worker():
         while time.perf_counter() < deadline:
             with lock:
                 i = next_i[0]
                 next_i[0] += 1
-            if i >= max_queries:
-                return
             t0 = time.perf_counter()
-            call(queries[i % len(queries)])
+            call(work[i % len(work)])
             with lock:
                 latencies.append(time.perf_counter() - t0)
 
@@ -72,61 +86,140 @@ def closed_loop(call, queries: list, *, clients: int, max_queries: int, max_seco
         t.start()
     for t in threads:
         t.join()
-    return latency_summary(latencies, time.perf_counter() - t0)
+    return latency_summary(latencies, time.perf_counter() - t0, size)
+
+
+# -- the floor: the service's hop structure with no work -----------------------------------------
+
+floor_api = FastAPI()
+
+
+@serve.deployment(max_ongoing_requests=64)
+class NoOp:
+    async def __call__(self, body: bytes) -> bytes:
+        return b""
+
+
+@serve.deployment(max_ongoing_requests=128)
+@serve.ingress(floor_api)
+class FloorIngress:
+    def __init__(self, response: bytes, *inner):
+        self.response, self.inner = response, inner
+
+    @floor_api.post("/v1/search")
+    async def search(self, request: Request) -> Response:
+        body = await request.body()
+        for hop in self.inner:
+            await hop.remote(body)
+        return Response(self.response, media_type="application/json")
+
+
+def floor_app(response: bytes, hops: int):
+    # Ray's CPU reservations only place actors, they do not limit them: tiny ones let the floors sit beside the service.
+    inner = [NoOp.options(name=f"NoOp-{i}", ray_actor_options={"num_cpus": 0.01}).bind() for i in range(hops - 1)]
+    return FloorIngress.options(ray_actor_options={"num_cpus": 0.01}).bind(response, *inner)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def http_caller(url: str):
+    local = threading.local()
+
+    def post(body: bytes) -> None:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        response = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=120)
+        response.raise_for_status()
+
+    return post
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", default="db")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--queries", type=int, default=400, help="per measurement")
-    parser.add_argument("--seconds", type=float, default=60.0, help="per measurement")
-    parser.add_argument("--shard-groups", type=int, default=2)
-    parser.add_argument("--embed-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64], help="queries per request")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--kinds", nargs="+", default=["texts", "embeddings"], choices=["texts", "embeddings"])
+    parser.add_argument("--services", nargs="+", default=["{}", '{"ingress_replicas": 2}', '{"shard_groups": 2, "embed_cpus": 1, "embed_threads": 2}'],
+                        help="ServiceConfig fields as JSON, one service per argument (default: the default config, and 2 remote shard groups)")
+    parser.add_argument("--floors", type=int, nargs="*", default=[1, 2, 3], help="hop counts of the no-op floor apps")
+    parser.add_argument("--skip-in-process", action="store_true", help="tuning runs only: no baseline, so no ratios")
+    parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
+    configs = [ServiceConfig(**{"db": args.db, **json.loads(c)}) for c in args.services]
 
-    texts, vectors = held_out_queries(args.db, args.queries)
-    n = min(args.queries, len(texts))
+    texts, vectors = held_out_queries(args.db, 512)
+    items = {"texts": texts, "embeddings": list(vectors)}
+    rows = []
 
-    # In process, one query at a time: the work the service does, without HTTP, Ray or batching.
+    def record(kind, size, clients, where, result):
+        rows.append({"kind": kind, "size": size, "clients": clients, "where": where, **result})
+        log.info("%s x%d, %d clients, %s: %.1f q/s, p50 %.1f ms, p99 %.1f ms", kind, size, clients, where,
+                 result["qps"], result["p50_ms"], result["p99_ms"])
+
+    # In process: the work the service does, without HTTP, Ray or cross-request batching.
     embedder, index = ChunkEmbedder(threads=os.cpu_count()), RetrievalIndex(args.db, threads=1)
-    embedder.embed_texts(texts[:8])
-    in_process = {
-        "texts": closed_loop(lambda t: index.search(embedder.embed_texts([t]), 10), texts, clients=1, max_queries=n, max_seconds=args.seconds),
-        "embeddings": closed_loop(lambda v: index.search(v[None], 10), list(vectors), clients=1, max_queries=n, max_seconds=args.seconds),
-    }
+    embedder.embed_texts(texts[:64])
+    in_process = {"texts": lambda batch: index.search(embedder.embed_texts(batch), K), "embeddings": lambda batch: index.search(np.stack(batch), K)}
+    for kind in args.kinds if not args.skip_in_process else []:
+        for size in args.sizes:
+            for clients in args.clients:
+                work = requests_of(items[kind], size, 256)
+                record(kind, size, clients, "in process", closed_loop(in_process[kind], work, clients=clients, size=size, seconds=args.seconds))
 
     connect_ray()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServiceConfig(db=args.db, shard_groups=args.shard_groups, embed_threads=args.embed_threads)), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/search"
-    local = threading.local()
+    base = f"http://127.0.0.1:{port}"
 
-    def post(body: dict) -> None:
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
-        response = session.post(url, json=body, timeout=120)
-        response.raise_for_status()
+    def bodies(kind: str, size: int) -> list[bytes]:
+        encode = (lambda q: q) if kind == "texts" else (lambda q: q.tolist())
+        return [json.dumps({kind: [encode(q) for q in batch], "k": K}).encode() for batch in requests_of(items[kind], size, 256)]
 
-    post({"texts": texts[:8], "k": 10})  # warm-up
-    service = {
-        "texts": closed_loop(lambda t: post({"texts": [t], "k": 10}), texts, clients=args.clients, max_queries=n, max_seconds=args.seconds),
-        "embeddings": closed_loop(lambda v: post({"embeddings": [v.tolist()], "k": 10}), list(vectors), clients=args.clients,
-                                  max_queries=n, max_seconds=args.seconds),
-    }
+    def measure(where: str, url: str, sizes: list[int]) -> None:
+        for kind in args.kinds:
+            for size in sizes:
+                work = bodies(kind, size)
+                for clients in args.clients:
+                    record(kind, size, clients, where, closed_loop(http_caller(url), work, clients=clients, size=size, seconds=args.seconds))
+
+    responses = {}  # a real answer per request size: what the floor sends back
+    for i, cfg in enumerate(configs):
+        serve.run(build_app(cfg), name=f"service{i}", route_prefix="/")
+        for size in args.sizes:
+            response = requests.post(f"{base}/v1/search", data=bodies("texts", size)[0], headers={"Content-Type": "application/json"}, timeout=300)
+            response.raise_for_status()  # also the warm-up
+            responses[size] = response.content
+        measure(f"service {i}", f"{base}/v1/search", args.sizes)
+        serve.delete(f"service{i}")
+    for hops in args.floors:
+        for size in args.sizes:
+            serve.run(floor_app(responses[size], hops), name=f"floor{hops}", route_prefix=f"/floor{hops}")
+            measure(f"floor {hops} hops", f"{base}/floor{hops}/v1/search", [size])
+            serve.delete(f"floor{hops}")
     serve.shutdown()
 
-    print(f"index service on loopback, k=10, {args.clients} closed-loop clients, {args.shard_groups} shard groups; in process: 1 query at a time")
-    print(f"{'queries':>10s} {'where':>11s} {'n':>5s} {'q/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'ratio':>6s}")
-    for kind in ("texts", "embeddings"):
-        for where, r in (("in process", in_process[kind]), ("service", service[kind])):
-            ratio = r["qps"] / in_process[kind]["qps"]
-            print(f"{kind:>10s} {where:>11s} {r['queries']:5d} {r['qps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {ratio:6.2f}")
+    print(f"\nindex service on loopback, k={K}")
+    for i, cfg in enumerate(configs):
+        print(f"service {i}: {cfg.model_dump(exclude={'db'})}")
+    print(f"{'queries':>10s} {'size':>4s} {'clients':>7s} {'where':>13s} {'q/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'/in proc':>8s} "
+          f"{'/floor 1':>8s} {'/floor 2':>8s}")
+    by = {(r["kind"], r["size"], r["clients"], r["where"]): r for r in rows}
+    for r in rows:
+        base_row = by.get((r["kind"], r["size"], 1, "in process"))
+        r["vs_in_process_1_client"] = r["qps"] / base_row["qps"] if base_row else None
+        for hops in (1, 2):
+            floor = by.get((r["kind"], r["size"], r["clients"], f"floor {hops} hops"))
+            r[f"vs_floor_{hops}_hops"] = r["qps"] / floor["qps"] if floor else None
+        ratios = " ".join(f"{r[key] if r[key] is not None else float('nan'):8.2f}" for key in ("vs_in_process_1_client", "vs_floor_1_hops", "vs_floor_2_hops"))
+        print(f"{r['kind']:>10s} {r['size']:4d} {r['clients']:7d} {r['where']:>13s} {r['qps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {ratios}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"services": [c.model_dump() for c in configs], "k": K, "seconds": args.seconds, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""The index service's inner deployments: shard searchers and the query embedder.
+"""The index service's inner parts: shard groups and the query embedder.
 
-Each ``ShardSearcher`` group holds every G-th index shard of the DB and its increments and returns
-its merged approximate top c (``retro_db.search``); the ``QueryEmbedder`` is the DB's frozen BERT.
-Both batch concurrent requests (``@serve.batch``) and check the DB's state (two ``stat`` calls)
-before each batch, so a deletion or an added increment reaches every replica without a restart.
+A ``ShardGroup`` holds every G-th index shard of the DB and its increments and returns its merged
+approximate top c (``retro_db.search``). With one group the ingress holds it itself (no hop); with
+G > 1 each group is a ``ShardSearcher`` deployment. The ``QueryEmbedder`` is the DB's frozen BERT.
+Both check the DB's state (two ``stat`` calls) before each batch, so a deletion or an added
+increment reaches every replica without a restart.
 """
 
 import asyncio
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -20,22 +23,20 @@ from retro_db.search import IndexShard, deleted_selector, index_shard_paths, sea
 
 log = logging.getLogger("index_service")
 
+# (queries (n, d) float32, c candidates, nprobe or None for the DB's default)
+SearchRequest = tuple[np.ndarray, int, int | None]
 
-@serve.deployment(max_ongoing_requests=64)
-class ShardSearcher:
-    """Holds every ``groups``-th index shard, searches them, returns their merged approximate top c.
+
+class ShardGroup:
+    """Every ``groups``-th index shard of the DB (increments included), kept in step with the manifest.
 
     The IVF-PQ codes are in RAM unless ``mmap`` (faiss's memory-mapped inverted lists searched 4x
     slower on this machine).
     """
 
-    def __init__(self, db: str, group: int, groups: int, *, threads: int = 1, mmap: bool = False, max_batch_size: int = 32,
-                 batch_wait_s: float = 0.002):
-        faiss.omp_set_num_threads(threads)  # what this replica reserved; faiss would take every core
-        self.search.set_max_batch_size(max_batch_size)
-        self.search.set_batch_wait_timeout_s(batch_wait_s)
-        self.db, self.group, self.groups, self.mmap = db, group, groups, mmap
-        self.shards: dict = {}
+    def __init__(self, db: str, group: int = 0, groups: int = 1, *, threads: int = 1, mmap: bool = False):
+        self.db, self.group, self.groups, self.threads, self.mmap = db, group, groups, threads, mmap
+        self.shards: dict[str, IndexShard] = {}
         self.selector, self.n_deleted = None, 0
         self._manifest_sig = self._deleted_sig = None
         self.nprobe = 8
@@ -47,12 +48,10 @@ class ShardSearcher:
             index = mf.read_manifest(self.db)["stages"].get("index", {})
             if index.get("status") == "complete":  # mid-rebuild: keep serving what is loaded
                 mine = index_shard_paths(self.db)[self.group :: self.groups]
-                for path in set(self.shards) - set(mine):
-                    del self.shards[path]
-                for path in mine:
-                    if path not in self.shards:
-                        self.shards[path] = IndexShard(path, mmap=self.mmap)
-                        log.info("shard group %d: loaded %s (%d vectors)", self.group, path, self.shards[path].ntotal)
+                shards = {path: self.shards.get(path) or IndexShard(path, mmap=self.mmap) for path in mine}
+                for path in set(shards) - set(self.shards):
+                    log.info("shard group %d: loaded %s (%d vectors)", self.group, path, shards[path].ntotal)
+                self.shards = shards  # swapped whole: a search running in another thread keeps the dict it took
                 self.nprobe = index.get("default_nprobe") or self.nprobe
             self._manifest_sig = sig
         dsig = deletions.deletions_signature(self.db)
@@ -60,57 +59,80 @@ class ShardSearcher:
             deleted = deletions.deleted_chunk_ids(self.db)
             self.selector, self.n_deleted, self._deleted_sig = deleted_selector(deleted), len(deleted), dsig
 
-    def search_many(self, requests: list[tuple[np.ndarray, int, int | None]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Searches a batch of requests, one faiss call per distinct (k, nprobe)."""
+    def search_many(self, requests: list[SearchRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Searches a batch of requests, one faiss call per shard and distinct (c, nprobe)."""
+        # OpenMP's thread count is per calling thread, and this runs on worker threads (which start
+        # from OMP_NUM_THREADS, 1 in a fractional-CPU Ray actor): set it here, not in __init__.
+        faiss.omp_set_num_threads(self.threads)
         self.refresh()
+        shards, selector = list(self.shards.values()), self.selector
         out = [None] * len(requests)
-        for key in {(k, nprobe) for _, k, nprobe in requests}:
-            idx = [i for i, (_, k, nprobe) in enumerate(requests) if (k, nprobe) == key]
-            k, nprobe = key
+        for key in {(c, nprobe) for _, c, nprobe in requests}:
+            idx = [i for i, (_, c, nprobe) in enumerate(requests) if (c, nprobe) == key]
+            c, nprobe = key
             queries = np.ascontiguousarray(np.concatenate([requests[i][0] for i in idx]), dtype=np.float32)
-            if self.shards:
-                dists, ids = search_shards(list(self.shards.values()), queries, k, nprobe=nprobe or self.nprobe, selector=self.selector)
+            if shards:
+                dists, ids = search_shards(shards, queries, c, nprobe=nprobe or self.nprobe, selector=selector)
             else:  # more groups than shards: this one holds none
-                dists, ids = np.full((len(queries), k), np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-            start = 0
-            for i in idx:
-                n = len(requests[i][0])
-                out[i] = (dists[start : start + n], ids[start : start + n])
-                start += n
+                dists, ids = np.full((len(queries), c), np.inf, np.float32), np.full((len(queries), c), -1, np.int64)
+            bounds = np.cumsum([len(requests[i][0]) for i in idx])[:-1]
+            for i, d, j in zip(idx, np.split(dists, bounds), np.split(ids, bounds)):
+                out[i] = (d, j)
         return out
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004)
-    async def search(self, requests: list[tuple[np.ndarray, int, int | None]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(queries (n, d), c, nprobe) -> approximate (distances (n, c), ids (n, c)); faiss runs off the event loop."""
-        return await asyncio.to_thread(self.search_many, requests)
 
     def stats(self) -> dict:
         self.refresh()
-        return {"group": self.group, "replica": serve.get_replica_context().replica_id.to_full_id_str(),
-                "index_shards": len(self.shards), "vectors": sum(s.ntotal for s in self.shards.values()), "deleted_chunks": self.n_deleted}
+        return {"group": self.group, "index_shards": len(self.shards), "vectors": sum(s.ntotal for s in self.shards.values()),
+                "deleted_chunks": self.n_deleted}
+
+
+@serve.deployment(max_ongoing_requests=64)
+class ShardSearcher:
+    """One shard group as a deployment (G > 1). The ingress sends it one call per batch of requests."""
+
+    def __init__(self, db: str, group: int, groups: int, *, threads: int = 1, mmap: bool = False):
+        self.group = ShardGroup(db, group, groups, threads=threads, mmap=mmap)
+        self.db = db
+
+    async def search(self, requests: list[SearchRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(queries (n, d), c, nprobe)] -> [(distances (n, c), ids (n, c))]; faiss runs off the event loop."""
+        return await asyncio.to_thread(self.group.search_many, requests)
+
+    def stats(self) -> dict:
+        return {**self.group.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str()}
 
     def check_health(self) -> None:
         if not mf.stat_signature(layout.manifest_path(self.db)):
             raise RuntimeError(f"{layout.manifest_path(self.db)} has gone away")
 
 
+def embed_batch_size(device: str) -> int:
+    """Texts per BERT forward pass. On CPUs small batches win (all-MiniLM-L6-v2, 2 cores, chunk texts:
+    88 texts/s at 8, 76 at 32, 37 at 128: the activations of a large batch leave the caches);
+    a GPU wants large ones."""
+    return 128 if device.startswith("cuda") else 8
+
+
 @serve.deployment(max_ongoing_requests=64)
 class QueryEmbedder:
-    """The DB's frozen BERT: a list of texts per request, requests batched across callers."""
+    """The DB's frozen BERT: a list of texts per call. Concurrent calls (one per ingress batch) are
+    batched again here, so several ingress replicas share forward passes; one worker thread runs
+    them, so torch's threads never compete with each other."""
 
-    def __init__(self, db: str, *, threads: int = 1, max_batch_size: int = 32, batch_wait_s: float = 0.004):
-        self.embed.set_max_batch_size(max_batch_size)
-        self.embed.set_batch_wait_timeout_s(batch_wait_s)
-
+    def __init__(self, db: str, *, threads: int = 1, max_batch_texts: int = 256):
+        self.embed.set_max_batch_size(max_batch_texts)
         model = mf.require_stages(db)["stages"]["embeddings"]["config"]["model"]
         self.embedder = ChunkEmbedder(model, threads=threads)
+        self.embedder.batch_size = embed_batch_size(self.embedder.device)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="bert")
+        log.info("query embedder: %d torch threads, %d CPUs on the node, %s", threads, os.cpu_count(), self.embedder.device)
 
     def embed_many(self, requests: list[list[str]]) -> list[np.ndarray]:
         vectors = self.embedder.embed_texts([t for texts in requests for t in texts])
-        splits = np.cumsum([len(texts) for texts in requests])[:-1]
-        return np.split(vectors, splits)
+        return np.split(vectors, np.cumsum([len(texts) for texts in requests])[:-1])
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.004)
+    # No wait: calls queue while a batch runs, and the next batch takes whatever has queued.
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=lambda calls: sum(len(texts) for texts in calls))
     async def embed(self, requests: list[list[str]]) -> list[np.ndarray]:
-        """texts -> (n, d) float32 per request."""
-        return await asyncio.to_thread(self.embed_many, requests)
+        """texts -> (n, d) float32 per call."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self.embed_many, requests)

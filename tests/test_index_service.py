@@ -77,6 +77,43 @@ def test_search_equals_direct_search_of_the_built_index(service, service_db):
         np.testing.assert_allclose([[hit["distance"] for hit in row] for row in results], dists, rtol=1e-6)
 
 
+@pytest.fixture
+def held_service(service, service_db):
+    """The default layout beside the module's: one shard group, held by the ingress (no searcher hop)."""
+    from ray import serve
+
+    from index_service.app import ServiceConfig, build_app
+    from index_service.client import IndexClient
+
+    serve.run(build_app(ServiceConfig(**{**SMALL_MACHINE, "db": service_db})), name="retro-index-held", route_prefix="/held")
+    yield IndexClient(service.url + "/held")
+    serve.delete("retro-index-held")
+
+
+def test_concurrent_requests_are_batched_and_answered_as_in_process(service, held_service, service_db):
+    """Concurrent requests of mixed sizes, k and nprobe share batches; each gets exactly its own answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retro_db.search import RetrievalIndex
+
+    index, queries = RetrievalIndex(service_db), _valid_queries(service_db, 32)
+    shapes = [(i, n, k, nprobe) for i, (n, k, nprobe) in enumerate([(1, 10, None), (4, 5, None), (16, 10, 2), (1, 3, 2), (8, 10, None), (2, 7, None)] * 2)]
+    texts = [f"{w} in Python" for w in ("sorting", "threads", "regular expressions", "decimal arithmetic", "file paths", "unit tests")]
+    assert held_service.health()["shard_groups"][0]["vectors"] == index.ntotal
+    for client in (service, held_service):
+        alone = [client.search(texts=[t], k=5) for t in texts]
+        with ThreadPoolExecutor(8) as pool:
+            vector_answers = list(pool.map(lambda s: client.search(embeddings=queries[s[0] : s[0] + s[1]], k=s[2], nprobe=s[3]), shapes))
+            text_answers = list(pool.map(lambda t: client.search(texts=[t], k=5), texts))
+        for (i, n, k, nprobe), answer in zip(shapes, vector_answers):
+            dists, ids = index.search(queries[i : i + n], k, nprobe=nprobe)
+            assert [[hit["chunk_id"] for hit in row] for row in answer] == [list(row[row >= 0]) for row in ids]
+            np.testing.assert_allclose([[hit["distance"] for hit in row] for row in answer], dists, rtol=1e-6)
+        for one, batched in zip(alone, text_answers):  # BERT in a batch pads differently: ids, and distances to 1e-4
+            assert [h["chunk_id"] for h in batched[0]][:3] == [h["chunk_id"] for h in one[0]][:3]
+            np.testing.assert_allclose([h["distance"] for h in batched[0]], [h["distance"] for h in one[0]], rtol=1e-4)
+
+
 def test_results_carry_text_and_continuation(service, service_db):
     from retro_db.token_store import TokenStore
     from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
