@@ -10,12 +10,12 @@ encoded before the clock starts, so the load generator's cost is the same for ev
 
 - in process: ``ChunkEmbedder.embed_texts`` + ``RetrievalIndex.search`` on the same requests, all
   cores to torch; with 1 client this is one-at-a-time (size 1) or batched (size 64) in-process work.
-- service i: ``index_service.app`` with the i-th ``--services`` config (by default: the default
-  ``ServiceConfig``, then 2 shard groups as remote deployments), one after the other.
+- service i: ``index_service.app`` with the i-th ``--services`` config, one after the other (by
+  default: the default ``ServiceConfig``; the same with 2 ingress replicas; 2 remote shard groups).
 - floor, N hops: a FastAPI ingress on Serve that takes the same body and answers with a response the
-  service gave to a request of the same size, after N - 1 sequential calls to a no-op deployment (N = 2: proxy -> ingress ->
-  one inner deployment, an embedding query's path through a remote shard group; N = 3: a text
-  query's, embedder then searcher; N = 1: the ingress alone).
+  service gave to a request of the same size, after N - 1 sequential calls to a no-op deployment
+  (N = 1: the ingress alone; N = 2: proxy -> ingress -> one inner deployment; N = 3: a text
+  query's path through a remote shard group, embedder then searcher).
 """
 
 import argparse
@@ -115,7 +115,7 @@ class FloorIngress:
 
 
 def floor_app(response: bytes, hops: int):
-    # Ray's CPU reservations only place actors, they do not limit them: tiny ones let the floors sit beside the service.
+    # Ray's CPU reservations only place actors, they do not limit them: tiny ones always fit.
     inner = [NoOp.options(name=f"NoOp-{i}", ray_actor_options={"num_cpus": 0.01}).bind() for i in range(hops - 1)]
     return FloorIngress.options(ray_actor_options={"num_cpus": 0.01}).bind(response, *inner)
 
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--kinds", nargs="+", default=["texts", "embeddings"], choices=["texts", "embeddings"])
     parser.add_argument("--services", nargs="+", default=["{}", '{"ingress_replicas": 2}', '{"shard_groups": 2, "embed_cpus": 1, "embed_threads": 2}'],
-                        help="ServiceConfig fields as JSON, one service per argument (default: the default config, and 2 remote shard groups)")
+                        help="ServiceConfig fields as JSON, one service per argument")
     parser.add_argument("--floors", type=int, nargs="*", default=[1, 2, 3], help="hop counts of the no-op floor apps")
     parser.add_argument("--skip-in-process", action="store_true", help="tuning runs only: no baseline, so no ratios")
     parser.add_argument("--out", help="also write the rows as JSON here")

@@ -92,7 +92,6 @@ class ShardSearcher:
 
     def __init__(self, db: str, group: int, groups: int, *, threads: int = 1, mmap: bool = False):
         self.group = ShardGroup(db, group, groups, threads=threads, mmap=mmap)
-        self.db = db
 
     async def search(self, requests: list[SearchRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(queries (n, d), c, nprobe)] -> [(distances (n, c), ids (n, c))]; faiss runs off the event loop."""
@@ -102,8 +101,8 @@ class ShardSearcher:
         return {**self.group.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str()}
 
     def check_health(self) -> None:
-        if not mf.stat_signature(layout.manifest_path(self.db)):
-            raise RuntimeError(f"{layout.manifest_path(self.db)} has gone away")
+        if not mf.stat_signature(layout.manifest_path(self.group.db)):
+            raise RuntimeError(f"{layout.manifest_path(self.group.db)} has gone away")
 
 
 def embed_batch_size(device: str) -> int:
