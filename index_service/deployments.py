@@ -27,6 +27,16 @@ log = logging.getLogger("index_service")
 SearchRequest = tuple[np.ndarray, int, int | None]
 
 
+def split_rows(array: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """The rows of a batch's result back to the requests that held ``sizes`` rows each."""
+    return np.split(array, np.cumsum(sizes)[:-1])
+
+
+def replica_name() -> str:
+    """This Serve replica's actor name (what ``/healthz`` reports, and what ``ray.kill`` takes)."""
+    return serve.get_replica_context().replica_id.to_full_id_str()
+
+
 class ShardGroup:
     """Every ``groups``-th index shard of the DB (increments included), kept in step with the manifest.
 
@@ -75,8 +85,8 @@ class ShardGroup:
                 dists, ids = search_shards(shards, queries, c, nprobe=nprobe or self.nprobe, selector=selector)
             else:  # more groups than shards: this one holds none
                 dists, ids = np.full((len(queries), c), np.inf, np.float32), np.full((len(queries), c), -1, np.int64)
-            bounds = np.cumsum([len(requests[i][0]) for i in idx])[:-1]
-            for i, d, j in zip(idx, np.split(dists, bounds), np.split(ids, bounds)):
+            sizes = [len(requests[i][0]) for i in idx]
+            for i, d, j in zip(idx, split_rows(dists, sizes), split_rows(ids, sizes)):
                 out[i] = (d, j)
         return out
 
@@ -98,7 +108,7 @@ class ShardSearcher:
         return await asyncio.to_thread(self.group.search_many, requests)
 
     def stats(self) -> dict:
-        return {**self.group.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str()}
+        return {**self.group.stats(), "replica": replica_name()}
 
     def check_health(self) -> None:
         if not mf.stat_signature(layout.manifest_path(self.group.db)):
@@ -128,7 +138,7 @@ class QueryEmbedder:
 
     def embed_many(self, requests: list[list[str]]) -> list[np.ndarray]:
         vectors = self.embedder.embed_texts([t for texts in requests for t in texts])
-        return np.split(vectors, np.cumsum([len(texts) for texts in requests])[:-1])
+        return split_rows(vectors, [len(texts) for texts in requests])
 
     # No wait: calls queue while a batch runs, and the next batch takes whatever has queued.
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=lambda calls: sum(len(texts) for texts in calls))

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from index_service import api
-from index_service.deployments import ShardGroup
+from index_service.deployments import ShardGroup, replica_name, split_rows
 from retro_db import deletions, layout
 from retro_db import manifest as mf
 from retro_db.search import load_indexed_vectors, merge_top_k, rerank
@@ -140,8 +140,8 @@ class Ingress:
     per shard group per batch of searches), merges and re-ranks, and attaches text. With no searcher
     deployments it holds the one shard group itself: an embedding query is then one hop."""
 
-    def __init__(self, db: str, embedder, *searchers, search_threads: int = 1, mmap: bool = False, max_batch_queries: int = 256,
-                 embed_batch_wait_s: float = 0.02, search_batch_wait_s: float = 0.001):
+    def __init__(self, db: str, embedder, *searchers, search_threads: int, mmap: bool, max_batch_queries: int,
+                 embed_batch_wait_s: float, search_batch_wait_s: float):  # from ServiceConfig (build_app)
         manifest = mf.require_stages(db)
         self.db, self.embedder, self.searchers = db, embedder, list(searchers)
         self.local = None if self.searchers else ShardGroup(db, threads=search_threads, mmap=mmap)
@@ -196,7 +196,7 @@ class Ingress:
         except Exception as e:  # a replica died mid-request
             log.warning("embedding failed: %s", e)
             raise GroupUnavailable(f"embedder: {type(e).__name__}") from None
-        return np.split(vectors, np.cumsum([len(texts) for texts in batch])[:-1])
+        return split_rows(vectors, [len(texts) for texts in batch])
 
     # Up to 4 batches in flight: while one waits for remote shard groups (or searches on a worker
     # thread) the next forms (2 remote groups, 8 clients: 62 q/s with 1 in flight, 107 with 4).
@@ -290,7 +290,7 @@ class Ingress:
 
     async def _group_stats(self) -> list[dict]:
         if self.local is not None:
-            return [{**self.local.stats(), "replica": serve.get_replica_context().replica_id.to_full_id_str()}]
+            return [{**self.local.stats(), "replica": replica_name()}]
         return await asyncio.gather(*(s.stats.remote() for s in self.searchers))
 
     @app.get("/healthz", response_model=api.Health)
