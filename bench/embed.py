@@ -64,7 +64,7 @@ def ray_pool_embed(texts: list[str], model: str, batch_size: int, cores: int) ->
     """The stage's layout: one actor per node using all of its cores, length-sorted blocks."""
 
     ray = connect_ray()
-    n_actors, threads, resources = actor_layout(cores, 0)
+    n_actors, threads, resources = actor_layout([cores], 0)
 
     @ray.remote(**resources)
     class Embedder:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from index_service import api
+from index_service.auth import Tokens
 from index_service.deployments import QueryEmbedder, ShardSearcher
 from index_service.ingress import Ingress
 from retro_db.manifest import require_stages
@@ -43,12 +44,18 @@ class ServiceConfig(BaseModel):
     embed_batch_wait_s: float = Field(0.02, ge=0, description="longest wait of the ingress for a batch of text queries to fill")
     search_batch_wait_s: float = Field(0.001, ge=0, description="longest wait of the ingress for a batch of searches to fill")
     health_check_period_s: float = Field(2.0, gt=0, description="seconds between replica health checks")
+    admin_token_file: str = Field("", description="file of admin bearer tokens (<token> or <name>:<token> per line), e.g. a mounted Secret; "
+                                                   "also read: $RETRO_ADMIN_TOKEN. Without one, deleting and restoring answer 403")
+    read_token_file: str = Field("", description="file of read tokens (also $RETRO_READ_TOKEN); without one, reads are open")
+    max_body_bytes: int = Field(32 << 20, ge=1 << 20, description="request bodies over this many bytes get 413 (the API's largest "
+                                                                   "request, 256 texts of 16384 characters, fits)")
 
 
 def build_app(cfg: ServiceConfig) -> Application:
     """The Serve application; ``DBNotReady`` names what is missing when the DB cannot be served."""
     db = os.path.abspath(cfg.db)
     require_stages(db)
+    Tokens.load(cfg.admin_token_file, cfg.read_token_file)  # a missing file or a short token fails here, not in a replica
     health = {"health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": 10 * cfg.health_check_period_s}
     searchers = [
         ShardSearcher.options(name=f"ShardSearcher-{g}", num_replicas=cfg.shard_replicas, ray_actor_options={"num_cpus": cfg.search_cpus}, **health)
@@ -64,4 +71,6 @@ def build_app(cfg: ServiceConfig) -> Application:
     log.info("index service: %s", cfg.model_dump())
     return (Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus}, **health)
             .bind(db, embedder, *searchers, search_threads=cfg.search_threads, mmap=cfg.mmap_index, max_batch_queries=cfg.max_batch_queries,
-                  embed_batch_wait_s=cfg.embed_batch_wait_s, search_batch_wait_s=cfg.search_batch_wait_s))
+                  embed_batch_wait_s=cfg.embed_batch_wait_s, search_batch_wait_s=cfg.search_batch_wait_s,
+                  admin_token_file=os.path.abspath(cfg.admin_token_file) if cfg.admin_token_file else "",
+                  read_token_file=os.path.abspath(cfg.read_token_file) if cfg.read_token_file else "", max_body_bytes=cfg.max_body_bytes))

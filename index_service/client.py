@@ -18,9 +18,12 @@ class IndexServiceError(RuntimeError):
 
 
 class IndexClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", *, timeout: float = 60.0):
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, token: str | None = None, timeout: float = 60.0):
+        """``token``: the admin token for deletions and restorations (or a read token where reads need one)."""
         self.url, self.timeout = url.rstrip("/"), timeout
         self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, **kwargs):
         response = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
@@ -46,8 +49,15 @@ class IndexClient:
     def chunk(self, chunk_id: int) -> dict:
         return self._call("GET", f"/v1/chunks/{int(chunk_id)}")
 
-    def delete_documents(self, doc_ids) -> dict:
-        return self._call("POST", "/v1/documents/delete", json={"doc_ids": [int(d) for d in doc_ids]})
+    def delete_documents(self, doc_ids, reason: str) -> dict:
+        """The audit log's entry for this deletion, with the totals after it (needs the admin token)."""
+        return self._call("POST", "/v1/documents/delete", json={"doc_ids": [int(d) for d in doc_ids], "reason": reason})
+
+    def restore_documents(self, doc_ids, reason: str) -> dict:
+        return self._call("POST", "/v1/documents/restore", json={"doc_ids": [int(d) for d in doc_ids], "reason": reason})
+
+    def deletions(self, since: int = 0, limit: int = 100) -> dict:
+        return self._call("GET", "/v1/deletions", params={"since": since, "limit": limit})
 
     def health(self) -> dict:
         return self._call("GET", "/healthz")

@@ -1,5 +1,10 @@
 """The index service's HTTP ingress (FastAPI on Ray Serve): search, chunks, deletions, health, metrics.
 
+Reads are open unless a read token is configured; deleting and restoring documents need the admin
+bearer token (``index_service.auth``) and are appended to the DB's audit log (``retro_db.deletions``).
+The OpenAPI schema at ``/openapi.json`` is this DB's: its embedding length, vocabulary and nprobe
+limits are in it, so a request the schema allows is one the service accepts.
+
     client -> Ingress -> QueryEmbedder (texts/tokens -> vectors), once per batch of text queries
                       -> its own ShardGroup, or ShardSearcher x G (approximate top c = k * rerank_factor
                          of each group), once per batch of searches
@@ -11,6 +16,7 @@ request). Each step is the one ``retro_db.search.RetrievalIndex.search`` takes i
 """
 
 import asyncio
+import copy
 import json
 import logging
 import os
@@ -19,19 +25,21 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
-from fastapi import FastAPI, HTTPException, Path, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from index_service import api
+from index_service import api, auth
 from index_service.deployments import ShardGroup, replica_name, split_rows
 from retro_db import deletions, layout
 from retro_db import manifest as mf
+from retro_db.embedder import chunk_texts
 from retro_db.search import load_indexed_vectors, merge_top_k, rerank
-from retro_db.token_store import TokenStore
+from retro_db.token_store import ShardedRows, TokenStore
 from retro_db.tokenizer import PAD, db_tokenizer, special_id
 
 log = logging.getLogger("index_service")
@@ -42,6 +50,13 @@ app = FastAPI(
     description="Nearest chunks of the RETRO retrieval database, with their text and continuation.",
 )
 METRICS = None
+
+
+def this_ingress() -> "Ingress":
+    """The replica's Ingress: where the middleware, auth and schema below find its settings (Serve
+    serves a copy of ``app`` unpickled in the replica: what ``__init__`` set on this module's
+    ``app.state`` or globals was not what the served copy's functions saw)."""
+    return serve.get_replica_context().servable_object
 
 
 @app.exception_handler(RequestValidationError)
@@ -93,7 +108,86 @@ class RequestMetrics:
             metrics["seconds"].labels(endpoint).observe(time.perf_counter() - t0)
 
 
+class BodyLimit:
+    """413 for a request body over the service's ``max_body_bytes``: by its Content-Length before anything
+    is read, else while it streams in (the handler's read raises)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = this_ingress().max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await too_large(limit)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, too_large_detail(limit))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def too_large_detail(limit: int) -> str:
+    return f"request body over {limit} bytes (the service's max_body_bytes)"
+
+
+def too_large(limit: int) -> JSONResponse:
+    return JSONResponse(status_code=413, content={"detail": too_large_detail(limit)})
+
+
 app.add_middleware(RequestMetrics)
+app.add_middleware(BodyLimit)  # added last, so it runs first
+
+
+def db_openapi() -> dict:
+    """FastAPI's schema with this DB's search limits in it, and auth declared where it is required."""
+    if app.openapi_schema is None:
+        schema = copy.deepcopy(FastAPI.openapi(app))
+        content = schema["paths"]["/v1/search"]["post"]["requestBody"]["content"]["application/json"]
+        ingress = this_ingress()
+        content["schema"] = ingress.search_model.model_json_schema()
+        if not ingress.tokens.read:  # reads are open: a client needs no token
+            for method, path in READ_ROUTES:
+                schema["paths"][path][method].pop("security", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = db_openapi
+
+bearer = HTTPBearer(auto_error=False, description="the admin token (RETRO_ADMIN_TOKEN); for reads, a read token where one is configured")
+READ_ROUTES = (("post", "/v1/search"), ("get", "/v1/chunks/{chunk_id}"), ("get", "/v1/deletions"))
+
+
+def _presented(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+async def admin(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> str:
+    """The audit log's name for the caller of a mutating endpoint: 403 where none is configured, 401 without a valid one."""
+    tokens = this_ingress().tokens
+    if not tokens.admin:
+        raise HTTPException(403, f"deleting and restoring documents is disabled on this service: start it with {auth.ADMIN_ENV} set "
+                                 "or --admin-token-file (see README, Serving the index)")
+    name = auth.match(_presented(credentials), tokens.admin)
+    if name is None:
+        raise HTTPException(401, "this needs the admin token: Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
+    return f"token:{name}"
+
+
+async def reader(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+    """Reads are open unless read tokens are configured; then a read or an admin token is needed."""
+    tokens = this_ingress().tokens
+    if tokens.read and auth.match(_presented(credentials), tokens.read) is None and auth.match(_presented(credentials), tokens.admin) is None:
+        raise HTTPException(401, "this service needs a read token: Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
 
 
 def parse_body(model: type[BaseModel], body: bytes) -> BaseModel:
@@ -119,6 +213,15 @@ def json_response(content: dict) -> Response:
     return Response(json.dumps(content, separators=(",", ":")), media_type="application/json")
 
 
+@dataclass(frozen=True)
+class DBView:
+    """What one version of the manifest serves, swapped whole, so that a request never mixes two."""
+
+    store: TokenStore
+    vectors: ShardedRows  # what re-ranking reads
+    rerank_factor: int
+
+
 @dataclass
 class Retrieval:
     """One search request's query vectors on their way through a batch."""
@@ -141,8 +244,10 @@ class Ingress:
     deployments it holds the one shard group itself: an embedding query is then one hop."""
 
     def __init__(self, db: str, embedder, *searchers, search_threads: int, mmap: bool, max_batch_queries: int,
-                 embed_batch_wait_s: float, search_batch_wait_s: float):  # from ServiceConfig (build_app)
+                 embed_batch_wait_s: float, search_batch_wait_s: float, admin_token_file: str, read_token_file: str,
+                 max_body_bytes: int):  # from ServiceConfig (build_app)
         manifest = mf.require_stages(db)
+        self.tokens, self.max_body_bytes = auth.Tokens.load(admin_token_file, read_token_file), max_body_bytes
         self.db, self.embedder, self.searchers = db, embedder, list(searchers)
         self.local = None if self.searchers else ShardGroup(db, threads=search_threads, mmap=mmap)
         for method, wait in ((self.embed, embed_batch_wait_s), (self.retrieve, search_batch_wait_s)):
@@ -153,32 +258,41 @@ class Ingress:
         self.dim = manifest["stages"]["embeddings"]["dim"]
         trained = faiss.read_index(layout.trained_index_path(db))
         self.nlist = faiss.extract_index_ivf(trained).nlist
+        self.search_model = api.search_request_model(dim=self.dim, vocab_size=self.vocab_size, nlist=self.nlist)
         self._manifest_sig = self._deleted_sig = None
         self.refresh()
+        try:  # a change killed between the audit log and the deleted list is completed now
+            deletions.recover(db, self.view.store)
+        except OSError as e:
+            log.warning("%s is not writable (%s): deletions are served as they are, and cannot change here", layout.DELETED, e)
 
     def refresh(self) -> None:
         sig = mf.stat_signature(layout.manifest_path(self.db))
         if sig != self._manifest_sig:  # increments add token shards and vectors
-            self.store, self.vectors = TokenStore(self.db), load_indexed_vectors(self.db)
-            self.rerank_factor = mf.read_manifest(self.db)["stages"]["index"]["config"].get("rerank_factor", 4)
+            rerank_factor = mf.read_manifest(self.db)["stages"]["index"]["config"].get("rerank_factor", 4)
+            self.view = DBView(TokenStore(self.db), load_indexed_vectors(self.db), rerank_factor)
             self._manifest_sig = sig
         dsig = deletions.deletions_signature(self.db)
         if dsig != self._deleted_sig:
             self.deleted_docs, self._deleted_sig = set(deletions.deleted_doc_ids(self.db).tolist()), dsig
 
+    def current_view(self, ids: np.ndarray) -> DBView:
+        """The view that knows every one of ``ids``: a shard group can load an increment a moment
+        before this replica sees the manifest that registers it (then it is reread, not a 500)."""
+        found = ids[ids >= 0]
+        view = self.view
+        if found.size and found.max() >= len(view.vectors):
+            self.refresh()
+            view = self.view
+        return view
+
     async def _query_vectors(self, request: api.SearchRequest) -> np.ndarray:
-        """The request's queries as vectors (n, d); 422 for what only the DB can check."""
+        """The request's queries as vectors (n, d) (the request was validated against this DB's limits)."""
         if request.embeddings is not None:
-            bad = [i for i, v in enumerate(request.embeddings) if len(v) != self.dim]
-            if bad:
-                raise HTTPException(422, f"embeddings[{bad[0]}] has {len(request.embeddings[bad[0]])} values; the index holds {self.dim}-d vectors")
             _metrics()["queries"].labels("embeddings").inc(len(request.embeddings))
             return np.asarray(request.embeddings, dtype=np.float32)
         if request.token_ids is not None:
-            bad = [i for i, ids in enumerate(request.token_ids) if max(ids) >= self.vocab_size]
-            if bad:
-                raise HTTPException(422, f"token_ids[{bad[0]}] holds an id >= the LM vocabulary size {self.vocab_size}")
-            texts = self.tokenizer.decode_batch(request.token_ids, skip_special_tokens=False)
+            texts = chunk_texts(self.tokenizer, request.token_ids)  # as the DB embedded its chunks
             _metrics()["queries"].labels("token_ids").inc(len(texts))
         else:
             texts = request.texts
@@ -218,26 +332,26 @@ class Ingress:
         out = []
         for i, r in enumerate(batch):
             dists, ids = merge_top_k([part[i] for part in parts], r.c)
-            out.append(rerank(self.vectors, r.vectors, ids, r.k) if self.rerank_factor else (dists[:, : r.k], ids[:, : r.k]))
+            view = self.current_view(ids)
+            out.append(rerank(view.vectors, r.vectors, ids, r.k) if view.rerank_factor else (dists[:, : r.k], ids[:, : r.k]))
         return out
 
     @app.post("/v1/search", response_model=api.SearchResponse, openapi_extra=json_body(api.SearchRequest),
-              responses={422: {"description": "Validation Error"}})
+              dependencies=[Depends(reader)], responses=api.errors(401, 413, 422, 503))
     async def search(self, http_request: Request) -> Response:
         """Top-k chunks per query (by text, LM tokens or embedding), each with its text and continuation."""
-        request = parse_body(api.SearchRequest, await http_request.body())
-        if request.nprobe is not None and request.nprobe > self.nlist:
-            raise HTTPException(422, f"nprobe {request.nprobe} exceeds the index's {self.nlist} lists")
+        request = parse_body(self.search_model, await http_request.body())
         self.refresh()
         try:
             queries = await self._query_vectors(request)
-            dists, ids = await self.retrieve(Retrieval(queries, request.k, request.k * max(1, self.rerank_factor), request.nprobe))
+            dists, ids = await self.retrieve(Retrieval(queries, request.k, request.k * max(1, self.view.rerank_factor), request.nprobe))
         except GroupUnavailable as e:
             raise HTTPException(503, f"unavailable ({e}); retry shortly") from None
+        store = self.current_view(ids).store
         if ids.size <= 100:  # decoding a few chunks costs less than a thread hop
-            results = self._results(self.store, dists, ids, request.return_tokens)
+            results = self._results(store, dists, ids, request.return_tokens)
         else:
-            results = await asyncio.to_thread(self._results, self.store, dists, ids, request.return_tokens)
+            results = await asyncio.to_thread(self._results, store, dists, ids, request.return_tokens)
         return json_response({"results": results})
 
     def _chunks(self, store: TokenStore, ids: np.ndarray, with_tokens: bool) -> list[dict]:
@@ -266,34 +380,62 @@ class Ingress:
         chunks = iter(self._chunks(store, ids[found], with_tokens) if found.any() else [])
         return [[{**next(chunks), "distance": d} for d in row[keep].tolist()] for row, keep in zip(dists, found)]
 
-    @app.get("/v1/chunks/{chunk_id}", response_model=api.Chunk)
+    @app.get("/v1/chunks/{chunk_id}", response_model=api.Chunk, dependencies=[Depends(reader)], responses=api.errors(401, 404, 422))
     async def chunk(self, chunk_id: int = Path(ge=0, le=api.MAX_ID)) -> dict:
         """One chunk by id, with its continuation; 404 for unknown or deleted chunks."""
         self.refresh()
+        store = self.view.store
         try:
-            doc = int(self.store.doc_of([chunk_id])[0])
+            doc = int(store.doc_of([chunk_id])[0])
         except KeyError:
             raise HTTPException(404, f"chunk {chunk_id} does not exist in {os.path.basename(os.path.abspath(self.db))}") from None
         if doc in self.deleted_docs:
             raise HTTPException(404, f"chunk {chunk_id} belongs to document {doc}, which was deleted")
-        return self._chunks(self.store, np.array([chunk_id]), with_tokens=True)[0]
+        return self._chunks(store, np.array([chunk_id]), with_tokens=True)[0]
 
-    @app.post("/v1/documents/delete", response_model=api.DeleteResponse)
-    async def delete(self, request: api.DeleteRequest) -> dict:
-        """Removes documents from every search (persisted in the DB; every replica sees it on its next request)."""
+    async def _change(self, action: str, request: api.DocumentsRequest, actor: str) -> dict:
         self.refresh()
         try:
-            counts = await asyncio.to_thread(deletions.delete_documents, self.db, request.doc_ids, self.store)
-        except KeyError as e:
-            raise HTTPException(404, str(e.args[0])) from None
-        return counts  # every reader, this one included, refreshes before it answers
+            return await asyncio.to_thread(deletions.change, self.db, request.doc_ids, self.view.store, action=action,
+                                           reason=request.reason, actor=actor)
+        except deletions.UnknownDocuments as e:
+            raise HTTPException(404, str(e)) from None
+        except deletions.NotDeleted as e:
+            raise HTTPException(409, str(e)) from None
+        except ValueError as e:  # what the schema cannot say (a reason of blanks only)
+            raise HTTPException(422, str(e)) from None
+        except OSError as e:  # a read-only DB/deleted: the deployment's volume layout, not the client's fault
+            log.error("cannot record a %s in %s: %s", action, layout.DELETED, e)
+            raise HTTPException(403, f"this deployment cannot change its deletions ({layout.DELETED}/ is not writable here)") from None
+
+    # Bodies parsed after the token is checked: a caller without it learns nothing from a 422.
+    @app.post("/v1/documents/delete", response_model=api.ChangeResponse, openapi_extra=json_body(api.DocumentsRequest),
+              responses=api.errors(401, 403, 404, 413, 422))
+    async def delete(self, http_request: Request, actor: str = Depends(admin)) -> dict:
+        """Removes documents from every search and from training (persisted and audited; every replica
+        sees it on its next request). Needs the admin token."""
+        return await self._change(deletions.DELETE, parse_body(api.DocumentsRequest, await http_request.body()), actor)
+
+    @app.post("/v1/documents/restore", response_model=api.ChangeResponse, openapi_extra=json_body(api.DocumentsRequest),
+              responses=api.errors(401, 403, 404, 409, 413, 422))
+    async def restore(self, http_request: Request, actor: str = Depends(admin)) -> dict:
+        """Undoes a deletion: the documents are searched (and trained on) again. Audited; needs the admin token."""
+        return await self._change(deletions.RESTORE, parse_body(api.DocumentsRequest, await http_request.body()), actor)
+
+    @app.get("/v1/deletions", response_model=api.DeletionsResponse, dependencies=[Depends(reader)], responses=api.errors(401, 422))
+    async def deletion_log(self, since: int = Query(0, ge=0, le=api.MAX_ID, description="entries after this seq"),
+                        limit: int = Query(100, ge=1, le=1000, description="at most this many entries")) -> dict:
+        """The audit log of deletions and restorations, oldest first, and what is deleted now."""
+        entries = await asyncio.to_thread(deletions.audit_log, self.db, since=since, limit=limit)
+        docs, chunks = deletions.deleted_doc_ids(self.db), deletions.deleted_chunk_ids(self.db)
+        return {"entries": entries, "total_documents_deleted": len(docs), "total_chunks_deleted": len(chunks)}
 
     async def _group_stats(self) -> list[dict]:
         if self.local is not None:
             return [{**self.local.stats(), "replica": replica_name()}]
         return await asyncio.gather(*(s.stats.remote() for s in self.searchers))
 
-    @app.get("/healthz", response_model=api.Health)
+    @app.get("/healthz", response_model=api.Health, responses=api.errors(503))
     async def healthz(self) -> dict:
         try:
             groups = await asyncio.wait_for(self._group_stats(), timeout=10)

@@ -5,6 +5,10 @@ paper), each padded to m tokens; its neighbours are the k precomputed neighbour 
 turned into [N, F] tokens (r = 2m) by the token store. Neighbours from any document of the
 sequence are dropped (the paper's rule for training), which the per-chunk tables cannot know.
 
+Deleted documents (``retro_db.deletions``) are honoured twice: their chunks are left out of the
+sequences (the chunks around them close up), and they are never neighbours (``python -m pipeline
+refresh-neighbours`` replaces them in the tables by the next candidates; until then they are masked).
+
 Axes: l chunks, m chunk size, k neighbours, r = 2m retrieved tokens.
 """
 
@@ -47,9 +51,18 @@ class RetroSequences(torch.utils.data.Dataset):
             raise DBNotReady(f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage (make build-db DB={db})")
         self.neighbour_starts = np.array([first_chunk_id(f) for f in files], dtype=np.int64)  # aligned with the chunk shards
         self.deleted = deleted_chunk_ids(db)  # documents removed after the tables were built
+        inside = self.deleted[(self.deleted >= self.first) & (self.deleted < self.first + self.n_chunks)] - self.first
+        # the j-th live chunk is first + j + (deleted chunks before it): a binary search over
+        # deleted[t] - t, so no array of every live id is ever built
+        self._skips = inside - np.arange(len(inside))
+        self.n_live = self.n_chunks - len(inside)
 
     def __len__(self) -> int:
-        return self.n_chunks // self.l
+        return self.n_live // self.l
+
+    def live_ids(self, j: np.ndarray) -> np.ndarray:
+        """Chunk ids of the j-th chunks of the split that are not deleted."""
+        return self.first + j + np.searchsorted(self._skips, j, side="right")
 
     @lru_cache(maxsize=4)
     def _neighbour_shard(self, i: int) -> np.ndarray:
@@ -70,14 +83,14 @@ class RetroSequences(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, i: int):
-        ids = self.first + i * self.l + np.arange(self.l)
+        ids = self.live_ids(i * self.l + np.arange(self.l))
         tokens, lengths = self.store.chunks(ids)  # (l, m)
         tokens = tokens.astype(np.int64)
         real = np.arange(self.m)[None, :] < lengths[:, None]  # (l, m)
         flat, flat_real = tokens.reshape(-1), real.reshape(-1)
         # the target after the last position is the next chunk's first token when it exists
-        nxt = self.first + (i + 1) * self.l
-        tail = int(self.store.chunks([nxt])[0][0, 0]) if nxt < self.first + self.n_chunks else self.pad_id
+        nxt = (i + 1) * self.l
+        tail = int(self.store.chunks(self.live_ids(np.array([nxt])))[0][0, 0]) if nxt < self.n_live else self.pad_id
         targets = np.append(flat[1:], tail)
         target_real = np.append(flat_real[1:], tail != self.pad_id)
         targets = np.where(target_real, targets, -100)

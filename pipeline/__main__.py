@@ -8,6 +8,7 @@ Every stage's settings are the fields of its config dataclass (``--help`` lists 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from pipeline.add_documents import add_documents
@@ -16,9 +17,10 @@ from pipeline.build_db import build_db, summary_lines
 from pipeline.chunk_pipeline import ChunkConfig, write_chunk_shards
 from pipeline.embed import EmbedConfig, write_embeddings
 from pipeline.index_build import IndexConfig, write_index
-from pipeline.neighbours import NeighbourConfig, write_neighbours
+from pipeline.neighbours import NeighbourConfig, refresh_neighbours, write_neighbours
 from pipeline.stage import ConfigMismatch
-from retro_db import cli
+from retro_db import cli, deletions
+from retro_db.token_store import TokenStore
 
 DEFAULT_CORPUS = "data/python-docs-3.11.jsonl.zst"
 
@@ -59,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "neighbours": sub.add_parser("neighbours", help="stage 4: neighbour tables (Ray)"),
         "add-documents": sub.add_parser("add-documents", help="grow a built DB: new documents -> new index shards, no retraining"),
         "summary": sub.add_parser("summary", help="print a DB's summary from its manifest"),
+        "refresh-neighbours": sub.add_parser("refresh-neighbours", help="replace deleted neighbours in the tables by the next candidates"),
+        "delete": sub.add_parser("delete", help="remove documents from retrieval and training (audited, reversible)"),
+        "restore": sub.add_parser("restore", help="undo a deletion (audited)"),
+        "deletions": sub.add_parser("deletions", help="print the audit log of deletions and restorations (JSON lines)"),
     }
     for name, p in commands.items():
         p.add_argument("--db", default="db", help="the DB directory, or for build-db/chunks a bucket URI (default: ./db)")
@@ -70,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--work-dir", help="local mirror for stages 2-4 when --db is a bucket URI (default: ~/.cache/retro-db/<hash>)")
         if name in ("build-db", "embed", "index", "neighbours"):
             _add_later_stage_args(p)
+        if name in ("build-db", "neighbours"):
+            p.add_argument("--include-increments", action="store_true", help="neighbours may come from added documents too (default: not)")
         if name == "add-documents":
             p.add_argument("--corpus", nargs="+", required=True, help="the new documents: files, directories, globs or URIs")
             p.add_argument("--name", default="", help="the increment's name (default: its number)")
             p.add_argument("--actors", type=int, default=0, help="Ray embedding actors (default: one per GPU, else per node)")
+        if name in ("delete", "restore"):
+            p.add_argument("--doc-ids", type=int, nargs="+", required=True, help="document ids (as search results and documents/ name them)")
+            p.add_argument("--reason", required=True, help="why: recorded in the audit log with your user and host")
+        if name == "deletions":
+            p.add_argument("--since", type=int, default=0, help="entries after this seq")
     return parser
 
 
@@ -93,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         embed, index, neighbours = (cli.config_from_args(cls, args) for cls in (EmbedConfig, IndexConfig, NeighbourConfig))
     if args.command == "build-db":
         build_db(args.corpus, args.db, chunk_kwargs=chunk_kwargs, embed_config=embed, index_config=index, neighbour_config=neighbours,
-                 overwrite=args.overwrite, actors=args.actors, work_dir=args.work_dir, device=args.device)
+                 overwrite=args.overwrite, actors=args.actors, work_dir=args.work_dir, device=args.device,
+                 include_increments=args.include_increments)
     elif args.command == "chunks":
         record = write_chunk_shards(args.corpus, args.db, overwrite=args.overwrite, **chunk_kwargs)
         log.info("chunks: %s", {k: v for k, v in record["counts"].items() if k != "by_split"})
@@ -102,11 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "index":
         write_index(args.db, config=index, overwrite=args.overwrite, device=args.device)
     elif args.command == "neighbours":
-        write_neighbours(args.db, config=neighbours, actors=args.actors, overwrite=args.overwrite, device=args.device)
+        write_neighbours(args.db, config=neighbours, actors=args.actors, overwrite=args.overwrite, device=args.device,
+                         include_increments=args.include_increments)
+    elif args.command == "refresh-neighbours":
+        log.info("refresh-neighbours: %s", refresh_neighbours(args.db))
     elif args.command == "add-documents":
         add_documents(args.corpus, args.db, name=args.name, beam_args=beam_args, actors=args.actors)
     elif args.command == "summary":
         print("\n".join(summary_lines(args.db)))
+    elif args.command in ("delete", "restore"):
+        entry = deletions.change(args.db, args.doc_ids, TokenStore(args.db), action=args.command, reason=args.reason, actor=deletions.cli_actor())
+        print(json.dumps(entry))
+    elif args.command == "deletions":
+        for entry in deletions.audit_log(args.db, since=args.since):
+            print(json.dumps(entry))
     return 0
 
 

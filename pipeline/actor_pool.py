@@ -27,3 +27,11 @@ def cluster_cpus_gpus() -> tuple[float, float]:
 
     resources = ray.available_resources()
     return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+
+
+def node_cpus() -> list[float]:
+    """CPUs free now on each live node (an actor must fit on one node, not on the cluster's sum)."""
+    from ray._private.state import available_resources_per_node  # Ray's DeveloperAPI: no public equivalent
+
+    return [r.get("CPU", 0.0) for r in available_resources_per_node().values()]
+

@@ -13,6 +13,7 @@ from pipeline.index_build import write_index
 from pipeline.neighbours import write_neighbours
 from retro_db import layout, storage
 from retro_db import manifest as mf
+from retro_db.deletions import audit_log, deleted_chunk_ids, deleted_doc_ids
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,17 @@ def summary_lines(db: str) -> list[str]:
     if incs := manifest.get("increments"):
         lines.append(f"  increments: {len(incs)} added ({sum(i['documents'] for i in incs)} docs, {sum(i['vectors'] for i in incs)} vectors"
                      f" in {sum(len(i['index_shards']) for i in incs)} index shards)")
-    if d := stages.get("deletions"):
-        lines.append(f"  deleted   : {d['documents']} documents ({d['chunks']} chunks), excluded from every search")
+    if (docs := deleted_doc_ids(db)).size:
+        lines.append(f"  deleted   : {len(docs)} documents ({len(deleted_chunk_ids(db))} chunks), excluded from search and training"
+                     f" ({len(audit_log(db))} entries in {layout.DELETED}/{layout.DELETIONS_AUDIT})")
     kinds = (layout.CHUNKS, layout.DOCUMENTS, layout.TOKENS, layout.EMBEDDINGS, layout.INDEX, layout.NEIGHBOURS, layout.REJECTED)
     lines.append(f"  outputs   : {layout.manifest_path(db)}, " + ", ".join(f"{kind}/" for kind in kinds))
     return lines
 
 
 def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=None, index_config=None,
-             neighbour_config=None, overwrite: bool = False, actors: int = 0, work_dir: str | None = None, device: str = "auto") -> None:
+             neighbour_config=None, overwrite: bool = False, actors: int = 0, work_dir: str | None = None, device: str = "auto",
+             include_increments: bool = False) -> None:
     """Every stage into ``db``, a directory or a bucket URI (then stages 2-4 run on a local mirror
     in ``work_dir`` and are uploaded after each stage; see ``pipeline.remote_db``)."""
     local = db
@@ -59,7 +62,8 @@ def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=Non
         ("chunks", lambda: write_chunk_shards(corpus, db, overwrite=overwrite, **chunk_kwargs)),
         ("embeddings", lambda: write_embeddings(local, config=embed_config, actors=actors, overwrite=overwrite)),
         ("index", lambda: write_index(local, config=index_config, overwrite=overwrite, device=device)),
-        ("neighbours", lambda: write_neighbours(local, config=neighbour_config, actors=actors, overwrite=overwrite, device=device)),
+        ("neighbours", lambda: write_neighbours(local, config=neighbour_config, actors=actors, overwrite=overwrite, device=device,
+                                                include_increments=include_increments)),
     ):
         t0 = time.perf_counter()
         run()
@@ -70,5 +74,7 @@ def build_db(corpus: list[str], db: str, *, chunk_kwargs: dict, embed_config=Non
                 remote_db.upload_db(local, db)
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("stage %s done in %.1f s", name, timings[name])
+    # where deletions will live: a deployment mounts its own writable volume here (deploy/kuberay)
+    os.makedirs(os.path.join(local, layout.DELETED), exist_ok=True)
     for line in summary_lines(local) + [f"  seconds   : {timings}"]:
         log.info("%s", line)

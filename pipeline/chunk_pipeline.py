@@ -420,6 +420,29 @@ def _existing_hashes(path: str):
             yield bytes.fromhex(text_hash), EXISTING
 
 
+class HeldOutSignaturesFn(beam.DoFn):
+    """A valid/test chunk shard of the DB being grown -> one leakage signature per document (its
+    chunks' tokens joined in order), so that added documents are leakage-filtered against it."""
+
+    def __init__(self, config: ChunkConfig):
+        self.config = config
+
+    def setup(self):
+        self.seeds = minhash.permutation_seeds(self.config.num_perm)
+
+    def process(self, path: str):
+        with FileSystems.open(path) as f:
+            table = pq.read_table(f, columns=["doc_id", "chunk_index", "tokens"])
+        split = os.path.basename(os.path.dirname(path))
+        order = np.lexsort((table["chunk_index"].to_numpy(), table["doc_id"].to_numpy()))  # a document's chunks are in one shard
+        docs, tokens = table["doc_id"].to_numpy()[order], table["tokens"].to_pylist()
+        for doc_id in np.unique(docs):
+            rows = order[np.flatnonzero(docs == doc_id)]
+            joined = np.concatenate([np.asarray(tokens[r], dtype=np.uint32) for r in rows])
+            sig = minhash.signature(joined, ngram=self.config.leakage_ngram, seeds=self.seeds).tobytes()
+            yield {"key": f"db-doc-{doc_id}".encode(), "split": split, "leakage_sig": sig}
+
+
 class ExactDedup(beam.PTransform):
     """doc -> {'kept': one doc per distinct normalised text, 'rejected': the others}.
 
@@ -478,16 +501,25 @@ class FindNearDuplicates(beam.PTransform):
 
 
 class Deduplicate(beam.PTransform):
-    """Tokenized docs -> {'kept': kept, 'rejected': near-duplicates and leaked train docs}."""
+    """Tokenized docs -> {'kept': kept, 'rejected': near-duplicates and leaked train docs}.
 
-    def __init__(self, config: ChunkConfig):
+    ``held_out``: valid/test chunk shards of an existing DB (growing it): train documents that match
+    one of its documents are leaked too.
+    """
+
+    def __init__(self, config: ChunkConfig, held_out: list[str] = ()):
         super().__init__()
-        self.config = config
+        self.config, self.held_out = config, list(held_out)
 
     def expand(self, docs):
         signed = docs | "MinHash" >> beam.ParDo(MinHashFn(self.config))
         near = signed | "NearDuplicates" >> FindNearDuplicates(self.config, "dedup")
-        leak = signed | "Leakage" >> FindNearDuplicates(self.config, "leakage")
+        candidates = signed
+        if self.held_out:
+            existing = (docs.pipeline | "HeldOutShards" >> beam.Create(self.held_out)
+                        | "HeldOutSignatures" >> beam.ParDo(HeldOutSignaturesFn(self.config)))
+            candidates = (signed, existing) | "WithHeldOut" >> beam.Flatten()
+        leak = candidates | "Leakage" >> FindNearDuplicates(self.config, "leakage")
         keyed = signed | "ByKey" >> beam.Map(lambda d: (d["key"], d))
         return (
             {"doc": keyed, "near": near, "leak": leak}
@@ -542,13 +574,15 @@ class WriteRejected(beam.PTransform):
 
 
 def build_chunk_pipeline(p: beam.Pipeline, *, inputs: list, db: str, config: ChunkConfig, tokenizer_json: str, staging: str,
-                         existing_documents: list[str] = ()) -> None:
-    """Adds stage 1 over ``inputs`` [(path, size)] to ``p``. Its statistics land in ``staging``/stats.json and shards.json."""
+                         existing_documents: list[str] = (), held_out: list[str] = ()) -> None:
+    """Adds stage 1 over ``inputs`` [(path, size)] to ``p``. Its statistics land in ``staging``/stats.json and
+    shards.json. ``existing_documents``/``held_out``: a grown DB's document shards (exact duplicates) and valid/test chunk
+    shards (leakage)."""
     read = p | "ReadCorpus" >> ReadCorpus(inputs, config)
     normalized = read["kept"] | "Normalize" >> DeadLettered(NormalizeFn())
     unique = normalized["kept"] | "ExactDedup" >> ExactDedup(existing_documents)
     tokenized = unique["kept"] | "Tokenize" >> beam.ParDo(TokenizeFn(tokenizer_json, config))
-    kept = tokenized | "Deduplicate" >> Deduplicate(config)
+    kept = tokenized | "Deduplicate" >> Deduplicate(config, held_out)
     statuses = kept["kept"] | "WriteChunkShards" >> WriteChunkShards(db, config, tokenizer_json)
     rejected = (read["rejected"], normalized["rejected"], unique["rejected"], kept["rejected"]) | "AllRejected" >> beam.Flatten()
     rejected_counts = rejected | "WriteRejected" >> WriteRejected(db, config.rejected_shards)
@@ -614,7 +648,7 @@ def write_chunk_shards(
     """Runs stage 1 into ``db`` and returns its manifest record (skipped when already complete).
 
     ``existing_documents``: a DB (growing it) whose documents, and its increments', are dropped
-    as exact duplicates.
+    as exact duplicates, and whose valid/test documents leak-filter the new ones.
     """
     config = config or ChunkConfig()
     inputs = [list(x) for x in corpus_io.match_inputs(corpus)]
@@ -623,7 +657,10 @@ def write_chunk_shards(
         tokenizer_fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     else:
         tokenizer_fingerprint = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
-    stage = Stage(db, "chunks", config, fingerprints={"inputs": inputs, "tokenizer_sha256": tokenizer_fingerprint}, overwrite=overwrite)
+    # sizes and modification times: an input edited in place, even to the same size, is a new corpus
+    fingerprints = {"inputs": inputs, "inputs_modified": corpus_io.modified_times([path for path, _ in inputs]),
+                    "tokenizer_sha256": tokenizer_fingerprint}
+    stage = Stage(db, "chunks", config, fingerprints=fingerprints, overwrite=overwrite)
     if stage.state == "complete":
         shards = stage.previous["shards"]
         if done := stage.finished([storage.join(db, s[k]["path"]) for s in shards for k in ("chunks_file", "documents_file")]):
@@ -641,7 +678,10 @@ def write_chunk_shards(
     options = local_beam_options(list(beam_args))
     with beam.Pipeline(options=options) as p:
         existing = [layout.documents_glob(root) for root in mf.db_roots(existing_documents)] if existing_documents else []
-        build_chunk_pipeline(p, inputs=inputs, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging, existing_documents=existing)
+        held_out = [f for split in SPLITS if split != layout.INDEXED_SPLIT for f in layout.chunk_shard_files(existing_documents, split)] \
+            if existing_documents else []
+        build_chunk_pipeline(p, inputs=inputs, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging,
+                             existing_documents=existing, held_out=held_out)
     if options.view_as(StandardOptions).runner == RUNNER_PATHS["DaskRunner"]:
         # the runner leaves its distributed Client open, reconnecting (and logging) once the cluster goes
         import distributed

@@ -92,6 +92,11 @@ def match_inputs(patterns: list[str]) -> list[tuple[str, int]]:
     return sorted(found.items())
 
 
+def modified_times(paths: list[str]) -> list[float]:
+    """Each file's last modification time (seconds; what the file system or bucket reports), in order."""
+    return [m.last_updated_in_seconds for path in paths for m in _match(path)[:1]]
+
+
 def _match(pattern: str) -> list:
     try:
         results = FileSystems.match([pattern])

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.actor_pool import ReportsNode, cluster_cpus_gpus, spread_actor_pool
+from pipeline.actor_pool import ReportsNode, cluster_cpus_gpus, node_cpus, spread_actor_pool
 from pipeline.stage import Stage, completed
 from pipeline.token_shards import write_token_shard
 from retro_db import layout
@@ -99,18 +99,20 @@ def _assemble_shard(chunk_file: str, blocks: list[str], rows: int) -> str:
     return out
 
 
-def actor_layout(cpus: float, gpus: float, *, actors: int = 0, max_threads: int = 8) -> tuple[int, int, dict]:
-    """(actors, intra-op threads per actor, Ray resources per actor).
+def actor_layout(node_cpus: list[float], gpus: float, *, actors: int = 0, max_threads: int = 8) -> tuple[int, int, dict]:
+    """(actors, intra-op threads per actor, Ray resources per actor) for nodes with ``node_cpus`` free.
 
-    GPUs: one actor per GPU. CPUs: actors of up to ``max_threads`` threads each; on this 2-core
-    machine one 2-thread actor embeds 1.8x faster than two 1-thread actors (docs/BENCHMARKS.md).
-    Each actor reserves one CPU less than it uses (at least half a CPU), so Ray's own tasks
-    always find a CPU and a small machine cannot deadlock.
+    GPUs: one actor per GPU. CPUs: actors of up to ``max_threads`` threads, no more than the
+    smallest node holds, so every actor fits on a node (N nodes of C CPUs: N actors of C threads);
+    on this 2-core machine one 2-thread actor embeds 1.8x faster than two 1-thread actors
+    (docs/BENCHMARKS.md). Each actor reserves one CPU less than it uses (at least half a CPU), so
+    Ray's own tasks always find a CPU and a small machine cannot deadlock.
     """
     if gpus:
         return actors or int(gpus), 1, {"num_gpus": 1}
-    threads = max(1, min(max_threads, int(cpus) // max(1, actors) if actors else int(cpus)))
-    n = actors or max(1, int(cpus) // threads)
+    nodes = [int(c) for c in node_cpus if c >= 1] or [1]
+    threads = max(1, min(max_threads, min(nodes), sum(nodes) // actors if actors else max_threads))
+    n = actors or max(1, sum(c // threads for c in nodes))
     return n, threads, {"num_cpus": max(0.5, threads - 1.0)}
 
 
@@ -148,7 +150,7 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
         # longest blocks first, so the job does not end on one actor busy with the longest block
         todo += [(f, b, path) for b, path in reversed(list(zip(blocks, blocks_of[f]))) if not os.path.exists(path)]
     connect_ray()
-    n_actors, threads, resources = actor_layout(*cluster_cpus_gpus(), actors=actors)
+    n_actors, threads, resources = actor_layout(node_cpus(), cluster_cpus_gpus()[1], actors=actors)
     n_actors = max(1, min(n_actors, len(todo)))
     log.info("embeddings: %d blocks to embed (%d chunks) on %d actors (%s)", len(todo), sum(len(t[1]) for t in todo),
              n_actors, "1 GPU each" if "num_gpus" in resources else f"{threads} CPU thread(s) each")

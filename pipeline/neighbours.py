@@ -20,11 +20,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.actor_pool import ReportsNode, cluster_cpus_gpus, spread_actor_pool
-from pipeline.stage import Stage, completed
+from pipeline.stage import Stage, completed, config_of
 from retro_db import layout
 from retro_db import manifest as mf
+from retro_db.deletions import deleted_chunk_ids
 from retro_db.ray_cluster import connect_ray
-from retro_db.search import RetrievalIndex
+from retro_db.search import RetrievalIndex, load_embedding_rows
+from retro_db.search import index_shard_paths as search_index_shards
+from retro_db.storage import sha256_file
 from retro_db.token_store import TokenStore, read_chunk_shard
 
 log = logging.getLogger(__name__)
@@ -67,13 +70,20 @@ def neighbours_of(index, queries: np.ndarray, query_docs: np.ndarray, doc_of, *,
     return out_ids, out_d
 
 
+def neighbour_index_shards(db: str, include_increments: bool) -> list[str]:
+    """What neighbour tables search: the DB's own index shards; increments only when asked for
+    (they were never leakage-filtered with the DB's own build, and training tables should not move
+    under a model because documents were added for retrieval)."""
+    return search_index_shards(db) if include_increments else layout.index_shard_files(db)
+
+
 class NeighbourActor(ReportsNode):
     """Ray actor: holds the index and token store, writes one neighbour shard per call."""
 
-    def __init__(self, db: str, threads: int, device: str):
+    def __init__(self, db: str, threads: int, device: str, include_increments: bool = False):
         os.environ["OMP_NUM_THREADS"] = str(threads)
         self.db = db
-        self.index = RetrievalIndex(db, threads=threads, device=device)
+        self.index = RetrievalIndex(db, shard_paths=neighbour_index_shards(db, include_increments), threads=threads, device=device)
         self.store = TokenStore(db)
 
     def write_shard(self, chunk_file: str, out_path: str, config: dict) -> tuple[str, int, int, float]:
@@ -104,13 +114,15 @@ class NeighbourActor(ReportsNode):
 
 
 def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: int = 0, overwrite: bool = False,
-                     device: str = "auto") -> dict:
+                     device: str = "auto", include_increments: bool = False) -> dict:
     """Runs stage 4 over every chunk shard (searching on GPUs when ``device`` resolves to them);
-    returns its manifest record."""
+    returns its manifest record. ``include_increments``: neighbours may come from added documents too."""
     config = config or NeighbourConfig()
     index = completed(db, "index")
-    stage = Stage(db, "neighbours", config, overwrite=overwrite, fingerprints={
-        "index_shards": [s["sha256"] for s in index["shards"]], "nprobe_used": config.nprobe or index["default_nprobe"]})
+    fingerprints = {"index_shards": [s["sha256"] for s in index["shards"]], "nprobe_used": config.nprobe or index["default_nprobe"]}
+    if include_increments:
+        fingerprints["increment_index_shards"] = [s["sha256"] for inc in mf.read_manifest(db).get("increments", []) for s in inc["index_shards"]]
+    stage = Stage(db, "neighbours", config, overwrite=overwrite, fingerprints=fingerprints)
     files = layout.chunk_shard_files(db)
     outs = {f: layout.aligned_path(f, layout.NEIGHBOURS) for f in files}
     if done := stage.finished(list(outs.values())):
@@ -131,7 +143,7 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
         threads, resources = max(1, int(cpus) // n_actors), {"num_cpus": 0.5}
     t0, searched, nodes, actor_s = time.perf_counter(), 0, 0, 0.0
     if todo:
-        pool, nodes = spread_actor_pool(NeighbourActor, n_actors, resources, db, threads, device)
+        pool, nodes = spread_actor_pool(NeighbourActor, n_actors, resources, db, threads, device, include_increments)
         rows = {f: pq.ParquetFile(f).metadata.num_rows for f in todo}
         log.info("neighbours: %d shards (%d chunks) on %d actors (%s)", len(todo), sum(rows.values()), n_actors, device)
         with tqdm(total=sum(rows.values()), unit="chunk", desc="neighbours", mininterval=2) as bar:
@@ -160,3 +172,50 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
         actor_seconds_this_run=round(actor_s, 2),
         versions=mf.package_versions("faiss-cpu", "ray", "pyarrow"),
     )
+
+
+def refresh_neighbours(db: str) -> dict:
+    """Replaces deleted neighbours in the tables by the next candidates (k kept), searching only the
+    rows that hold one, the way the stage searched them (same depth, nprobe and index shards, the
+    deleted ids excluded inside faiss); each shard is rewritten atomically. Returns counts."""
+    record = completed(db, "neighbours")
+    config = config_of(NeighbourConfig, record)
+    deleted = deleted_chunk_ids(db)
+    index = RetrievalIndex(db, shard_paths=neighbour_index_shards(db, "increment_index_shards" in record["config"]))
+    store = TokenStore(db)
+    rows_done, rewritten = 0, {}
+    for f in tqdm(layout.chunk_shard_files(db), unit="shard", desc="refresh neighbours", mininterval=2):
+        out = layout.aligned_path(f, layout.NEIGHBOURS)
+        table = pq.read_table(out)
+        k = len(table["neighbour_ids"][0]) if table.num_rows else 0
+        if not k or not len(deleted):
+            continue
+        ids = table["neighbour_ids"].combine_chunks().values.to_numpy().reshape(-1, k).copy()
+        dists = table["distances"].combine_chunks().values.to_numpy().reshape(-1, k).copy()
+        stale = np.flatnonzero(np.isin(ids, deleted).any(axis=1))
+        if not len(stale):
+            continue
+        queries = np.asarray(load_embedding_rows(db, layout.split_of(f)).get(table["chunk_id"].to_numpy()[stale]), dtype=np.float32)
+        ids[stale], dists[stale] = neighbours_of(index, queries, store.doc_of(table["chunk_id"].to_numpy()[stale]), store.doc_of, k=k,
+                                                 candidates=config.candidates, max_candidates=config.max_candidates,
+                                                 nprobe=config.nprobe or None)
+        new = pa.Table.from_arrays([
+            table["chunk_id"],
+            pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
+            pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
+        ], schema=layout.NEIGHBOUR_SCHEMA)
+        pq.write_table(new, out + ".tmp", compression="zstd")
+        os.replace(out + ".tmp", out)
+        rows_done += len(stale)
+        rewritten[os.path.relpath(out, db)] = sha256_file(out)
+    counts = {"rows_refreshed": rows_done, "shards_rewritten": len(rewritten), "deleted_chunks": int(len(deleted))}
+    log.info("refresh-neighbours: %d rows held a deleted neighbour and were searched again", rows_done)
+    with mf.locked(db):  # the rewritten shards' hashes, so that syncs and checks see the new bytes
+        manifest = mf.read_manifest(db)
+        stage = manifest["stages"]["neighbours"]
+        for shard in stage["shards"]:
+            shard["sha256"] = rewritten.get(shard["path"], shard["sha256"])
+        stage["refreshed"] = counts
+        mf.write_manifest(db, manifest)
+    return counts
+

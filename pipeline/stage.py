@@ -69,8 +69,7 @@ class Stage:
         later = mf.STAGES[mf.STAGES.index(self.name):] if self.name in mf.STAGES else (self.name,)
         for name in later:
             manifest["stages"].pop(name, None)
-        if self.name == mf.STAGES[0]:  # new chunk ids: deletions and increments refer to the old ones
-            manifest["stages"].pop("deletions", None)
+        if self.name == mf.STAGES[0]:  # new chunk ids: increments (and deletions, wiped by the stage) refer to the old ones
             manifest.pop("increments", None)
         mf.write_manifest(self.db, manifest)
         log.warning("stage %r: config changed, rebuilding it and the stages after it", self.name)
@@ -115,3 +114,10 @@ def delete_tree(path: str) -> None:
         store.delete([storage.join(path, relative) for relative in store.list_files(path)])
     else:
         store.delete([path])
+
+
+def config_of(cls, record: dict):
+    """A stage's config dataclass from its manifest record (the record's fingerprints left out)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in record["config"].items() if k in fields})
+

@@ -109,4 +109,12 @@ class ChunkEmbedder:
         """LM-token chunks -> text -> embeddings. (n, d)"""
         if self.lm_tokenizer is None:
             raise ValueError("ChunkEmbedder needs lm_tokenizer_json to embed LM tokens")
-        return self.embed_texts(self.lm_tokenizer.decode_batch([list(map(int, c)) for c in chunks]))
+        return self.embed_texts(chunk_texts(self.lm_tokenizer, chunks))
+
+
+def chunk_texts(lm_tokenizer, chunks) -> list[str]:
+    """LM-token chunks -> the text BERT embeds, special tokens (``<|endoftext|>``, padding) left out.
+    The DB's embeddings and the service's token queries both go through here, so a chunk's own
+    tokens retrieve the chunk itself at distance 0."""
+    return lm_tokenizer.decode_batch([list(map(int, c)) for c in chunks], skip_special_tokens=True)
+

@@ -10,7 +10,8 @@
     DB/index/train/shard-*.faissindex   one index shard per train chunk shard
     DB/neighbours/<split>/shard-*.parquet  chunk_id, neighbour_ids, distances
     DB/rejected/<reason>-*.jsonl        dead-letter records with their reasons
-    DB/deleted/{doc_ids,chunk_ids}.npy  retroactively removed documents and their chunks
+    DB/deleted/audit.jsonl              every deletion and restoration: when, who, which documents, why
+    DB/deleted/state.npz                the documents deleted now and their chunks (``retro_db.deletions``)
     DB/increments/<name>/               documents added later, in this same layout
 
 Every per-shard output is named after its chunk shard (``chunks/train/shard-00000-of-00004.parquet``
@@ -49,9 +50,9 @@ INDEXED_SPLIT = "train"  # only train chunks are retrievable
 TOKEN_ARRAYS = ("tokens.npy", "lengths.npy", "doc_ids.npy")
 TOKEN_META = "meta.json"
 
-# Inside DB/deleted.
-DELETED_DOC_IDS = "doc_ids.npy"
-DELETED_CHUNK_IDS = "chunk_ids.npy"  # written last: readers watch this one
+# Inside DB/deleted: the only directory a serving deployment writes (it may be its own volume).
+DELETIONS_AUDIT = "audit.jsonl"
+DELETIONS_STATE = "state.npz"
 DELETIONS_LOCK = ".lock"
 
 _SUFFIX = {CHUNKS: ".parquet", DOCUMENTS: ".parquet", NEIGHBOURS: ".parquet", EMBEDDINGS: ".npy", INDEX: ".faissindex", TOKENS: ""}

@@ -130,13 +130,27 @@ def load_indexed_vectors(db: str) -> ShardedRows:
     return ShardedRows([a for r in rows for a in r.arrays], [s for r in rows for s in r.starts])
 
 
+RERANK_BLOCK_BYTES = 32 << 20  # what one block of re-ranking may allocate: a request at the API's limits stays bounded
+
+
 def rerank(vectors: ShardedRows, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact squared L2 between queries (n, d) and their candidates' stored vectors; top k, ties by id."""
-    valid = ids >= 0
-    stored = np.zeros(ids.shape + (queries.shape[1],), dtype=np.float32)  # (n, c, d)
-    if valid.any():
-        stored[valid] = vectors.get(ids[valid])
-    return merge_top_k([(((stored - queries[:, None, :]) ** 2).sum(-1), ids)], k)
+    """Exact squared L2 between queries (n, d) and their candidates' stored vectors; top k, ties by id.
+
+    Queries go in blocks of at most ``RERANK_BLOCK_BYTES`` of (block, c, d) float32: 256 queries of
+    400 candidates at 384-d would otherwise take 157 MB, twice."""
+    n, c = ids.shape
+    block = max(1, RERANK_BLOCK_BYTES // max(1, c * queries.shape[1] * 4))
+    parts = []
+    for i in range(0, n, block):
+        q, cand = queries[i : i + block], ids[i : i + block]
+        valid = cand >= 0
+        stored = np.zeros(cand.shape + (q.shape[1],), dtype=np.float32)  # (b, c, d)
+        if valid.any():
+            stored[valid] = vectors.get(cand[valid])
+        parts.append(merge_top_k([(((stored - q[:, None, :]) ** 2).sum(-1), cand)], k))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
 class RetrievalIndex:

@@ -87,7 +87,7 @@ def test_an_hnsw_coarse_quantizer_reaches_the_same_recall_and_honours_deletions(
     queries = np.load(sorted(glob.glob(os.path.join(work, "embeddings", "valid", "*.npy")))[0])[:16].astype(np.float32)
     _, before = RetrievalIndex(work).search(queries, 10)
     hit_doc = int(store.doc_of(before[0, :1])[0])
-    delete_documents(work, [hit_doc], store)
+    delete_documents(work, [hit_doc], store, reason="test", actor="test")
     _, after = RetrievalIndex(work).search(queries, 10)
     assert (after >= 0).all() and not np.isin(store.doc_of(after.reshape(-1)), [hit_doc]).any()
 

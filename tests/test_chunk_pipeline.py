@@ -219,3 +219,20 @@ def test_empty_corpus_gives_an_empty_but_balanced_stage(tmp_path):
 def test_missing_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no corpus files match"):
         cp.write_chunk_shards([str(tmp_path / "nope" / "*.jsonl")], str(tmp_path / "db"), beam_args=BEAM_TEST_ARGS)
+
+
+def test_an_input_edited_in_place_to_the_same_size_is_not_taken_as_built(tmp_path):
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i} says alpha beta gamma, then delta {i}."}) + "\n" for i in range(6)))
+    tok = str(tmp_path / "tok.json")
+    train_lm_tokenizer(["alpha beta gamma delta omega document says"] * 10, vocab_size=300).save(tok)
+    db = str(tmp_path / "db")
+    cp.write_chunk_shards([str(corpus)], db, tokenizer_path=tok, beam_args=BEAM_TEST_ARGS)
+    edited = corpus.read_bytes().replace(b"alpha", b"omega")
+    with open(corpus, "r+b") as f:  # same path, same size, other text
+        f.write(edited)
+    assert os.path.getsize(corpus) == len(edited)
+    with pytest.raises(ConfigMismatch, match="inputs_modified"):
+        cp.write_chunk_shards([str(corpus)], db, tokenizer_path=tok, beam_args=BEAM_TEST_ARGS)
+    rebuilt = cp.write_chunk_shards([str(corpus)], db, tokenizer_path=tok, beam_args=BEAM_TEST_ARGS, overwrite=True)
+    assert rebuilt["counts"]["documents_kept"] == 6

@@ -20,7 +20,12 @@ IMAGES = {f"retro-db:{VERSION}-cpu", f"retro-db:{VERSION}-gpu"}
 
 
 def _yaml(name):
-    return yaml.safe_load(open(os.path.join(DEPLOY, name)))
+    """The first document of a deploy file (the others: ``_documents``)."""
+    return _documents(name)[0]
+
+
+def _documents(name) -> list:
+    return [d for d in yaml.safe_load_all(open(os.path.join(DEPLOY, name))) if d is not None]
 
 
 def _images(node) -> list[str]:
@@ -81,8 +86,8 @@ def test_every_yaml_parses_and_uses_the_project_images():
     files = glob.glob(os.path.join(DEPLOY, "**", "*.yaml"), recursive=True)
     assert len(files) >= 4
     for f in files:
-        assert yaml.safe_load(open(f)) is not None, f
-    images = {i for f in files for i in _images(yaml.safe_load(open(f)))}
+        assert _documents(f), f
+    images = {i for f in files for i in _images(_documents(f))}
     assert images and images <= IMAGES, images - IMAGES
 
 
@@ -96,7 +101,7 @@ def test_dockerfile_copies_what_exists_and_installs_the_lock():
         assert f"-t {tag}" in text
 
 
-def test_rayservice_serve_config_builds_the_make_serve_application(db):
+def test_rayservice_serve_config_builds_the_make_serve_application(db, tmp_path):
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_builds  # what serve run/deploy call
     from ray.serve.schema import ServeDeploySchema
 
@@ -108,7 +113,51 @@ def test_rayservice_serve_config_builds_the_make_serve_application(db):
     local = ServeDeploySchema.model_validate(_yaml("serve.yaml"))
     (app,), (local_app,) = config.applications, local.applications
     assert app.import_path == local_app.import_path == "index_service.app:build_app"
-    assert type(serve_builds(build_app, {**app.args, "db": db})).__name__ == "Application"  # every arg is a ServiceConfig field
+    secret = tmp_path / "admin-tokens"  # what the Secret's volume holds in the cluster
+    secret.write_text("ops:" + "0" * 64)
+    assert type(serve_builds(build_app, {**app.args, "db": db, "admin_token_file": str(secret)})).__name__ == "Application"  # every arg is a ServiceConfig field
+
+
+def _pods(cluster_spec: dict) -> list[dict]:
+    return [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
+
+
+def _policy_for(docs: list, labels: dict) -> dict:
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    return policy
+
+
+def test_rayservice_serves_a_read_only_db_writes_only_deletions_takes_its_token_from_a_secret_and_exposes_only_serve():
+    docs = _documents("kuberay/rayservice-index.yaml")
+    service = docs[0]
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    for pod in _pods(service["spec"]["rayClusterConfig"]):
+        (container,) = pod["spec"]["containers"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        db = mounts[args["db"]]
+        assert db["readOnly"] and volumes[db["name"]]["persistentVolumeClaim"]["readOnly"]
+        deleted = mounts[args["db"] + "/deleted"]  # the one path the service writes (retro_db.deletions)
+        assert not deleted.get("readOnly") and claims[volumes[deleted["name"]]["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+        secret = mounts[os.path.dirname(args["admin_token_file"])]
+        assert secret["readOnly"] and "secretName" in volumes[secret["name"]]["secret"]
+        assert not [e for e in container.get("env", []) if "TOKEN" in e["name"] and "value" in e]  # no token in the manifest
+        assert [p["containerPort"] for p in container.get("ports", [])] in ([], [8000])
+    policy = _policy_for(docs, service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"])
+    open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == [8000]
+    dashboard = [rule for rule in policy["spec"]["ingress"] if any(p["port"] == 8265 for p in rule.get("ports", []))]
+    assert dashboard and all("namespaceSelector" in source for rule in dashboard for source in rule["from"])
+    assert "dashboard-host" not in service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+
+
+def test_rayjob_and_cluster_launcher_keep_the_job_api_private():
+    docs = _documents("kuberay/rayjob-build-db.yaml")
+    policy = _policy_for(docs, docs[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"])
+    assert all("from" in rule for rule in policy["spec"]["ingress"])  # nothing open to all
+    head = " ".join(_yaml("ray-cluster.yaml")["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
 
 
 def test_rayjob_and_cluster_launcher_run_real_commands():

@@ -98,6 +98,66 @@ def test_dataset_sequences_targets_and_neighbours(db):
     assert int(target_bytes.sum()) > 0
 
 
+def test_deleted_documents_leave_training_and_refreshed_tables_replace_them_as_a_fresh_stage_would(db, tmp_path):
+    import glob
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.neighbours import refresh_neighbours, write_neighbours
+    from retro_db import deletions
+    from retro_db.manifest import read_manifest, write_manifest
+    from retro_db.storage import sha256_file
+    from retro_db.token_store import TokenStore
+
+    work = str(tmp_path / "db")
+    shutil.copytree(db, work)
+    tables = {f: pq.read_table(f) for f in sorted(glob.glob(os.path.join(work, "neighbours", "*", "*.parquet")))}
+    store = TokenStore(work)
+    used = np.concatenate([t["neighbour_ids"].combine_chunks().values.to_numpy() for t in tables.values()])
+    docs, counts = np.unique(store.doc_of(used[used >= 0]), return_counts=True)
+    victims = docs[np.argsort(-counts)[:3]].tolist()  # the documents most often retrieved: the refresh has work
+    deletions.delete_documents(work, victims, store, reason="test", actor="test")
+
+    # training: the victims' chunks are gone from the sequences, the rest close up in chunk-id order
+    chunks = pa.concat_tables([pq.read_table(f, columns=["chunk_id", "doc_id"]) for f in sorted(glob.glob(os.path.join(work, "chunks", "train", "*")))])
+    expected = np.sort(chunks["chunk_id"].to_numpy()[~np.isin(chunks["doc_id"].to_numpy(), victims)])
+    data = RetroSequences(work, "train", chunks_per_seq=4, k=2)
+    assert len(data) == len(expected) // 4
+    ids = np.concatenate([data[i][4].numpy() for i in range(len(data))])
+    assert ids.tolist() == expected[: len(ids)].tolist()
+    x, y = data[0][0], data[0][1]
+    tail = store.chunks([expected[4]])[0][0, 0]  # the last target is the next live chunk's first token
+    assert int(y[-1]) in (int(tail), -100) and int(x[0]) == int(store.chunks([expected[0]])[0][0, 0])
+
+    deleted = deletions.deleted_chunk_ids(work)
+    stale = {f: np.isin(t["neighbour_ids"].combine_chunks().values.to_numpy().reshape(t.num_rows, -1), deleted).any(1) for f, t in tables.items()}
+    assert sum(s.sum() for s in stale.values()) > 0
+    counts = refresh_neighbours(work)
+    assert counts["rows_refreshed"] == sum(s.sum() for s in stale.values())
+
+    # reference: the neighbour stage run afresh on a copy with the same deletions
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(work, fresh)
+    shutil.rmtree(os.path.join(fresh, "neighbours"))
+    manifest = read_manifest(fresh)
+    manifest["stages"].pop("neighbours")
+    write_manifest(fresh, manifest)
+    write_neighbours(fresh)
+    recorded = {s["path"]: s["sha256"] for s in read_manifest(work)["stages"]["neighbours"]["shards"]}
+    for f, before in tables.items():
+        after = pq.read_table(f)
+        ids_after = after["neighbour_ids"].combine_chunks().values.to_numpy().reshape(after.num_rows, -1)
+        ids_before = before["neighbour_ids"].combine_chunks().values.to_numpy().reshape(before.num_rows, -1)
+        ids_fresh = pq.read_table(f.replace(work, fresh))["neighbour_ids"].combine_chunks().values.to_numpy().reshape(after.num_rows, -1)
+        assert not np.isin(ids_after, deleted).any()
+        assert ((ids_after >= 0).sum(1) >= (ids_before >= 0).sum(1)).all()  # k kept: the next candidates fill in
+        np.testing.assert_array_equal(ids_after[~stale[f]], ids_before[~stale[f]])  # untouched rows unchanged
+        np.testing.assert_array_equal(ids_after[stale[f]], ids_fresh[stale[f]])  # refreshed rows as a fresh stage finds them
+        assert recorded[os.path.relpath(f, work)] == sha256_file(f)
+
+
 def test_longest_common_substring():
     a, b = np.array([1, 2, 3, 4, 5, 9]), np.array([7, 3, 4, 5, 1, 2])
     assert longest_common_substring(a, b) == 3 and longest_common_substring(a, np.array([8])) == 0

@@ -51,7 +51,7 @@ def _string_constants(path: str) -> set[str]:
 
 def test_each_db_file_name_is_spelled_in_one_module():
     names = [layout.MANIFEST, layout.MANIFEST_LOCK, layout.TOKENIZER, layout.TRAINED_INDEX, layout.TOKEN_META, *layout.TOKEN_ARRAYS,
-             layout.DELETED_DOC_IDS, layout.DELETED_CHUNK_IDS, layout.DELETIONS_LOCK, layout.STAGING_CHUNKS, ".faissindex"]
+             layout.DELETIONS_AUDIT, layout.DELETIONS_STATE, layout.DELETIONS_LOCK, layout.STAGING_CHUNKS, ".faissindex"]
     files = [f for package in CODE for f in glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True)]
     assert len(files) > 30
     spelled = {name: sorted(os.path.relpath(f, REPO) for f in files if any(name in s for s in _string_constants(f))) for name in names}

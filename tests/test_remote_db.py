@@ -77,3 +77,44 @@ def test_build_db_reads_and_writes_a_bucket(s3, tmp_path):
     assert all(rerun[s]["updated"] == stages[s]["updated"] for s in stages)  # every stage skipped
     assert "embeddings: complete with the same config, skipping" in again.stderr
     assert _objects(s3["client"]) == objects
+
+
+def test_mirror_syncs_by_the_manifests_sha256_and_removes_stale_files(s3, tmp_path, monkeypatch):
+    from pipeline.remote_db import download_db, upload_db
+    from retro_db.manifest import write_manifest
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, s3["env"][name])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
+    db, shard, small = f"s3://{BUCKET}/sync", "neighbours/train/shard-00000-of-00001.parquet", "deleted/state.npz"
+
+    def write_local(root, shard_byte: bytes, small_byte: bytes, chunks_stage: int, extra: str | None = None):
+        for relative, data in ((shard, shard_byte * (2 << 20)), (small, small_byte * 100)) + (((extra, b"x"),) if extra else ()):
+            os.makedirs(os.path.dirname(os.path.join(root, relative)) or root, exist_ok=True)
+            open(os.path.join(root, relative), "wb").write(data)
+        sha = hashlib.sha256(shard_byte * (2 << 20)).hexdigest()
+        write_manifest(str(root), {"format": 1, "stages": {"chunks": {"run": chunks_stage},
+                                                          "neighbours": {"shards": [{"path": shard, "sha256": sha}]}}})
+
+    local = tmp_path / "local"
+    write_local(local, b"a", b"1", 1, extra="stale.txt")
+    upload_db(str(local), db)
+    assert set(_objects_under(s3["client"], "sync/")) == {"manifest.json", shard, small, "stale.txt"}
+    # the same sizes with other bytes (a refreshed table, a rewritten deleted list), and a file gone
+    write_local(local, b"b", b"2", 1)
+    os.remove(local / "stale.txt")
+    upload_db(str(local), db)
+    assert _read(s3["client"], "sync/" + shard) == b"b" * (2 << 20) and _read(s3["client"], "sync/" + small) == b"2" * 100
+    assert "stale.txt" not in _objects_under(s3["client"], "sync/")
+
+    # a mirror of an older build: same sizes, other bytes, a file the bucket does not have
+    mirror = tmp_path / "mirror"
+    write_local(mirror, b"c", b"3", 0, extra="index/old.faissindex")
+    download_db(db, str(mirror))
+    assert open(mirror / shard, "rb").read() == b"b" * (2 << 20) and open(mirror / small, "rb").read() == b"2" * 100
+    assert not os.path.exists(mirror / "index" / "old.faissindex")
+
+
+def _objects_under(client, prefix: str) -> dict:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"][len(prefix):]: o["Size"] for page in pages for o in page.get("Contents", [])}
