@@ -25,8 +25,7 @@ from retro_db import layout
 from retro_db import manifest as mf
 from retro_db.deletions import deleted_chunk_ids
 from retro_db.ray_cluster import connect_ray
-from retro_db.search import RetrievalIndex, load_embedding_rows
-from retro_db.search import index_shard_paths as search_index_shards
+from retro_db.search import RetrievalIndex, index_shard_paths, load_embedding_rows
 from retro_db.storage import sha256_file
 from retro_db.token_store import TokenStore, read_chunk_shard
 
@@ -74,7 +73,20 @@ def neighbour_index_shards(db: str, include_increments: bool) -> list[str]:
     """What neighbour tables search: the DB's own index shards; increments only when asked for
     (they were never leakage-filtered with the DB's own build, and training tables should not move
     under a model because documents were added for retrieval)."""
-    return search_index_shards(db) if include_increments else layout.index_shard_files(db)
+    return index_shard_paths(db) if include_increments else layout.index_shard_files(db)
+
+
+def write_neighbour_shard(path: str, chunk_ids: pa.Array, ids: np.ndarray, dists: np.ndarray) -> None:
+    """One neighbour shard (rows aligned with its chunk shard), replaced atomically."""
+    k = ids.shape[1]
+    table = pa.Table.from_arrays([
+        chunk_ids,
+        pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
+        pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
+    ], schema=layout.NEIGHBOUR_SCHEMA)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path + ".tmp", compression="zstd")
+    os.replace(path + ".tmp", path)
 
 
 class NeighbourActor(ReportsNode):
@@ -102,14 +114,7 @@ class NeighbourActor(ReportsNode):
             dists.append(d)
         ids = np.concatenate(ids) if ids else np.zeros((0, k), np.int64)
         dists = np.concatenate(dists) if dists else np.zeros((0, k), np.float32)
-        out = pa.Table.from_arrays([
-            table["chunk_id"],
-            pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
-            pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
-        ], schema=layout.NEIGHBOUR_SCHEMA)
-        os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        pq.write_table(out, out_path + ".tmp", compression="zstd")
-        os.replace(out_path + ".tmp", out_path)
+        write_neighbour_shard(out_path, table["chunk_id"], ids, dists)
         return out_path, len(ids), int((ids >= 0).all(axis=1).sum()), time.perf_counter() - t0
 
 
@@ -184,11 +189,11 @@ def refresh_neighbours(db: str) -> dict:
     index = RetrievalIndex(db, shard_paths=neighbour_index_shards(db, "increment_index_shards" in record["config"]))
     store = TokenStore(db)
     rows_done, rewritten = 0, {}
-    for f in tqdm(layout.chunk_shard_files(db), unit="shard", desc="refresh neighbours", mininterval=2):
+    for f in tqdm(layout.chunk_shard_files(db) if len(deleted) else [], unit="shard", desc="refresh neighbours", mininterval=2):
         out = layout.aligned_path(f, layout.NEIGHBOURS)
         table = pq.read_table(out)
         k = len(table["neighbour_ids"][0]) if table.num_rows else 0
-        if not k or not len(deleted):
+        if not k:
             continue
         ids = table["neighbour_ids"].combine_chunks().values.to_numpy().reshape(-1, k).copy()
         dists = table["distances"].combine_chunks().values.to_numpy().reshape(-1, k).copy()
@@ -199,13 +204,7 @@ def refresh_neighbours(db: str) -> dict:
         ids[stale], dists[stale] = neighbours_of(index, queries, store.doc_of(table["chunk_id"].to_numpy()[stale]), store.doc_of, k=k,
                                                  candidates=config.candidates, max_candidates=config.max_candidates,
                                                  nprobe=config.nprobe or None)
-        new = pa.Table.from_arrays([
-            table["chunk_id"],
-            pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
-            pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
-        ], schema=layout.NEIGHBOUR_SCHEMA)
-        pq.write_table(new, out + ".tmp", compression="zstd")
-        os.replace(out + ".tmp", out)
+        write_neighbour_shard(out, table["chunk_id"], ids, dists)
         rows_done += len(stale)
         rewritten[os.path.relpath(out, db)] = sha256_file(out)
     counts = {"rows_refreshed": rows_done, "shards_rewritten": len(rewritten), "deleted_chunks": int(len(deleted))}

@@ -219,3 +219,28 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     cp.write_chunk_shards([str(tmp_path / "in.jsonl")], db, tokenizer_path=tok, beam_args=BEAM_TEST_ARGS)
     with pytest.raises(ValueError, match="no chunk shards to embed"):
         write_embeddings(db)
+
+
+def test_rerank_of_a_request_at_the_api_limits_stays_in_bounded_blocks_and_is_exact(db):
+    import tracemalloc
+
+    from index_service import api
+    from retro_db.search import RERANK_BLOCK_BYTES, load_indexed_vectors, rerank
+
+    vectors = load_indexed_vectors(db)
+    rng = np.random.default_rng(0)
+    n, c, k = api.MAX_QUERIES, api.MAX_K * 4, api.MAX_K  # 256 queries, k = 100, re-rank factor 4
+    queries = rng.standard_normal((n, 384)).astype(np.float32)
+    ids = np.stack([rng.permutation(len(vectors))[:c] for _ in range(n)])  # distinct candidates, as merged ones are
+    ids[:, -5:] = -1  # padding, as from a shard with fewer candidates
+    tracemalloc.start()
+    dists, top = rerank(vectors, queries, ids, k)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 * RERANK_BLOCK_BYTES < 2 * n * c * 384 * 4  # one (n, c, d) array alone would be 157 MB
+    for i in (0, 77, n - 1):  # each row against plain numpy: exact squared L2, nearest first, ties by id
+        cand = ids[i][ids[i] >= 0]
+        d = ((vectors.get(cand).astype(np.float32) - queries[i]) ** 2).sum(1)
+        order = np.lexsort((cand, d))[:k]
+        np.testing.assert_array_equal(top[i], cand[order])
+        np.testing.assert_allclose(dists[i], d[order], rtol=1e-5)
