@@ -23,7 +23,9 @@ they serve retrieval, and the neighbour stage leaves them out unless asked (``--
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 
@@ -67,22 +69,31 @@ def reserve(db: str, name: str, corpus: list[str], config: ChunkConfig) -> dict:
     """This run's increment entry if it is registered already, else its id reservation (taken under
     the DB's lock; a rerun with the same name and inputs gets its earlier one back)."""
     inputs = [list(x) for x in match_inputs(corpus)]
-    with mf.locked(db):
-        manifest = mf.read_manifest(db)
-        increments, reservations = manifest.get("increments", []), manifest.setdefault("reservations", [])
-        name = name or next((r["name"] for r in reservations if r["inputs"] == inputs), f"{len(increments) + len(reservations):05d}")
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"increment name {name!r}: use letters, digits, '-' and '_'")
-        if done := next((inc for inc in increments if inc["name"] == name), None):
+
+    def taken(manifest: dict) -> dict | None:
+        """The increment or reservation already under this name (the same inputs, or an error)."""
+        if done := next((inc for inc in manifest.get("increments", []) if inc["name"] == name), None):
             return done
-        if mine := next((r for r in reservations if r["name"] == name), None):
+        if mine := next((r for r in manifest.get("reservations", []) if r["name"] == name), None):
             if mine["inputs"] != inputs:
                 raise ValueError(f"increment {name!r} is being added from other inputs ({mine['inputs'][:2]}...); give another --name")
             log.info("add-documents: resuming increment %r with its reserved ids", name)
-            return mine
+        return mine
+
+    with mf.locked(db):
+        manifest = mf.read_manifest(db)
+        reservations = manifest.get("reservations", [])
+        name = name or next((r["name"] for r in reservations if r["inputs"] == inputs),
+                            f"{len(manifest.get('increments', [])) + len(reservations):05d}")
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"increment name {name!r}: use letters, digits, '-' and '_'")
+        if found := taken(manifest):
+            return found
     max_documents, max_chunks = id_bounds(inputs, config.text_field, config.max_record_bytes)  # outside the lock: it reads the corpus
     with mf.locked(db):
         manifest = mf.read_manifest(db)
+        if found := taken(manifest):  # a run of the same name reserved meanwhile (the run lock decides)
+            return found
         first_doc, first_chunk = next_ids(manifest)
         mine = {"name": name, "inputs": inputs, "first_doc_id": first_doc, "first_chunk_id": first_chunk,
                 "max_documents": max_documents, "max_chunks": max_chunks, "pid": os.getpid()}
@@ -93,6 +104,19 @@ def reserve(db: str, name: str, corpus: list[str], config: ChunkConfig) -> dict:
     return mine
 
 
+@contextlib.contextmanager
+def run_lock(db: str, name: str):
+    """One run per increment at a time; the kernel drops the lock when its process dies (kill -9 too)."""
+    path = layout.increment_lock(db, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"increment {name!r} is being added by another run right now; wait for it, or give another --name") from None
+        yield
+
+
 def add_documents(corpus: list[str], db: str, *, name: str = "", beam_args: list[str] = (), actors: int = 0) -> dict:
     """Chunks, embeds and indexes ``corpus`` as increment ``name`` of ``db``; returns its manifest entry."""
     stages = mf.require_stages(db)["stages"]
@@ -101,6 +125,14 @@ def add_documents(corpus: list[str], db: str, *, name: str = "", beam_args: list
     if "index_shards" in reservation:
         log.info("add-documents: increment %r is already part of %s, skipping", reservation["name"], db)
         return reservation
+    with run_lock(db, reservation["name"]):
+        registered = mf.read_manifest(db).get("increments", [])
+        if done := next((inc for inc in registered if inc["name"] == reservation["name"]), None):
+            return done  # the run that held the lock before finished it
+        return _add_increment(db, corpus, reservation, stages, base, beam_args=beam_args, actors=actors)
+
+
+def _add_increment(db: str, corpus: list[str], reservation: dict, stages: dict, base: ChunkConfig, *, beam_args, actors: int) -> dict:
     name, first_doc, first_chunk = reservation["name"], reservation["first_doc_id"], reservation["first_chunk_id"]
     root = layout.increment_root(db, name)
     failpoint("add-documents:reserved")

@@ -123,6 +123,11 @@ def increment_root(db: str, name: str) -> str:
     return join(db, INCREMENTS, name)
 
 
+def increment_lock(db: str, name: str) -> str:
+    """Held by the run adding increment ``name`` (a hidden file: never synced to a bucket)."""
+    return join(db, INCREMENTS, f".{name}.lock")
+
+
 def rejected_path(db: str, reason: str, part: int) -> str:
     return join(db, REJECTED, f"{reason}-{part:05d}.jsonl")
 

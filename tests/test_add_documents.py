@@ -106,6 +106,17 @@ def test_concurrent_runs_take_disjoint_ids_are_leakage_filtered_and_both_searcha
     assert used.max() < first_added
 
 
+def test_a_second_run_of_the_same_increment_is_refused_while_the_first_holds_it(grown, tmp_path):
+    from pipeline.add_documents import add_documents, run_lock
+    from retro_db.manifest import read_manifest
+
+    corpus = _write_corpus(tmp_path / "d.jsonl", _new_docs("blorp"))
+    with run_lock(grown, "d"):  # as a running add-documents of "d" holds it
+        with pytest.raises(ValueError, match="being added by another run"):
+            add_documents([corpus], grown, name="d", beam_args=BEAM_TEST_ARGS)
+    assert [r["name"] for r in read_manifest(grown)["reservations"]] == ["d"] and not read_manifest(grown).get("increments")
+
+
 def _increment_bytes(db: str, name: str) -> dict:
     """Every data file of an increment (its manifest, which holds times, aside) by sha256."""
     root = os.path.join(db, "increments", name)
