@@ -195,7 +195,3 @@ def change(db: str, doc_ids, store, *, action: str, reason: str, actor: str) -> 
 
 def delete_documents(db: str, doc_ids, store, *, reason: str, actor: str) -> dict:
     return change(db, doc_ids, store, action=DELETE, reason=reason, actor=actor)
-
-
-def restore_documents(db: str, doc_ids, store, *, reason: str, actor: str) -> dict:
-    return change(db, doc_ids, store, action=RESTORE, reason=reason, actor=actor)

@@ -375,6 +375,54 @@ def test_a_deleter_killed_between_log_and_list_is_completed_by_the_next_writer(s
     assert set(deleted_doc_ids(service_db).tolist()) == _replayed(service_db)
 
 
+def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_list_agreeing(db, tmp_path):
+    """SIGKILL of the replica doing a delete, between the audit log's line and the deleted list (its
+    own Ray and Serve, started as `make serve` starts them, with the failpoint in every worker's
+    environment): Serve restarts the replica, whose start completes the change."""
+    import subprocess
+    import sys
+
+    from retro_db.deletions import deleted_doc_ids
+
+    work = str(tmp_path / "db")
+    shutil.copytree(db, work)
+    victim = _undeleted_docs(work, 1, skip=3)[0]
+    port = free_port()
+    env = {**os.environ, "RETRO_ADMIN_TOKEN": ADMIN_TOKEN, "RETRO_FAILPOINT": "deletion-logged", "RAY_ADDRESS": ""}
+    served = subprocess.Popen([sys.executable, "-m", "index_service", "--db", work, "--port", str(port), "--embed-cpus", "0.5"],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not _answers(url + "/healthz"):
+            assert served.poll() is None, served.stderr.read()[-3000:]
+            time.sleep(1)
+        try:
+            r = requests.post(url + "/v1/documents/delete", json={"doc_ids": [victim], "reason": "killed mid-delete"}, headers=headers, timeout=60)
+            assert r.status_code >= 500  # the replica died answering
+        except requests.ConnectionError:
+            pass
+        assert _audit_lines(work)[-1]["reason"] == "killed mid-delete"  # logged before the kill
+        deadline = time.time() + 180  # Serve starts a new replica, which completes the change from the log
+        while time.time() < deadline and victim not in deleted_doc_ids(work):
+            time.sleep(1)
+        assert set(deleted_doc_ids(work).tolist()) == _replayed(work) == {victim}
+        while time.time() < deadline and not _answers(url + "/healthz"):
+            time.sleep(1)
+        listed = requests.get(url + "/v1/deletions", timeout=30).json()
+        assert [e["reason"] for e in listed["entries"]] == ["killed mid-delete"] and listed["total_documents_deleted"] == 1
+    finally:
+        os.killpg(served.pid, 9)
+        served.wait(timeout=60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def test_token_queries_holding_special_tokens_embed_as_the_db_did(service, service_db):
     from retro_db.search import load_embedding_rows
     from retro_db.token_store import TokenStore
