@@ -38,7 +38,11 @@ def integer(**bounds):
 
 Id = integer(ge=0, le=MAX_ID)
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
-Vector = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=MAX_DIM)]
+
+
+def vector(min_length: int, max_length: int):
+    """A query vector of finite numbers, ``min_length`` to ``max_length`` of them."""
+    return Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=min_length, max_length=max_length)]
 
 
 def token_list(max_token_id: int):
@@ -53,7 +57,7 @@ class SearchRequest(BaseModel):
 
     texts: list[Text] = Field(None, min_length=1, max_length=MAX_QUERIES, description="query texts")
     token_ids: list[token_list(MAX_TOKEN_ID)] = Field(None, min_length=1, max_length=MAX_QUERIES, description="LM token ids per query")
-    embeddings: list[Vector] = Field(None, min_length=1, max_length=MAX_QUERIES, description="query vectors, one per query")
+    embeddings: list[vector(1, MAX_DIM)] = Field(None, min_length=1, max_length=MAX_QUERIES, description="query vectors, one per query")
     k: integer(ge=1, le=MAX_K) = Field(10, description="results per query")
     nprobe: integer(ge=1, le=1 << 16) | None = Field(None, description="IVF lists visited per shard (default: the DB's measured one)")
     return_tokens: bool = Field(False, description="also return the LM tokens of each chunk and continuation")
@@ -69,12 +73,11 @@ class SearchRequest(BaseModel):
 def search_request_model(*, dim: int, vocab_size: int, nlist: int) -> type[SearchRequest]:
     """``SearchRequest`` with one DB's limits in its schema: embeddings of ``dim`` values, token ids
     below ``vocab_size``, nprobe up to ``nlist``."""
-    dim_vector = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=dim, max_length=dim)]
     fields = SearchRequest.model_fields
     return create_model(
         "SearchRequest", __base__=SearchRequest, __doc__=SearchRequest.__doc__,
         token_ids=(list[token_list(vocab_size - 1)], Field(None, min_length=1, max_length=MAX_QUERIES, description=fields["token_ids"].description)),
-        embeddings=(list[dim_vector], Field(None, min_length=1, max_length=MAX_QUERIES, description=f"query vectors of {dim} values, one per query")),
+        embeddings=(list[vector(dim, dim)], Field(None, min_length=1, max_length=MAX_QUERIES, description=f"query vectors of {dim} values, one per query")),
         nprobe=(integer(ge=1, le=nlist) | None, Field(None, description=f"IVF lists visited per shard, up to {nlist} (default: the DB's measured one)")),
     )
 

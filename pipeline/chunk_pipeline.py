@@ -433,14 +433,15 @@ class HeldOutSignaturesFn(beam.DoFn):
     def process(self, path: str):
         with FileSystems.open(path) as f:
             table = pq.read_table(f, columns=["doc_id", "chunk_index", "tokens"])
-        split = os.path.basename(os.path.dirname(path))
+        if not table.num_rows:
+            return
         order = np.lexsort((table["chunk_index"].to_numpy(), table["doc_id"].to_numpy()))  # a document's chunks are in one shard
         docs, tokens = table["doc_id"].to_numpy()[order], table["tokens"].to_pylist()
-        for doc_id in np.unique(docs):
-            rows = order[np.flatnonzero(docs == doc_id)]
-            joined = np.concatenate([np.asarray(tokens[r], dtype=np.uint32) for r in rows])
+        starts = np.flatnonzero(np.r_[True, np.diff(docs) != 0])  # each document's first row in ``order``
+        for start, end in zip(starts, np.r_[starts[1:], len(order)]):
+            joined = np.concatenate([np.asarray(tokens[r], dtype=np.uint32) for r in order[start:end]])
             sig = minhash.signature(joined, ngram=self.config.leakage_ngram, seeds=self.seeds).tobytes()
-            yield {"key": f"db-doc-{doc_id}".encode(), "split": split, "leakage_sig": sig}
+            yield {"key": f"db-doc-{docs[start]}".encode(), "split": layout.split_of(path), "leakage_sig": sig}
 
 
 class ExactDedup(beam.PTransform):
