@@ -347,7 +347,7 @@ class Ingress:
             dists, ids = await self.retrieve(Retrieval(queries, request.k, request.k * max(1, self.view.rerank_factor), request.nprobe))
         except GroupUnavailable as e:
             raise HTTPException(503, f"unavailable ({e}); retry shortly") from None
-        store = self.current_view(ids).store
+        store = self.view.store  # retrieve's re-rank moved the view on if its ids needed a newer one
         if ids.size <= 100:  # decoding a few chunks costs less than a thread hop
             results = self._results(store, dists, ids, request.return_tokens)
         else:
@@ -427,7 +427,7 @@ class Ingress:
                         limit: int = Query(100, ge=1, le=1000, description="at most this many entries")) -> dict:
         """The audit log of deletions and restorations, oldest first, and what is deleted now."""
         entries = await asyncio.to_thread(deletions.audit_log, self.db, since=since, limit=limit)
-        docs, chunks = deletions.deleted_doc_ids(self.db), deletions.deleted_chunk_ids(self.db)
+        docs, chunks = deletions.deleted(self.db)
         return {"entries": entries, "total_documents_deleted": len(docs), "total_chunks_deleted": len(chunks)}
 
     async def _group_stats(self) -> list[dict]:

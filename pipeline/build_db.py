@@ -13,7 +13,7 @@ from pipeline.index_build import write_index
 from pipeline.neighbours import write_neighbours
 from retro_db import layout, storage
 from retro_db import manifest as mf
-from retro_db.deletions import audit_log, deleted_chunk_ids, deleted_doc_ids
+from retro_db.deletions import audit_log, deleted
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ def summary_lines(db: str) -> list[str]:
     if incs := manifest.get("increments"):
         lines.append(f"  increments: {len(incs)} added ({sum(i['documents'] for i in incs)} docs, {sum(i['vectors'] for i in incs)} vectors"
                      f" in {sum(len(i['index_shards']) for i in incs)} index shards)")
-    if (docs := deleted_doc_ids(db)).size:
-        lines.append(f"  deleted   : {len(docs)} documents ({len(deleted_chunk_ids(db))} chunks), excluded from search and training"
+    docs, chunks = deleted(db)
+    if docs.size:
+        lines.append(f"  deleted   : {len(docs)} documents ({len(chunks)} chunks), excluded from search and training"
                      f" ({len(audit_log(db))} entries in {layout.DELETED}/{layout.DELETIONS_AUDIT})")
     kinds = (layout.CHUNKS, layout.DOCUMENTS, layout.TOKENS, layout.EMBEDDINGS, layout.INDEX, layout.NEIGHBOURS, layout.REJECTED)
     lines.append(f"  outputs   : {layout.manifest_path(db)}, " + ", ".join(f"{kind}/" for kind in kinds))

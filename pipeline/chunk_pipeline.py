@@ -652,14 +652,15 @@ def write_chunk_shards(
     as exact duplicates, and whose valid/test documents leak-filter the new ones.
     """
     config = config or ChunkConfig()
-    inputs = [list(x) for x in corpus_io.match_inputs(corpus)]
+    files = corpus_io.match_input_files(corpus)
+    inputs = [[path, size] for path, size, _ in files]
     if tokenizer_path:
         tokenizer_json = load_lm_tokenizer(tokenizer_path).to_str()
         tokenizer_fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     else:
         tokenizer_fingerprint = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
     # sizes and modification times: an input edited in place, even to the same size, is a new corpus
-    fingerprints = {"inputs": inputs, "inputs_modified": corpus_io.modified_times([path for path, _ in inputs]),
+    fingerprints = {"inputs": inputs, "inputs_modified": [modified for _, _, modified in files],
                     "tokenizer_sha256": tokenizer_fingerprint}
     stage = Stage(db, "chunks", config, fingerprints=fingerprints, overwrite=overwrite)
     if stage.state == "complete":

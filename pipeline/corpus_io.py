@@ -72,12 +72,13 @@ def input_format(path: str) -> str:
     return "text"
 
 
-def match_inputs(patterns: list[str]) -> list[tuple[str, int]]:
-    """Expands files, directories (recursively), globs and URIs into sorted (path, size) pairs.
+def match_input_files(patterns: list[str]) -> list[tuple[str, int, float]]:
+    """Expands files, directories (recursively), globs and URIs into sorted (path, size, last
+    modified in seconds) triples, from one listing of each pattern.
 
     Raises FileNotFoundError naming every pattern that matched nothing.
     """
-    found: dict[str, int] = {}
+    found: dict[str, tuple[int, float]] = {}
     missing = []
     for pattern in patterns:
         metadata = _match(FileSystems.join(pattern.rstrip("/"), "**"))  # a directory, recursively
@@ -86,15 +87,15 @@ def match_inputs(patterns: list[str]) -> list[tuple[str, int]]:
         if not metadata:
             missing.append(pattern)
         for m in metadata:
-            found[m.path] = m.size_in_bytes
+            found[m.path] = (m.size_in_bytes, m.last_updated_in_seconds)
     if missing:
         raise FileNotFoundError(f"no corpus files match {', '.join(repr(p) for p in missing)}")
-    return sorted(found.items())
+    return [(path, size, modified) for path, (size, modified) in sorted(found.items())]
 
 
-def modified_times(paths: list[str]) -> list[float]:
-    """Each file's last modification time (seconds; what the file system or bucket reports), in order."""
-    return [m.last_updated_in_seconds for path in paths for m in _match(path)[:1]]
+def match_inputs(patterns: list[str]) -> list[tuple[str, int]]:
+    """Sorted (path, size) pairs of ``match_input_files``."""
+    return [(path, size) for path, size, _ in match_input_files(patterns)]
 
 
 def _match(pattern: str) -> list:

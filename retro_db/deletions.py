@@ -63,6 +63,11 @@ def _state(db: str) -> tuple[np.ndarray, np.ndarray, int]:
         return state["doc_ids"], state["chunk_ids"], int(state["seq"])
 
 
+def deleted(db: str) -> tuple[np.ndarray, np.ndarray]:
+    """(deleted doc ids, their chunk ids) from one read of the state file."""
+    return _state(db)[:2]
+
+
 def deleted_chunk_ids(db: str) -> np.ndarray:
     return _state(db)[1]
 
