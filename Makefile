@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: venv build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-scaling corpus clean
+.PHONY: browser venv build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling corpus clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,9 @@ add-documents: venv
 	$(BIN)/python -m pipeline add-documents --corpus $(CORPUS) --db $(DB) $(if $(NAME),--name $(NAME)) $(BEAM_ARGS)
 
 # The index service on Ray Serve at 127.0.0.1:$(PORT) until Ctrl-C (deploy/serve.yaml: the same app).
+# `make serve RUN=runs/default` also serves that checkpoint: generation, explanation and the page at /.
 serve: venv
-	$(BIN)/python -m index_service --db $(DB) --port $(PORT) $(SERVE_ARGS)
+	$(BIN)/python -m index_service --db $(DB) --port $(PORT) $(if $(filter command line,$(origin RUN)),--run $(RUN)) $(SERVE_ARGS)
 
 # RETRO and the baseline, same steps and batch, into $(RUN)/retro and $(RUN)/baseline (resumable).
 train: venv
@@ -48,7 +49,13 @@ train: venv
 eval: venv
 	$(BIN)/python -m model.evaluate --db $(DB) --run $(RUN)
 
-test: venv
+# The page's test drives Debian's Chromium headless (installed here when missing; root or sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: venv browser
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: venv
@@ -56,6 +63,10 @@ bench: venv
 
 bench-serve: venv
 	$(BIN)/python -m bench.index_service --db $(DB)
+
+# Generation tokens/s and explain latency, service against one process (needs `make train` first).
+bench-generate: venv
+	$(BIN)/python -m bench.generation --db $(DB) --run $(RUN)
 
 # Training throughput against lucidrains' retro-pytorch (it pins numpy<2: its own venv).
 .venv-retro-pytorch/.installed:

@@ -1,4 +1,5 @@
-"""``python -m index_service --db db --port 8000``: serve a built DB on Ray Serve (``make serve``).
+"""``python -m index_service --db db --port 8000 [--run runs/default]``: serve a built DB on Ray Serve
+(``make serve``), and with ``--run`` a trained checkpoint and the page at ``/`` (``make serve RUN=...``).
 
 Binds 127.0.0.1 unless ``--host`` says otherwise; joins the Ray cluster at ``RAY_ADDRESS`` when set.
 Runs until interrupted. ``deploy/serve.yaml`` describes the same application for ``serve deploy``;
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="retro-index", route_prefix="/")
-    logging.getLogger("index_service").info("serving %s at http://%s:%d (OpenAPI at /docs); Ctrl-C stops", cfg.db, args.host, args.port)
+    what = f"{cfg.db} and the model {cfg.run}" if cfg.run else cfg.db
+    print(f"serving {what}: open http://{args.host}:{args.port}/ (API: /docs); Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)

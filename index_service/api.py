@@ -24,6 +24,9 @@ MAX_DELETE = 10000
 MAX_REASON_CHARS = 2000
 MAX_ID = (1 << 53) - 1  # the largest integer every JSON client carries exactly (ids are int64 in the DB)
 MAX_TOKEN_ID = (1 << 31) - 1
+MAX_PROMPT_TOKENS = 2048  # LM tokens of a prompt or an explained text (checked after tokenizing: 422 beyond)
+MAX_NEW_TOKENS = 256
+MAX_GENERATE_K = 16
 QUERY_KINDS = ("texts", "token_ids", "embeddings")
 
 def json_integer(value):
@@ -105,6 +108,91 @@ class Chunk(BaseModel):
     continuation_tokens: list[int]
 
 
+class GenerateRequest(BaseModel):
+    """A continuation of ``prompt`` by the served RETRO model, retrieving at every chunk boundary."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Text = Field(description=f"the text to continue (at most {MAX_PROMPT_TOKENS} LM tokens)")
+    max_new_tokens: integer(ge=1, le=MAX_NEW_TOKENS) = Field(64, description="tokens to generate (fewer if <|endoftext|> comes first)")
+    temperature: Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)] = Field(0.0, description="0: greedy")
+    top_k: integer(ge=0, le=1 << 20) = Field(0, description="sample among the k most likely tokens (0: all)")
+    seed: integer(ge=0, le=MAX_ID) = Field(0, description="the same seed gives the same text")
+    retrieval: bool = Field(True, description="false: the decoder alone (no neighbours), to compare")
+    k: integer(ge=1, le=MAX_GENERATE_K) | None = Field(None, description="neighbours per chunk (default: the k the model was trained with)")
+    explain: bool = Field(False, description="also return every token's log-probability with and without retrieval")
+
+
+class ExplainRequest(BaseModel):
+    """A text to score token by token, with its neighbours retrieved at every chunk boundary."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: Text = Field(description=f"the text to explain (at most {MAX_PROMPT_TOKENS} LM tokens)")
+    k: integer(ge=1, le=MAX_GENERATE_K) | None = Field(None, description="neighbours per chunk (default: the k the model was trained with)")
+
+
+class Source(BaseModel):
+    doc_id: int
+    source: str = Field(description="the corpus file the document was read from")
+    position: int = Field(description="its line (JSONL, from 1) or row (Parquet, from 0) there")
+    meta: dict = Field(description="the record's metadata (for the bundled corpus: its origin and title)")
+
+
+class RetrievedNeighbour(BaseModel):
+    chunk_id: int
+    doc_id: int
+    source: Source
+    distance: float = Field(description="squared L2 between the retrieving chunk's embedding and this one's")
+    text: str
+    continuation: str
+
+
+class TextChunk(BaseModel):
+    index: int = Field(description="the chunk's position in the sequence, from 0")
+    start: int = Field(description="its first token (an index into tokens)")
+    text: str
+    neighbours: list[RetrievedNeighbour] = Field(description="retrieved by the chunk before this one; they condition this chunk's tokens")
+
+
+class TokenScore(BaseModel):
+    text: str = Field(description="the text this token adds ('' for part of a character completed by a later token)")
+    logprob: float | None = Field(description="natural log-probability with retrieval (null for the first token)")
+    logprob_no_retrieval: float | None = Field(description="the same, the decoder alone")
+
+
+class GenerateResponse(BaseModel):
+    text: str = Field(description="the generated continuation")
+    prompt_tokens: int
+    generated_tokens: int
+    chunks: list[TextChunk] = Field(description="the prompt and continuation in chunks of the model's chunk size")
+    tokens: list[TokenScore] | None = Field(None, description="with explain: every token of prompt and continuation")
+
+
+class ExplainResponse(BaseModel):
+    tokens: list[TokenScore]
+    chunks: list[TextChunk]
+
+
+class ModelInfo(BaseModel):
+    checkpoint: str
+    step: int | None
+    retrieval: bool
+    chunk_size: int
+    max_chunks: int
+    vocab_size: int
+    k: int
+    n_layer: int
+    n_embd: int
+
+
+class Info(BaseModel):
+    db: str
+    chunks: int = Field(description="chunks the DB holds (every split, increments included)")
+    model: ModelInfo | None = Field(description="the served model; null when the service serves the index alone")
+    admin: bool = Field(description="whether deleting and restoring documents is enabled (an admin token is configured)")
+
+
 class DocumentsRequest(BaseModel):
     """Documents to delete from (or restore to) retrieval and training, and why (for the audit log)."""
 
@@ -142,7 +230,8 @@ class Error(BaseModel):
 
 def errors(*statuses: int) -> dict:
     """OpenAPI ``responses`` for the error statuses a route can answer."""
-    said = {401: "Missing or wrong bearer token", 403: "Not enabled on this deployment", 404: "Not found", 409: "Conflicts with the DB's state",
+    said = {401: "Missing or wrong bearer token", 403: "Not enabled on this deployment", 404: "Not found (or no model served)",
+            409: "Conflicts with the DB's state",
             413: "Request body too large", 422: "Validation error", 503: "A part of the service is restarting; retry"}
     return {s: {"model": Error, "description": said[s]} for s in statuses}
 

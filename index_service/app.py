@@ -2,8 +2,9 @@
 
     client -> Ingress (FastAPI, ``index_service.ingress``; holds the index when shard_groups is 1)
                 -> QueryEmbedder, ShardSearcher x G when G > 1 (``index_service.deployments``)
+                -> LanguageModel, with ``run`` (``index_service.generation``): generation, explanation, the page
 
-    serve run index_service.app:build_app db=db          # or: make serve, or deploy/serve.yaml
+    serve run index_service.app:build_app db=db [run=runs/default]   # or: make serve [RUN=...], or deploy/serve.yaml
 
 Serve validates the arguments of ``serve run`` / a config file's ``args`` into ``ServiceConfig``
 (typed application builder), so an unknown or mistyped setting fails before anything starts.
@@ -19,8 +20,10 @@ from ray.serve import Application
 from index_service import api
 from index_service.auth import Tokens
 from index_service.deployments import QueryEmbedder, ShardSearcher
+from index_service.generation import LanguageModel, check_fits_db, checkpoint_summary, resolve_checkpoint
 from index_service.ingress import Ingress
 from retro_db.manifest import require_stages
+from retro_db.tokenizer import db_tokenizer
 
 log = logging.getLogger("index_service")
 
@@ -47,6 +50,13 @@ class ServiceConfig(BaseModel):
     admin_token_file: str = Field("", description="file of admin bearer tokens (<token> or <name>:<token> per line), e.g. a mounted Secret; "
                                                    "also read: $RETRO_ADMIN_TOKEN. Without one, deleting and restoring answer 403")
     read_token_file: str = Field("", description="file of read tokens (also $RETRO_READ_TOKEN); without one, reads are open")
+    run: str = Field("", description="a checkpoint, or a run directory of make train (RUN/retro/ckpt.pt): serves the model "
+                                      "(/v1/generate, /v1/explain, the page at /); empty: the index alone")
+    model_replicas: int = Field(1, ge=1, description="replicas of the language model")
+    model_cpus: float = Field(0.25, gt=0, description="Ray CPUs reserved per model replica")
+    model_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (the model runs on CUDA when it has one)")
+    model_threads: int = Field(2, ge=0, description="torch threads per model replica (0: model_cpus rounded up); 2 here: generation "
+                                                   "alternates with query embedding, and 1 thread gave 0.73 of in-process tokens/s against 0.87")
     max_body_bytes: int = Field(32 << 20, ge=1 << 20, description="request bodies over this many bytes get 413 (the API's largest "
                                                                    "request, 256 texts of 16384 characters, fits)")
 
@@ -68,9 +78,17 @@ def build_app(cfg: ServiceConfig) -> Application:
     embed_options = {"num_cpus": cfg.embed_cpus, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
     embedder = (QueryEmbedder.options(num_replicas=cfg.embed_replicas, ray_actor_options=embed_options, **health)
                 .bind(db, threads=threads, max_batch_texts=cfg.max_batch_queries))
+    model, model_info = None, None
+    if cfg.run:
+        model_info = checkpoint_summary(resolve_checkpoint(cfg.run))
+        check_fits_db(model_info, chunk_size=require_stages(db, ("chunks",))["stages"]["chunks"]["config"]["chunk_size"],
+                      vocab_size=db_tokenizer(db).get_vocab_size())
+        model = (LanguageModel.options(num_replicas=cfg.model_replicas, ray_actor_options={"num_cpus": cfg.model_cpus, "num_gpus": cfg.model_gpus}, **health)
+                 .bind(model_info["checkpoint"], threads=cfg.model_threads or math.ceil(cfg.model_cpus)))
     log.info("index service: %s", cfg.model_dump())
     return (Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus}, **health)
             .bind(db, embedder, *searchers, search_threads=cfg.search_threads, mmap=cfg.mmap_index, max_batch_queries=cfg.max_batch_queries,
                   embed_batch_wait_s=cfg.embed_batch_wait_s, search_batch_wait_s=cfg.search_batch_wait_s,
                   admin_token_file=os.path.abspath(cfg.admin_token_file) if cfg.admin_token_file else "",
-                  read_token_file=os.path.abspath(cfg.read_token_file) if cfg.read_token_file else "", max_body_bytes=cfg.max_body_bytes))
+                  read_token_file=os.path.abspath(cfg.read_token_file) if cfg.read_token_file else "", max_body_bytes=cfg.max_body_bytes,
+                  model=model, model_info=model_info))

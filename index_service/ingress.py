@@ -1,4 +1,5 @@
-"""The index service's HTTP ingress (FastAPI on Ray Serve): search, chunks, deletions, health, metrics.
+"""The index service's HTTP ingress (FastAPI on Ray Serve): search, chunks, deletions, health, metrics,
+and, when a checkpoint is served, generation, per-token explanation and the page at ``/``.
 
 Reads are open unless a read token is configured; deleting and restoring documents need the admin
 bearer token (``index_service.auth``) and are appended to the DB's audit log (``retro_db.deletions``).
@@ -9,6 +10,8 @@ limits are in it, so a request the schema allows is one the service accepts.
                       -> its own ShardGroup, or ShardSearcher x G (approximate top c = k * rerank_factor
                          of each group), once per batch of searches
               merge by (distance, id), exact re-rank on the memory-mapped vectors, text from the token store
+                      -> LanguageModel (with RUN): tokens up to the next chunk boundary, then the ingress
+                         retrieves for the completed chunk through the two hops above, and so on
 
 Concurrent requests are batched with ``@serve.batch`` (counted in queries, up to the API's 256 per
 request). Each step is the one ``retro_db.search.RetrievalIndex.search`` takes in one process (``search_shards``,
@@ -27,20 +30,23 @@ import faiss
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from index_service import api, auth
 from index_service.deployments import ShardGroup, replica_name, split_rows
+from model.generate import window_start
 from retro_db import deletions, layout
 from retro_db import manifest as mf
+from retro_db.documents import DocumentCatalog
 from retro_db.embedder import chunk_texts
 from retro_db.search import load_indexed_vectors, merge_top_k, rerank
 from retro_db.token_store import ShardedRows, TokenStore
-from retro_db.tokenizer import PAD, db_tokenizer, special_id
+from retro_db.tokenizer import EOS, PAD, db_tokenizer, special_id, token_texts
 
 log = logging.getLogger("index_service")
 
@@ -50,6 +56,9 @@ app = FastAPI(
     description="Nearest chunks of the RETRO retrieval database, with their text and continuation.",
 )
 METRICS = None
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page")
+app.mount("/static", StaticFiles(directory=PAGE), name="static")
+MODEL_ROUTES = ("/v1/generate", "/v1/explain")
 
 
 def this_ingress() -> "Ingress":
@@ -157,6 +166,9 @@ def db_openapi() -> dict:
         if not ingress.tokens.read:  # reads are open: a client needs no token
             for method, path in READ_ROUTES:
                 schema["paths"][path][method].pop("security", None)
+        if ingress.model is None:  # the index alone: no model routes to call
+            for path in MODEL_ROUTES:
+                schema["paths"].pop(path)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -164,7 +176,8 @@ def db_openapi() -> dict:
 app.openapi = db_openapi
 
 bearer = HTTPBearer(auto_error=False, description="the admin token (RETRO_ADMIN_TOKEN); for reads, a read token where one is configured")
-READ_ROUTES = (("post", "/v1/search"), ("get", "/v1/chunks/{chunk_id}"), ("get", "/v1/deletions"))
+READ_ROUTES = (("post", "/v1/search"), ("get", "/v1/chunks/{chunk_id}"), ("get", "/v1/deletions"), ("get", "/v1/info"),
+               ("post", "/v1/generate"), ("post", "/v1/explain"))
 
 
 def _presented(credentials: HTTPAuthorizationCredentials | None) -> str | None:
@@ -220,6 +233,7 @@ class DBView:
     store: TokenStore
     vectors: ShardedRows  # what re-ranking reads
     rerank_factor: int
+    documents: DocumentCatalog
 
 
 @dataclass
@@ -245,16 +259,17 @@ class Ingress:
 
     def __init__(self, db: str, embedder, *searchers, search_threads: int, mmap: bool, max_batch_queries: int,
                  embed_batch_wait_s: float, search_batch_wait_s: float, admin_token_file: str, read_token_file: str,
-                 max_body_bytes: int):  # from ServiceConfig (build_app)
+                 max_body_bytes: int, model=None, model_info: dict | None = None):  # from ServiceConfig (build_app)
         manifest = mf.require_stages(db)
         self.tokens, self.max_body_bytes = auth.Tokens.load(admin_token_file, read_token_file), max_body_bytes
         self.db, self.embedder, self.searchers = db, embedder, list(searchers)
+        self.model, self.model_info = model, model_info
         self.local = None if self.searchers else ShardGroup(db, threads=search_threads, mmap=mmap)
         for method, wait in ((self.embed, embed_batch_wait_s), (self.retrieve, search_batch_wait_s)):
             method.set_max_batch_size(max_batch_queries)
             method.set_batch_wait_timeout_s(wait)
         self.tokenizer = db_tokenizer(db)
-        self.pad_id, self.vocab_size = special_id(self.tokenizer, PAD), self.tokenizer.get_vocab_size()
+        self.pad_id, self.eos_id, self.vocab_size = special_id(self.tokenizer, PAD), special_id(self.tokenizer, EOS), self.tokenizer.get_vocab_size()
         self.dim = manifest["stages"]["embeddings"]["dim"]
         trained = faiss.read_index(layout.trained_index_path(db))
         self.nlist = faiss.extract_index_ivf(trained).nlist
@@ -270,7 +285,7 @@ class Ingress:
         sig = mf.stat_signature(layout.manifest_path(self.db))
         if sig != self._manifest_sig:  # increments add token shards and vectors
             rerank_factor = mf.read_manifest(self.db)["stages"]["index"]["config"].get("rerank_factor", 4)
-            self.view = DBView(TokenStore(self.db), load_indexed_vectors(self.db), rerank_factor)
+            self.view = DBView(TokenStore(self.db), load_indexed_vectors(self.db), rerank_factor, DocumentCatalog(self.db))
             self._manifest_sig = sig
         dsig = deletions.deletions_signature(self.db)
         if dsig != self._deleted_sig:
@@ -429,6 +444,131 @@ class Ingress:
         entries = await asyncio.to_thread(deletions.audit_log, self.db, since=since, limit=limit)
         docs, chunks = deletions.deleted(self.db)
         return {"entries": entries, "total_documents_deleted": len(docs), "total_chunks_deleted": len(chunks)}
+
+    # --- the served model (RUN): generation and explanation, retrieving through the batches above ---
+
+    def _require_model(self):
+        if self.model is None:
+            raise HTTPException(404, "this service serves no model: start it with a checkpoint (make serve RUN=runs/default, "
+                                     "or --run <checkpoint or run directory>)")
+        return self.model
+
+    def _encode(self, text: str, field: str) -> list[int]:
+        ids = self.tokenizer.encode(text).ids
+        if not ids:
+            raise HTTPException(422, f"{field} holds no tokens")
+        if len(ids) > api.MAX_PROMPT_TOKENS:
+            raise HTTPException(422, f"{field} is {len(ids)} LM tokens; at most {api.MAX_PROMPT_TOKENS} are taken")
+        return ids
+
+    async def _retrieve_for_chunks(self, chunks: list[list[int]], k: int) -> list[dict]:
+        """Each chunk's k nearest DB chunks, as a token query of /v1/search would find them:
+        {ids (k,), distances (k,), rows: [N, F] tokens (k, 2m)} per chunk."""
+        if not chunks:
+            return []
+        self.refresh()
+        vectors = await self.embed(chunk_texts(self.tokenizer, chunks))
+        dists, ids = await self.retrieve(Retrieval(vectors, k, k * max(1, self.view.rerank_factor), None))
+        view = self.current_view(ids)
+        return [{"ids": i, "distances": d, "rows": view.store.neighbour_tokens(i, self.pad_id), "view": view} for d, i in zip(dists, ids)]
+
+    def _neighbours(self, hit: dict | None) -> list[dict]:
+        """A chunk's retrieved neighbours with their text, continuation and source document."""
+        if hit is None:
+            return []
+        found = hit["ids"] >= 0
+        ids, view = hit["ids"][found], hit["view"]
+        if not ids.size:
+            return []
+        sources = view.documents.describe(view.store.doc_of(ids))
+        chunks = self._chunks(view.store, ids, with_tokens=False)
+        return [{**c, "distance": float(d), "source": sources.get(c["doc_id"], {"doc_id": c["doc_id"], "source": "", "position": -1, "meta": {}})}
+                for c, d in zip(chunks, hit["distances"][found].tolist())]
+
+    def _text_chunks(self, pieces: list[str], hits: dict[int, dict]) -> list[dict]:
+        m = self.model_info["chunk_size"]
+        return [{"index": u, "start": u * m, "text": "".join(pieces[u * m : (u + 1) * m]), "neighbours": self._neighbours(hits.get(u - 1))}
+                for u in range(-(-len(pieces) // m))]
+
+    @staticmethod
+    def _scores(pieces: list[str], on: np.ndarray, off: np.ndarray) -> list[dict]:
+        return [{"text": p, "logprob": None if np.isnan(a) else a, "logprob_no_retrieval": None if np.isnan(b) else b}
+                for p, a, b in zip(pieces, on.tolist(), off.tolist())]
+
+    def _window_rows(self, hits: dict[int, dict], next_position: int) -> dict[int, np.ndarray]:
+        """The rows of the chunks in the context of the next token (what the model call needs)."""
+        first = window_start(next_position // self.model_info["chunk_size"], self.model_info["max_chunks"])
+        return {u: h["rows"] for u, h in hits.items() if u >= first}
+
+    async def _model_call(self, method: str, *args, **kwargs):
+        try:
+            return await getattr(self.model, method).remote(*args, **kwargs)
+        except Exception as e:  # a model replica died mid-request: Serve restarts it
+            log.warning("model %s failed: %s", method, e)
+            raise GroupUnavailable(f"model: {type(e).__name__}") from None
+
+    @app.post("/v1/generate", response_model=api.GenerateResponse, openapi_extra=json_body(api.GenerateRequest),
+              dependencies=[Depends(reader)], responses=api.errors(401, 404, 413, 422, 503))
+    async def generate(self, http_request: Request) -> Response:
+        """Continues the prompt, retrieving at every chunk boundary; each chunk comes with the neighbours
+        that conditioned it. The same request (seed included) gives the same text."""
+        request = parse_body(api.GenerateRequest, await http_request.body())
+        self._require_model()
+        prompt = self._encode(request.prompt, "prompt")
+        info, m = self.model_info, self.model_info["chunk_size"]
+        k, use = request.k or info["k"], request.retrieval and info["retrieval"]
+        tokens, hits, end = list(prompt), {}, len(prompt) + request.max_new_tokens
+        try:
+            while len(tokens) < end:
+                todo = [u for u in range(len(tokens) // m) if u not in hits] if use else []
+                hits.update(zip(todo, await self._retrieve_for_chunks([tokens[u * m : (u + 1) * m] for u in todo], k)))
+                n = min(end - len(tokens), m - len(tokens) % m)  # up to the next chunk boundary
+                new = await self._model_call("extend", tokens, self._window_rows(hits, len(tokens)), n, temperature=request.temperature,
+                                             top_k=request.top_k, seed=request.seed, stop_id=self.eos_id)
+                tokens += new
+                if new and new[-1] == self.eos_id:
+                    break
+            scores = await self._model_call("score", tokens, {u: h["rows"] for u, h in hits.items()}) if request.explain else None
+        except GroupUnavailable as e:
+            raise HTTPException(503, f"unavailable ({e}); retry shortly") from None
+        pieces = token_texts(self.tokenizer, tokens)
+        body = {"text": self.tokenizer.decode(tokens[len(prompt):]), "prompt_tokens": len(prompt), "generated_tokens": len(tokens) - len(prompt),
+                "chunks": await asyncio.to_thread(self._text_chunks, pieces, hits)}
+        if scores is not None:
+            body["tokens"] = self._scores(pieces, *scores)
+        return json_response(body)
+
+    @app.post("/v1/explain", response_model=api.ExplainResponse, openapi_extra=json_body(api.ExplainRequest),
+              dependencies=[Depends(reader)], responses=api.errors(401, 404, 413, 422, 503))
+    async def explain(self, http_request: Request) -> Response:
+        """Every token's log-probability with and without retrieval, and each chunk's neighbours (the
+        paper's Tables 16-19): where retrieval raised or lowered the model's belief, and from what text."""
+        request = parse_body(api.ExplainRequest, await http_request.body())
+        self._require_model()
+        tokens = self._encode(request.text, "text")
+        m = self.model_info["chunk_size"]
+        # chunk u's neighbours condition chunk u+1: a chunk with no token after it retrieves nothing
+        todo = list(range((len(tokens) - 1) // m)) if self.model_info["retrieval"] else []
+        try:
+            found = await self._retrieve_for_chunks([tokens[u * m : (u + 1) * m] for u in todo], request.k or self.model_info["k"])
+            hits = dict(zip(todo, found))
+            on, off = await self._model_call("score", tokens, {u: h["rows"] for u, h in hits.items()})
+        except GroupUnavailable as e:
+            raise HTTPException(503, f"unavailable ({e}); retry shortly") from None
+        pieces = token_texts(self.tokenizer, tokens)
+        return json_response({"tokens": self._scores(pieces, on, off), "chunks": await asyncio.to_thread(self._text_chunks, pieces, hits)})
+
+    @app.get("/v1/info", response_model=api.Info, dependencies=[Depends(reader)], responses=api.errors(401))
+    async def info(self) -> dict:
+        """What this service serves: its DB, the model (null without one), whether changes are enabled."""
+        self.refresh()
+        return {"db": os.path.basename(os.path.abspath(self.db)), "chunks": len(self.view.store), "model": self.model_info,
+                "admin": bool(self.tokens.admin)}
+
+    @app.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        """The page: generate or explain, tokens shaded by what retrieval did, neighbours, remove/restore."""
+        return FileResponse(os.path.join(PAGE, "index.html"))
 
     async def _group_stats(self) -> list[dict]:
         if self.local is not None:

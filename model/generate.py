@@ -33,53 +33,91 @@ class GeneratedChunk:
     neighbour_texts: list = field(default_factory=list)
 
 
-@torch.no_grad()
-def generate(model, prompt_ids: list[int], retrieve: Retriever, *, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_k: int = 0, seed: int = 0, stop_id: int | None = None) -> tuple[list[int], list[list]]:
-    """Greedy (temperature 0) or sampled continuation of ``prompt_ids``.
+def window_start(u: int, max_chunks: int) -> int:
+    """The first chunk of the context a token of chunk ``u`` is predicted from: the last
+    ``max_chunks`` whole chunks up to u, so that retrieval stays aligned with chunks."""
+    return max(0, u + 1 - max_chunks)
 
-    ``retrieve(chunk tokens) -> (ids (k,), tokens (k, 2m))``. Returns all tokens and, per chunk of
-    the sequence, the (ids, [N, F] tokens) retrieved for it (None for the first chunk, which has none).
-    The context is the last ``max_chunks`` whole chunks, so retrieval stays aligned with chunks.
+
+def window_neighbours(retrieved: dict[int, np.ndarray], first: int, l: int, pad: int) -> torch.Tensor | None:
+    """[N, F] rows of chunks first..first+l-1 as (1, l, k, 2m), all padding where none; None if none at all."""
+    rows = [retrieved.get(first + u) for u in range(l)]
+    present = [r for r in rows if r is not None]
+    if not present:
+        return None
+    nb = np.full((l, *present[0].shape), pad, dtype=np.int64)
+    for u, r in enumerate(rows):
+        if r is not None:
+            nb[u] = r
+    return torch.from_numpy(nb)[None]
+
+
+def sample(logits: torch.Tensor, *, temperature: float, top_k: int, seed: int, position: int) -> int:
+    """Greedy at temperature 0, else a draw from softmax(logits / temperature) over the top k.
+
+    The draw's randomness is a function of (seed, position) alone: the same seed gives the same
+    text however generation is split into calls (one process, or chunk by chunk through a service).
     """
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.double() / temperature
+    if top_k:
+        logits[logits < torch.topk(logits, min(top_k, logits.numel())).values[-1]] = -float("inf")
+    probs = torch.softmax(logits, -1).numpy()
+    return int(np.random.default_rng([seed, position]).choice(len(probs), p=probs / probs.sum()))
+
+
+@torch.no_grad()
+def extend(model, tokens: list[int], retrieved: dict[int, np.ndarray], n: int, *, temperature: float = 0.0, top_k: int = 0,
+           seed: int = 0, stop_id: int | None = None) -> list[int]:
+    """Up to ``n`` new tokens after ``tokens``, conditioned on the [N, F] rows ``retrieved[u]`` (k, 2m) of
+    completed chunks u. Callers retrieve at chunk boundaries, so ``n`` never crosses one (the rows
+    of the chunk that the new tokens complete are not known yet)."""
     cfg = model.config
     m, pad = cfg.chunk_size, cfg.pad_id
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    tokens = list(prompt_ids)
-    retrieved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for _ in range(max_new_tokens):
-        n_done = len(tokens) // m
-        for u in range(n_done):  # retrieve once per completed chunk
-            if u not in retrieved and cfg.retrieval:
-                retrieved[u] = retrieve(tokens[u * m : (u + 1) * m])
-        first = max(0, n_done + 1 - cfg.max_chunks)  # chunk window that holds the next position
+    tokens, new = list(tokens), []
+    device = next(model.parameters()).device
+    for _ in range(n):
+        u = len(tokens) // m  # the chunk of the next position
+        first = window_start(u, cfg.max_chunks)
         window = tokens[first * m :]
         l = len(window) // m + 1
         idx = torch.full((1, l * m), pad, dtype=torch.long)
         idx[0, : len(window)] = torch.tensor(window)
-        neighbours = None
-        if cfg.retrieval and retrieved:
-            k = next(iter(retrieved.values()))[1].shape[0]
-            nb = np.full((l, k, 2 * m), pad, dtype=np.int64)
-            for u in range(l):
-                if first + u in retrieved:
-                    nb[u] = retrieved[first + u][1]
-            neighbours = torch.from_numpy(nb)[None]
-        logits, _, _ = model(idx, neighbours)
-        logits = logits[0, len(window) - 1].float()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                logits[logits < torch.topk(logits, top_k).values[-1]] = -float("inf")
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        neighbours = window_neighbours(retrieved, first, l, pad) if cfg.retrieval else None
+        logits, _, _ = model(idx.to(device), None if neighbours is None else neighbours.to(device))
+        nxt = sample(logits[0, len(window) - 1].float().cpu(), temperature=temperature, top_k=top_k, seed=seed, position=len(tokens))
         tokens.append(nxt)
+        new.append(nxt)
         if stop_id is not None and nxt == stop_id:
             break
-    per_chunk = [retrieved.get(u - 1) for u in range(-(-len(tokens) // m))]
-    return tokens, per_chunk
+    return new
+
+
+def generate(model, prompt_ids: list[int], retrieve: Retriever | None, *, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int = 0, seed: int = 0, stop_id: int | None = None) -> tuple[list[int], list[list]]:
+    """Greedy (temperature 0) or sampled continuation of ``prompt_ids``.
+
+    ``retrieve(chunk tokens) -> (ids (k,), tokens (k, 2m))``, or None for retrieval off. Returns all
+    tokens and, per chunk of the sequence, the (ids, [N, F] tokens) retrieved by the chunk before it
+    (None for the first chunk, which has none).
+    """
+    cfg = model.config
+    m = cfg.chunk_size
+    tokens, hits = list(prompt_ids), {}
+    while len(tokens) < len(prompt_ids) + max_new_tokens:
+        if retrieve is not None and cfg.retrieval:
+            for u in range(len(tokens) // m):  # retrieve once per completed chunk
+                if u not in hits:
+                    hits[u] = retrieve(tokens[u * m : (u + 1) * m])
+        n = min(len(prompt_ids) + max_new_tokens - len(tokens), m - len(tokens) % m)  # up to the next chunk boundary
+        new = extend(model, tokens, {u: rows for u, (_, rows) in hits.items()}, n, temperature=temperature, top_k=top_k,
+                     seed=seed, stop_id=stop_id)
+        tokens += new
+        if stop_id is not None and new and new[-1] == stop_id:
+            break
+    return tokens, [hits.get(u - 1) for u in range(-(-len(tokens) // m))]
 
 
 def generate_text(db: str, ckpt: str, prompt: str, *, max_new_tokens: int = 128, k: int = 2, temperature: float = 0.0,

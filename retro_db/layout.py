@@ -82,6 +82,11 @@ def chunk_shard_files(db: str, split: str | None = None) -> list[str]:
     return [f for s in splits for f in sorted(glob.glob(os.path.join(db, CHUNKS, s, f"shard-*{_SUFFIX[CHUNKS]}")))]
 
 
+def document_shard_files(db: str) -> list[str]:
+    """Document shard files of a local DB, every split."""
+    return [f for s in SPLITS for f in sorted(glob.glob(os.path.join(db, DOCUMENTS, s, f"shard-*{_SUFFIX[DOCUMENTS]}")))]
+
+
 def aligned_path(chunk_file: str, kind: str) -> str:
     """The per-shard output of stage ``kind`` aligned with a chunk shard:
     ``DB/chunks/<split>/x.parquet`` -> ``DB/<kind>/<split>/x<suffix>`` (index shards: train only)."""

@@ -7,6 +7,9 @@ The build trains it from the corpus (``pipeline.lm_tokenizer``) unless the user 
 
 from __future__ import annotations
 
+import codecs
+import functools
+
 import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
 
@@ -50,3 +53,38 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
             continue
         lengths[token_id] = len(token) if byte_level else len(tokenizer.decode([token_id]).encode("utf-8"))
     return lengths
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's ``bytes_to_unicode``) read backwards: vocabulary character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_texts(tokenizer: Tokenizer, ids) -> list[str]:
+    """The text each token of ``ids`` adds, in order: joined they are ``tokenizer.decode(ids,
+    skip_special_tokens=False)``. A character split over several byte-level tokens belongs to the
+    token that completes it (the others add ''), so every piece is valid text to display."""
+    if not isinstance(tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel):
+        return [tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+    byte_of, specials = _byte_of_char(), {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    for i in ids:
+        i = int(i)
+        if i in specials:
+            out.append(decoder.decode(b"", final=True) + specials[i])
+            decoder.reset()
+        else:
+            out.append(decoder.decode(bytes(byte_of[c] for c in tokenizer.id_to_token(i))))
+    if out:
+        out[-1] += decoder.decode(b"", final=True)
+    return out

@@ -85,3 +85,15 @@ def db(tmp_path_factory):
     write_index(db)
     write_neighbours(db)
     return db
+
+
+@pytest.fixture(scope="session")
+def runs(db, tmp_path_factory):
+    """RETRO and the baseline trained a few steps on the session DB, as `make train` lays them out."""
+    from model.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
+    train(db, str(root / "baseline"), baseline=True, cfg=cfg)
+    train(db, str(root / "retro"), cfg=cfg)
+    return root, cfg

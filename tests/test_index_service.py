@@ -1,5 +1,6 @@
 """The index service on Ray Serve, against a copy of the test DB: answers, errors, deletes, growth, restarts."""
 
+import glob
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ def admin_token_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(service_db, admin_token_file):
+def service(service_db, admin_token_file, runs):
     from ray import serve
 
     from index_service.app import ServiceConfig, build_app
@@ -51,7 +52,7 @@ def service(service_db, admin_token_file):
     connect_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {**serve_yaml_args(), **SMALL_MACHINE, "db": service_db, "admin_token_file": admin_token_file}
+    args = {**serve_yaml_args(), **SMALL_MACHINE, "db": service_db, "admin_token_file": admin_token_file, "run": str(runs[0])}
     assert args["shard_groups"] == 2  # index shards on two replicas, merged by the ingress
     serve.run(build_app(ServiceConfig(**args)), name="retro-index-test", route_prefix="/")
     client = IndexClient(f"http://127.0.0.1:{port}", token=ADMIN_TOKEN)
@@ -516,6 +517,102 @@ def test_generation_through_the_service_client_equals_local_retrieval(service, s
     retrieved = [(ids.tolist(), rows.tolist()) for ids, rows in (h for h in local[1] if h is not None)]
     assert len(retrieved) >= 2
     assert retrieved == [(ids.tolist(), rows.tolist()) for ids, rows in (h for h in remote[1] if h is not None)]
+
+
+PROMPT = "Python's for statement iterates over the items of any sequence, a list or a string, in the order that they appear. " * 3  # > 1 chunk
+
+
+def _local_model(db, runs):
+    from model.retrieval import LocalRetriever
+    from model.train import load_model
+
+    model, ckpt = load_model(str(runs[0] / "retro" / "ckpt.pt"))
+    return model.eval(), LocalRetriever(db, k=ckpt["train_config"]["k"])
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 40, "seed": 5}])
+def test_generation_through_the_service_equals_generation_in_one_process(service, service_db, runs, sampling):
+    """`make serve RUN=...`: the served model retrieving through the index deployments gives the tokens
+    and the per-chunk neighbours that `model.generate` gives in one process with a local index."""
+    from model.generate import generate
+    from retro_db.tokenizer import EOS, db_tokenizer, special_id
+
+    tokenizer = db_tokenizer(service_db)
+    model, retriever = _local_model(service_db, runs)
+    prompt = tokenizer.encode(PROMPT).ids
+    tokens, per_chunk = generate(model, prompt, retriever, max_new_tokens=90, stop_id=special_id(tokenizer, EOS), **sampling)
+    body = {"prompt": PROMPT, "max_new_tokens": 90, **sampling}
+    answer = requests.post(service.url + "/v1/generate", json=body, timeout=300).json()
+    assert answer["text"] == tokenizer.decode(tokens[len(prompt):]) and answer["prompt_tokens"] == len(prompt)
+    assert len(answer["chunks"]) == len(per_chunk) >= 2
+    assert "".join(c["text"] for c in answer["chunks"]) == tokenizer.decode(tokens, skip_special_tokens=False)
+    for chunk, hit in zip(answer["chunks"], per_chunk):
+        assert [n["chunk_id"] for n in chunk["neighbours"]] == ([] if hit is None else [int(i) for i in hit[0] if i >= 0])
+    assert requests.post(service.url + "/v1/generate", json=body, timeout=300).json() == answer  # the same seed, the same text
+    alone = requests.post(service.url + "/v1/generate", json={**body, "retrieval": False}, timeout=300).json()
+    assert all(not c["neighbours"] for c in alone["chunks"])
+    assert alone["text"] == tokenizer.decode(generate(model, prompt, None, max_new_tokens=90, stop_id=special_id(tokenizer, EOS), **sampling)[0][len(prompt):])
+
+
+def test_explain_scores_every_token_as_in_one_process_and_names_each_neighbours_source(service, service_db, runs):
+    import pyarrow.parquet as pq
+
+    from model.explain import token_logprobs
+    from retro_db.tokenizer import db_tokenizer
+
+    tokenizer = db_tokenizer(service_db)
+    model, retriever = _local_model(service_db, runs)
+    text = default_corpus_docs(200)[180]["text"][:900]
+    tokens = tokenizer.encode(text).ids
+    m = 64
+    local = {u: retriever(tokens[u * m : (u + 1) * m]) for u in range((len(tokens) - 1) // m)}
+    on, off = token_logprobs(model, tokens, {u: rows for u, (_, rows) in local.items()})
+    answer = requests.post(service.url + "/v1/explain", json={"text": text}, timeout=300).json()
+    scored = answer["tokens"]
+    assert len(scored) == len(tokens) and "".join(t["text"] for t in scored) == tokenizer.decode(tokens, skip_special_tokens=False)
+    assert scored[0]["logprob"] is None and scored[0]["logprob_no_retrieval"] is None
+    np.testing.assert_allclose([t["logprob"] for t in scored[1:]], on[1:], atol=1e-4)
+    np.testing.assert_allclose([t["logprob_no_retrieval"] for t in scored[1:]], off[1:], atol=1e-4)
+    assert any(abs(a - b) > 1e-6 for a, b in zip(on[m:], off[m:]))  # retrieval did something
+    documents = {r["doc_id"]: r for f in glob.glob(os.path.join(service_db, "documents", "*", "*.parquet")) for r in pq.read_table(f).to_pylist()}
+    assert answer["chunks"][0]["neighbours"] == []
+    for u, chunk in enumerate(answer["chunks"][1:], start=1):
+        ids, _ = local[u - 1]
+        assert [n["chunk_id"] for n in chunk["neighbours"]] == [int(i) for i in ids if i >= 0]
+        for n in chunk["neighbours"]:
+            row = documents[n["doc_id"]]
+            assert (n["source"]["source"], n["source"]["position"], n["source"]["meta"]) == (row["source"], row["position"], json.loads(row["meta"] or "{}"))
+            assert n["text"] == service.chunk(n["chunk_id"])["text"]
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/generate", {}, "Field required"),
+    ("/v1/generate", {"prompt": ""}, "at least 1 character"),
+    ("/v1/generate", {"prompt": "x", "max_new_tokens": 257}, "less than or equal to 256"),
+    ("/v1/generate", {"prompt": "x", "max_new_tokens": 0}, "greater than or equal to 1"),
+    ("/v1/generate", {"prompt": "word " * 3000}, "at most 2048 are taken"),
+    ("/v1/generate", {"prompt": "x", "temperature": -1}, "greater than or equal to 0"),
+    ("/v1/generate", {"prompt": "x", "seed": "3"}, "valid integer"),
+    ("/v1/generate", {"prompt": "x", "stream": True}, "Extra inputs"),
+    ("/v1/explain", {"text": ""}, "at least 1 character"),
+    ("/v1/explain", {"text": "x", "k": 0}, "greater than or equal to 1"),
+    ("/v1/explain", {"text": "x", "colour": "blue"}, "Extra inputs"),
+])
+def test_bad_generation_and_explanation_requests_get_422_saying_what_is_wrong(service, path, body, message):
+    response = requests.post(service.url + path, json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    assert message in response.text
+
+
+def test_without_a_model_the_service_is_the_index_service(held_service):
+    headers = {"Authorization": f"Bearer {READ_TOKEN}"}
+    r = requests.post(held_service.url + "/v1/generate", json={"prompt": "x"}, headers=headers, timeout=60)
+    assert r.status_code == 404 and "serves no model" in r.text and "RUN=" in r.text
+    assert requests.post(held_service.url + "/v1/generate", json={"prompt": "x"}, timeout=60).status_code == 401  # reads need the token here
+    schema = requests.get(held_service.url + "/openapi.json", timeout=30).json()
+    assert "/v1/generate" not in schema["paths"] and "/v1/explain" not in schema["paths"] and "/v1/search" in schema["paths"]
+    info = requests.get(held_service.url + "/v1/info", headers=headers, timeout=30).json()
+    assert info["model"] is None and info["admin"] is False
 
 
 def test_schemathesis_with_every_check_finds_nothing_and_deletes_nothing_without_the_token(service, service_db, tmp_path):

@@ -163,15 +163,6 @@ def test_longest_common_substring():
     assert longest_common_substring(a, b) == 3 and longest_common_substring(a, np.array([8])) == 0
 
 
-@pytest.fixture(scope="module")
-def runs(db, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3)
-    train(db, str(root / "baseline"), baseline=True, cfg=cfg)
-    train(db, str(root / "retro"), cfg=cfg)
-    return root, cfg
-
-
 def test_resume_continues_exactly(db, runs, tmp_path):
     root, cfg = runs
     half = TrainConfig(**{**cfg.__dict__, "steps": 3})
@@ -270,3 +261,58 @@ def test_cca_learns_to_use_retrieved_continuations():
         losses[retrieval] = token_loss[:, m:].mean().item()
     assert losses[False] > 4.0  # ln 64 = 4.16: the baseline cannot predict random tokens
     assert losses[True] < 1.0, losses  # relative positions make the copy easy: 0.012 nats after 300 steps here
+
+
+def test_token_logprobs_are_what_each_generation_window_predicts():
+    """Every token scored from the context generation gives it, with and without the neighbours;
+    the reference is one forward pass per token over that window, written out here."""
+    import torch.nn.functional as F
+
+    from model.explain import token_logprobs
+
+    torch.manual_seed(0)
+    cfg = small_config(max_chunks=3)
+    model = Retro(cfg).eval()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, cfg.vocab_size, size=6 * M + 5).tolist()
+    retrieved = {u: rng.integers(1, cfg.vocab_size, size=(2, 2 * M)) for u in range(6)}
+    on, off = token_logprobs(model, tokens, retrieved)
+    assert np.isnan(on[0]) and np.isnan(off[0])
+    for i in range(1, len(tokens)):
+        first = max(0, i // M + 1 - cfg.max_chunks)  # the last max_chunks whole chunks up to token i's
+        context = tokens[first * M : i]
+        l = len(context) // M + 1
+        idx = torch.zeros((1, l * M), dtype=torch.long)
+        idx[0, : len(context)] = torch.tensor(context)
+        nb = torch.zeros((1, l, 2, 2 * M), dtype=torch.long)
+        for u in range(l):
+            if first + u < i // M:  # completed chunks only: the one token i is in has retrieved nothing yet
+                nb[0, u] = torch.from_numpy(retrieved[first + u])
+        with torch.no_grad():
+            with_r, _, _ = model(idx, nb)
+            without, _, _ = model(idx, None)
+        assert on[i] == pytest.approx(F.log_softmax(with_r[0, len(context) - 1], -1)[tokens[i]].item(), abs=1e-5)
+        assert off[i] == pytest.approx(F.log_softmax(without[0, len(context) - 1], -1)[tokens[i]].item(), abs=1e-5)
+    assert np.allclose(on[1:M], off[1:M])  # nothing before the first chunk's last token retrieves
+    assert not np.allclose(on[M:], off[M:])
+
+
+def test_sampling_depends_on_the_seed_alone_however_generation_is_split():
+    from model.generate import extend, generate
+
+    torch.manual_seed(0)
+    model = Retro(small_config()).eval()
+    rows = np.random.default_rng(1).integers(1, 97, size=(2, 2 * M))
+
+    def retrieve(chunk):
+        return np.array([3, 4]), rows
+
+    prompt = list(range(1, 12))
+    one, _ = generate(model, prompt, retrieve, max_new_tokens=3 * M, temperature=1.0, seed=7)
+    assert one == generate(model, prompt, retrieve, max_new_tokens=3 * M, temperature=1.0, seed=7)[0]
+    assert one != generate(model, prompt, retrieve, max_new_tokens=3 * M, temperature=1.0, seed=8)[0]
+    tokens = list(prompt)  # token by token, as a service calling the model once per token would
+    while len(tokens) < len(one):
+        retrieved = {u: rows for u in range(len(tokens) // M)}
+        tokens += extend(model, tokens, retrieved, 1, temperature=1.0, seed=7)
+    assert tokens == one

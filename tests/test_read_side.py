@@ -149,3 +149,28 @@ def test_cli_user_errors_end_in_one_line(tmp_path, argv, says):
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and says in errors[0], done.stderr[-2000:]
+
+
+def test_token_texts_join_to_the_decoded_text_and_split_no_character(db):
+    from retro_db.tokenizer import db_tokenizer, token_texts
+
+    tokenizer = db_tokenizer(db)
+    for text in ["plain ASCII, with spaces", "accents: héllo wörld — ✓", "CJK 日本語 and emoji 🎉🎉 mixed", "a<|endoftext|>b<|pad|>"]:
+        ids = tokenizer.encode(text).ids
+        pieces = token_texts(tokenizer, ids)
+        assert len(pieces) == len(ids)
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=False)  # HF's own decoder is the reference
+        assert not any("\ufffd" in p for p in pieces)  # every piece is whole characters
+
+
+def test_document_catalog_finds_every_document_as_the_parquet_files_hold_it(db):
+    import pyarrow.parquet as pq
+
+    from retro_db.documents import DocumentCatalog
+
+    rows = [r for f in glob.glob(os.path.join(db, "documents", "*", "*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert len(rows) > 100
+    found = DocumentCatalog(db).describe([r["doc_id"] for r in rows] + [10**9, -1])
+    assert len(found) == len(rows)  # unknown ids are left out
+    for r in rows:
+        assert found[r["doc_id"]] == {"doc_id": r["doc_id"], "source": r["source"], "position": r["position"], "meta": json.loads(r["meta"] or "{}")}
