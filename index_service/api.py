@@ -24,7 +24,9 @@ MAX_DELETE = 10000
 MAX_REASON_CHARS = 2000
 MAX_ID = (1 << 53) - 1  # the largest integer every JSON client carries exactly (ids are int64 in the DB)
 MAX_TOKEN_ID = (1 << 31) - 1
-MAX_PROMPT_TOKENS = 2048  # LM tokens of a prompt or an explained text (checked after tokenizing: 422 beyond)
+# A prompt or an explained text: characters, so that the schema says all (byte-level BPE: at most 4
+# tokens per character, so at most 16384 LM tokens, 256 windows of the tiny model to score)
+MAX_PROMPT_CHARS = 4096
 MAX_NEW_TOKENS = 256
 MAX_GENERATE_K = 16
 QUERY_KINDS = ("texts", "token_ids", "embeddings")
@@ -41,6 +43,7 @@ def integer(**bounds):
 
 Id = integer(ge=0, le=MAX_ID)
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
 def vector(min_length: int, max_length: int):
@@ -113,7 +116,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Text = Field(description=f"the text to continue (at most {MAX_PROMPT_TOKENS} LM tokens)")
+    prompt: Prompt = Field(description="the text to continue")
     max_new_tokens: integer(ge=1, le=MAX_NEW_TOKENS) = Field(64, description="tokens to generate (fewer if <|endoftext|> comes first)")
     temperature: Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)] = Field(0.0, description="0: greedy")
     top_k: integer(ge=0, le=1 << 20) = Field(0, description="sample among the k most likely tokens (0: all)")
@@ -128,7 +131,7 @@ class ExplainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    text: Text = Field(description=f"the text to explain (at most {MAX_PROMPT_TOKENS} LM tokens)")
+    text: Prompt = Field(description="the text to explain")
     k: integer(ge=1, le=MAX_GENERATE_K) | None = Field(None, description="neighbours per chunk (default: the k the model was trained with)")
 
 

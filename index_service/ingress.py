@@ -453,14 +453,6 @@ class Ingress:
                                      "or --run <checkpoint or run directory>)")
         return self.model
 
-    def _encode(self, text: str, field: str) -> list[int]:
-        ids = self.tokenizer.encode(text).ids
-        if not ids:
-            raise HTTPException(422, f"{field} holds no tokens")
-        if len(ids) > api.MAX_PROMPT_TOKENS:
-            raise HTTPException(422, f"{field} is {len(ids)} LM tokens; at most {api.MAX_PROMPT_TOKENS} are taken")
-        return ids
-
     async def _retrieve_for_chunks(self, chunks: list[list[int]], k: int) -> list[dict]:
         """Each chunk's k nearest DB chunks, as a token query of /v1/search would find them:
         {ids (k,), distances (k,), rows: [N, F] tokens (k, 2m)} per chunk."""
@@ -514,21 +506,29 @@ class Ingress:
         that conditioned it. The same request (seed included) gives the same text."""
         request = parse_body(api.GenerateRequest, await http_request.body())
         self._require_model()
-        prompt = self._encode(request.prompt, "prompt")
+        prompt = self.tokenizer.encode(request.prompt).ids  # never empty: byte-level BPE gives a token per byte at worst
         info, m = self.model_info, self.model_info["chunk_size"]
         k, use = request.k or info["k"], request.retrieval and info["retrieval"]
         tokens, hits, end = list(prompt), {}, len(prompt) + request.max_new_tokens
+
+        async def retrieve_up_to(last: int, first: int = 0) -> None:  # chunks first..last-1, once each
+            todo = [u for u in range(first, last) if u not in hits] if use else []
+            hits.update(zip(todo, await self._retrieve_for_chunks([tokens[u * m : (u + 1) * m] for u in todo], k)))
+
         try:
             while len(tokens) < end:
-                todo = [u for u in range(len(tokens) // m) if u not in hits] if use else []
-                hits.update(zip(todo, await self._retrieve_for_chunks([tokens[u * m : (u + 1) * m] for u in todo], k)))
+                # the completed chunks in the next token's context (those before it condition nothing)
+                await retrieve_up_to(len(tokens) // m, window_start(len(tokens) // m, info["max_chunks"]))
                 n = min(end - len(tokens), m - len(tokens) % m)  # up to the next chunk boundary
                 new = await self._model_call("extend", tokens, self._window_rows(hits, len(tokens)), n, temperature=request.temperature,
                                              top_k=request.top_k, seed=request.seed, stop_id=self.eos_id)
                 tokens += new
                 if new and new[-1] == self.eos_id:
                     break
-            scores = await self._model_call("score", tokens, {u: h["rows"] for u, h in hits.items()}) if request.explain else None
+            scores = None
+            if request.explain:  # every chunk's neighbours, as /v1/explain of this text would score it
+                await retrieve_up_to((len(tokens) - 1) // m)
+                scores = await self._model_call("score", tokens, {u: h["rows"] for u, h in hits.items()})
         except GroupUnavailable as e:
             raise HTTPException(503, f"unavailable ({e}); retry shortly") from None
         pieces = token_texts(self.tokenizer, tokens)
@@ -545,7 +545,7 @@ class Ingress:
         paper's Tables 16-19): where retrieval raised or lowered the model's belief, and from what text."""
         request = parse_body(api.ExplainRequest, await http_request.body())
         self._require_model()
-        tokens = self._encode(request.text, "text")
+        tokens = self.tokenizer.encode(request.text).ids
         m = self.model_info["chunk_size"]
         # chunk u's neighbours condition chunk u+1: a chunk with no token after it retrieves nothing
         todo = list(range((len(tokens) - 1) // m)) if self.model_info["retrieval"] else []

@@ -23,7 +23,8 @@ def token_logprobs(model, tokens: list[int], retrieved: dict[int, np.ndarray]) -
     """log p(token i | the tokens before it) in nats, with the [N, F] rows ``retrieved[u]`` (k, 2m) of
     chunk u and with none: (t,), (t,) float64, NaN at i = 0 (nothing predicts the first token).
 
-    One forward pass per distinct context window, batched, for each of the two conditions.
+    One forward pass per distinct context window for each of the two conditions, in batches of
+    windows whose logits stay near 64 MB.
     """
     cfg = model.config
     m, pad, L = cfg.chunk_size, cfg.pad_id, cfg.max_chunks
@@ -38,21 +39,22 @@ def token_logprobs(model, tokens: list[int], retrieved: dict[int, np.ndarray]) -
     for w, first in enumerate(firsts):
         window = tokens[first * m : (first + l) * m]
         idx[w, : len(window)] = torch.tensor(window, dtype=torch.long)
+    rows = [window_neighbours(retrieved, first, l, pad) if cfg.retrieval else None for first in firsts]
+    present = [r for r in rows if r is not None]
+    neighbours = torch.cat([r if r is not None else torch.full_like(present[0], pad) for r in rows]) if present else None
+    # token i (i >= 1) is predicted in window w(i) at position i - 1 - first * m
+    positions = np.arange(1, t)
+    window_of = np.array([firsts.index(window_start(u, L)) for u in range(n_chunks)])[positions // m]
+    at = positions - 1 - np.asarray(firsts)[window_of] * m
+    group = max(1, (16 << 20) // (l * m * cfg.vocab_size))
+    target = torch.tensor(tokens[1:], dtype=torch.long)
     out = []
-    for use in (True, False):
-        neighbours = None
-        if use and cfg.retrieval:
-            rows = [window_neighbours(retrieved, first, l, pad) for first in firsts]
-            if any(r is not None for r in rows):
-                shape = next(r for r in rows if r is not None).shape[1:]
-                neighbours = torch.cat([r if r is not None else torch.full((1, *shape), pad, dtype=torch.long) for r in rows])
-        logits, _, _ = model(idx.to(device), None if neighbours is None else neighbours.to(device))
-        logp = F.log_softmax(logits.float(), -1).cpu()  # (w, l*m, vocab)
+    for nb in (neighbours, None):
         scores = np.full(t, np.nan)
-        for i in range(1, t):
-            u = i // m
-            w = firsts.index(window_start(u, L))
-            j = i - firsts[w] * m  # position of token i in window w; predicted at j - 1
-            scores[i] = float(logp[w, j - 1, tokens[i]])
+        for g in range(0, len(firsts), group):
+            logits, _, _ = model(idx[g : g + group].to(device), None if nb is None else nb[g : g + group].to(device))
+            logp = F.log_softmax(logits.float(), -1).cpu()  # (windows, l*m, vocab)
+            mine = (window_of >= g) & (window_of < g + group)
+            scores[positions[mine]] = logp[window_of[mine] - g, at[mine], target[mine]].double().numpy()
         out.append(scores)
     return out[0], out[1]

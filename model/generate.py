@@ -101,14 +101,16 @@ def generate(model, prompt_ids: list[int], retrieve: Retriever | None, *, max_ne
 
     ``retrieve(chunk tokens) -> (ids (k,), tokens (k, 2m))``, or None for retrieval off. Returns all
     tokens and, per chunk of the sequence, the (ids, [N, F] tokens) retrieved by the chunk before it
-    (None for the first chunk, which has none).
+    (None for the first chunk, and for chunks of a long prompt whose predecessor never entered the
+    context of a generated token).
     """
     cfg = model.config
     m = cfg.chunk_size
     tokens, hits = list(prompt_ids), {}
     while len(tokens) < len(prompt_ids) + max_new_tokens:
         if retrieve is not None and cfg.retrieval:
-            for u in range(len(tokens) // m):  # retrieve once per completed chunk
+            # once per completed chunk in the next token's context (those before it condition nothing)
+            for u in range(window_start(len(tokens) // m, cfg.max_chunks), len(tokens) // m):
                 if u not in hits:
                     hits[u] = retrieve(tokens[u * m : (u + 1) * m])
         n = min(len(prompt_ids) + max_new_tokens - len(tokens), m - len(tokens) % m)  # up to the next chunk boundary

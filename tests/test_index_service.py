@@ -519,7 +519,7 @@ def test_generation_through_the_service_client_equals_local_retrieval(service, s
     assert retrieved == [(ids.tolist(), rows.tolist()) for ids, rows in (h for h in remote[1] if h is not None)]
 
 
-PROMPT = "Python's for statement iterates over the items of any sequence, a list or a string, in the order that they appear. " * 3  # > 1 chunk
+PROMPT = "Python's for statement iterates over the items of any sequence, a list or a string, in the order that they appear. "
 
 
 def _local_model(db, runs):
@@ -530,24 +530,27 @@ def _local_model(db, runs):
     return model.eval(), LocalRetriever(db, k=ckpt["train_config"]["k"])
 
 
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_k": 40, "seed": 5}])
-def test_generation_through_the_service_equals_generation_in_one_process(service, service_db, runs, sampling):
+@pytest.mark.parametrize("repeats, sampling", [(3, {}), (12, {"temperature": 0.9, "top_k": 40, "seed": 5})])
+def test_generation_through_the_service_equals_generation_in_one_process(service, service_db, runs, repeats, sampling):
     """`make serve RUN=...`: the served model retrieving through the index deployments gives the tokens
-    and the per-chunk neighbours that `model.generate` gives in one process with a local index."""
+    and the per-chunk neighbours that `model.generate` gives in one process with a local index (a
+    prompt of 2 chunks, and one longer than the model's context: only its last chunks retrieve)."""
     from model.generate import generate
     from retro_db.tokenizer import EOS, db_tokenizer, special_id
 
     tokenizer = db_tokenizer(service_db)
     model, retriever = _local_model(service_db, runs)
-    prompt = tokenizer.encode(PROMPT).ids
+    prompt = tokenizer.encode(PROMPT * repeats).ids
     tokens, per_chunk = generate(model, prompt, retriever, max_new_tokens=90, stop_id=special_id(tokenizer, EOS), **sampling)
-    body = {"prompt": PROMPT, "max_new_tokens": 90, **sampling}
+    body = {"prompt": PROMPT * repeats, "max_new_tokens": 90, **sampling}
     answer = requests.post(service.url + "/v1/generate", json=body, timeout=300).json()
     assert answer["text"] == tokenizer.decode(tokens[len(prompt):]) and answer["prompt_tokens"] == len(prompt)
     assert len(answer["chunks"]) == len(per_chunk) >= 2
     assert "".join(c["text"] for c in answer["chunks"]) == tokenizer.decode(tokens, skip_special_tokens=False)
     for chunk, hit in zip(answer["chunks"], per_chunk):
         assert [n["chunk_id"] for n in chunk["neighbours"]] == ([] if hit is None else [int(i) for i in hit[0] if i >= 0])
+    if len(prompt) > model.config.max_chunks * 64:  # the prompt's first chunk is in no generated token's context
+        assert per_chunk[1] is None and per_chunk[-1] is not None
     assert requests.post(service.url + "/v1/generate", json=body, timeout=300).json() == answer  # the same seed, the same text
     alone = requests.post(service.url + "/v1/generate", json={**body, "retrieval": False}, timeout=300).json()
     assert all(not c["neighbours"] for c in alone["chunks"])
@@ -590,11 +593,12 @@ def test_explain_scores_every_token_as_in_one_process_and_names_each_neighbours_
     ("/v1/generate", {"prompt": ""}, "at least 1 character"),
     ("/v1/generate", {"prompt": "x", "max_new_tokens": 257}, "less than or equal to 256"),
     ("/v1/generate", {"prompt": "x", "max_new_tokens": 0}, "greater than or equal to 1"),
-    ("/v1/generate", {"prompt": "word " * 3000}, "at most 2048 are taken"),
+    ("/v1/generate", {"prompt": "word " * 1000}, "at most 4096 characters"),
     ("/v1/generate", {"prompt": "x", "temperature": -1}, "greater than or equal to 0"),
     ("/v1/generate", {"prompt": "x", "seed": "3"}, "valid integer"),
     ("/v1/generate", {"prompt": "x", "stream": True}, "Extra inputs"),
     ("/v1/explain", {"text": ""}, "at least 1 character"),
+    ("/v1/explain", {"text": "x" * 4097}, "at most 4096 characters"),
     ("/v1/explain", {"text": "x", "k": 0}, "greater than or equal to 1"),
     ("/v1/explain", {"text": "x", "colour": "blue"}, "Extra inputs"),
 ])
