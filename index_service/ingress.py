@@ -320,12 +320,17 @@ class Ingress:
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.02, batch_size_fn=lambda batch: sum(len(texts) for texts in batch))
     async def embed(self, batch: list[list[str]]) -> list[np.ndarray]:
         """One embedder call for the text queries of concurrent requests: (n, d) per request."""
+        return split_rows(await self.embed_now([t for texts in batch for t in texts]), [len(texts) for texts in batch])
+
+    async def embed_now(self, texts: list[str]) -> np.ndarray:
+        """texts -> (n, d) in one embedder call, without the ingress's batch wait (the embedder still
+        batches concurrent calls): generation waits on every retrieval, one request at a time, and
+        the 20 ms wait cost it 0.85 -> 1.14 of in-process tokens/s here (docs/BENCHMARKS.md)."""
         try:
-            vectors = await self.embedder.embed.remote([t for texts in batch for t in texts])
+            return await self.embedder.embed.remote(texts)
         except Exception as e:  # a replica died mid-request
             log.warning("embedding failed: %s", e)
             raise GroupUnavailable(f"embedder: {type(e).__name__}") from None
-        return split_rows(vectors, [len(texts) for texts in batch])
 
     # Up to 4 batches in flight: while one waits for remote shard groups (or searches on a worker
     # thread) the next forms (2 remote groups, 8 clients: 62 q/s with 1 in flight, 107 with 4).
@@ -459,7 +464,7 @@ class Ingress:
         if not chunks:
             return []
         self.refresh()
-        vectors = await self.embed(chunk_texts(self.tokenizer, chunks))
+        vectors = await self.embed_now(chunk_texts(self.tokenizer, chunks))
         dists, ids = await self.retrieve(Retrieval(vectors, k, k * max(1, self.view.rerank_factor), None))
         view = self.current_view(ids)
         return [{"ids": i, "distances": d, "rows": view.store.neighbour_tokens(i, self.pad_id), "view": view} for d, i in zip(dists, ids)]

@@ -78,6 +78,7 @@ def extend(model, tokens: list[int], retrieved: dict[int, np.ndarray], n: int, *
     model.eval()
     tokens, new = list(tokens), []
     device = next(model.parameters()).device
+    encoder_cache = {}  # the window and its neighbours stay the same until the chunk boundary
     for _ in range(n):
         u = len(tokens) // m  # the chunk of the next position
         first = window_start(u, cfg.max_chunks)
@@ -86,7 +87,7 @@ def extend(model, tokens: list[int], retrieved: dict[int, np.ndarray], n: int, *
         idx = torch.full((1, l * m), pad, dtype=torch.long)
         idx[0, : len(window)] = torch.tensor(window)
         neighbours = window_neighbours(retrieved, first, l, pad) if cfg.retrieval else None
-        logits, _, _ = model(idx.to(device), None if neighbours is None else neighbours.to(device))
+        logits, _, _ = model(idx.to(device), None if neighbours is None else neighbours.to(device), encoder_cache=encoder_cache)
         nxt = sample(logits[0, len(window) - 1].float().cpu(), temperature=temperature, top_k=top_k, seed=seed, position=len(tokens))
         tokens.append(nxt)
         new.append(nxt)

@@ -210,17 +210,21 @@ class Retro(nn.Module):
             x = block(x, condition)
         return self.ln_enc(x).reshape(b, l, k, r, c), mask
 
-    def forward(self, idx, neighbours=None, targets=None):
+    def forward(self, idx, neighbours=None, targets=None, encoder_cache: dict | None = None):
         """idx (b, t) with t = l*m; neighbours (b, l, k, r) or None (retrieval off); targets (b, t), -100 ignored.
 
         Returns logits (b, t, vocab) and, with targets, the mean loss and per-token losses (b, t).
+        ``encoder_cache``: a dict kept across calls that share the neighbours and the completed chunks
+        (generation inside one chunk): the encoder then runs once. Its input, the states of completed
+        chunks below the first CCA layer, cannot change as tokens are appended (causal attention), and
+        the chunk being written has no neighbours yet, so its encoding is masked out by CCA.
         """
         b, t = idx.shape
         m = self.config.chunk_size
         if t % m:
             raise ValueError(f"sequence length {t} is not a multiple of the chunk size {m}")
         x = self.drop(self.wte(idx))  # (b, t, c)
-        cache = {}
+        cache = {} if encoder_cache is None else encoder_cache
 
         def encode(h):  # the encoder runs once, on the states of the first CCA layer
             if "out" not in cache:
