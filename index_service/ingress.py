@@ -324,8 +324,8 @@ class Ingress:
 
     async def embed_now(self, texts: list[str]) -> np.ndarray:
         """texts -> (n, d) in one embedder call, without the ingress's batch wait (the embedder still
-        batches concurrent calls): generation waits on every retrieval, one request at a time, and
-        the 20 ms wait cost it 0.85 -> 1.14 of in-process tokens/s here (docs/BENCHMARKS.md)."""
+        batches concurrent calls): generation and explanation wait on their retrievals, and with the
+        20 ms wait an explanation took 1.66x its in-process time here, without it 1.02x (docs/BENCHMARKS.md)."""
         try:
             return await self.embedder.embed.remote(texts)
         except Exception as e:  # a replica died mid-request
@@ -452,11 +452,10 @@ class Ingress:
 
     # --- the served model (RUN): generation and explanation, retrieving through the batches above ---
 
-    def _require_model(self):
+    def _require_model(self) -> None:
         if self.model is None:
             raise HTTPException(404, "this service serves no model: start it with a checkpoint (make serve RUN=runs/default, "
                                      "or --run <checkpoint or run directory>)")
-        return self.model
 
     async def _retrieve_for_chunks(self, chunks: list[list[int]], k: int) -> list[dict]:
         """Each chunk's k nearest DB chunks, as a token query of /v1/search would find them:

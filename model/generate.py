@@ -75,6 +75,8 @@ def extend(model, tokens: list[int], retrieved: dict[int, np.ndarray], n: int, *
     of the chunk that the new tokens complete are not known yet)."""
     cfg = model.config
     m, pad = cfg.chunk_size, cfg.pad_id
+    if n > m - len(tokens) % m:  # the encoder's cache below holds only inside one chunk
+        raise ValueError(f"{n} tokens after position {len(tokens)} cross a chunk boundary (every {m} tokens): retrieve there first")
     model.eval()
     tokens, new = list(tokens), []
     device = next(model.parameters()).device

@@ -70,7 +70,7 @@ function sourceLabel(source) {
 
 function neighbourCard(n) {
   const remove = element("button", { class: "remove", type: "button", "data-doc-id": String(n.doc_id), text: "Remove this document from retrieval" });
-  remove.addEventListener("click", () => removeDocument(n.doc_id, remove));
+  remove.addEventListener("click", () => changeDocument("delete", n.doc_id, remove));
   return element("div", { class: "neighbour", "data-doc-id": String(n.doc_id), "data-chunk-id": String(n.chunk_id) },
     element("div", { class: "meta", text: `${sourceLabel(n.source)} · document ${n.doc_id} · chunk ${n.chunk_id} · distance ${n.distance.toFixed(4)}` }),
     element("div", { class: "text" }, element("span", { text: n.text }), element("span", { class: "continuation", text: n.continuation })),
@@ -130,33 +130,23 @@ async function run(kind, done = "") {
   }
 }
 
-async function removeDocument(docId, button) {
-  if (!$("token").value.trim()) return setStatus("removing a document needs the admin token (Filtering the database, above)", true);
-  if (!$("reason").value.trim()) return setStatus("say why the document is removed (the reason goes to the audit log)", true);
+// Removes ("delete") or restores a document through the audited endpoints, then reruns the last
+// call so that the difference shows. A removal needs a reason; a restoration has a default one.
+async function changeDocument(action, docId, button) {
+  const [verb, past] = action === "delete" ? ["removing", "removed"] : ["restoring", "restored"];
+  if (!$("token").value.trim()) return setStatus(`${verb} a document needs the admin token (Filtering the database, above)`, true);
+  const reason = $("reason").value.trim() || (action === "restore" ? "restored from the page" : "");
+  if (!reason) return setStatus("say why the document is removed (the reason goes to the audit log)", true);
   button.disabled = true;
+  setStatus(`${verb} document ${docId}…`);
   try {
-    const entry = await call("POST", "v1/documents/delete", { doc_ids: [docId], reason: $("reason").value });
-    const done = `document ${docId} removed (audit entry ${entry.seq}, ${entry.chunks} chunks); `;
+    const entry = await call("POST", `v1/documents/${action}`, { doc_ids: [docId], reason });
+    const done = `document ${docId} ${past} (audit entry ${entry.seq}, ${entry.chunks} chunks); `;
     setStatus(done);
     await loadDeletions();
     if (lastRun) await run(lastRun, done);
   } catch (error) {
-    setStatus(`removing document ${docId} failed: ${error.message}`, true);
-    button.disabled = false;
-  }
-}
-
-async function restoreDocument(docId, button) {
-  if (!$("token").value.trim()) return setStatus("restoring a document needs the admin token", true);
-  button.disabled = true;
-  try {
-    const entry = await call("POST", "v1/documents/restore", { doc_ids: [docId], reason: $("reason").value.trim() || "restored from the page" });
-    const done = `document ${docId} restored (audit entry ${entry.seq}); `;
-    setStatus(done);
-    await loadDeletions();
-    if (lastRun) await run(lastRun, done);
-  } catch (error) {
-    setStatus(`restoring document ${docId} failed: ${error.message}`, true);
+    setStatus(`${verb} document ${docId} failed: ${error.message}`, true);
     button.disabled = false;
   }
 }
@@ -180,7 +170,7 @@ async function loadDeletions() {
   if (!deleted.size) list.append(element("li", { class: "none", text: "none" }));
   for (const [doc, entry] of [...deleted.entries()].sort((a, b) => a[0] - b[0])) {
     const restore = element("button", { class: "restore", type: "button", "data-doc-id": String(doc), text: "Restore" });
-    restore.addEventListener("click", () => restoreDocument(doc, restore));
+    restore.addEventListener("click", () => changeDocument("restore", doc, restore));
     list.append(element("li", { "data-doc-id": String(doc) },
       `document ${doc}: removed ${entry.time} by ${entry.actor} (“${entry.reason}”) `, restore));
   }
