@@ -31,6 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def audit_lines(db: str) -> list[dict]:
+    """A DB's deletion audit log read as plain JSON lines (not through retro_db.deletions)."""
+    path = os.path.join(db, "deleted", "audit.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
 @pytest.fixture(scope="session")
 def corpus_docs():
     return default_corpus_docs()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import BEAM_TEST_ARGS, REPO, default_corpus_docs, free_port
+from conftest import BEAM_TEST_ARGS, REPO, audit_lines, default_corpus_docs, free_port
 
 SMALL_MACHINE = dict(search_cpus=0.1, embed_cpus=0.25, ingress_cpus=0.1)  # leaves CPUs for add-documents' Ray actors
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -250,16 +250,10 @@ def test_deleted_documents_never_come_back(service, service_db):
     assert service.delete_documents(victims, reason="again")["documents"] == 0  # idempotent
 
 
-def _audit_lines(db: str) -> list[dict]:
-    """The audit log read as plain JSON lines (not through retro_db.deletions)."""
-    path = os.path.join(db, "deleted", "audit.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-
-
 def _replayed(db: str) -> set:
     """The deleted documents the audit log implies, replayed with plain sets."""
     deleted = set()
-    for entry in _audit_lines(db):
+    for entry in audit_lines(db):
         deleted = deleted | set(entry["doc_ids"]) if entry["action"] == "delete" else deleted - set(entry["doc_ids"])
     return deleted
 
@@ -316,7 +310,7 @@ def test_mutations_need_the_admin_token_and_are_audited_and_reversible(service, 
     assert held_schema["paths"]["/v1/search"]["post"]["security"] == [{"HTTPBearer": []}]
     assert hit["doc_id"] not in deleted_doc_ids(service_db)
 
-    seen = len(_audit_lines(service_db))
+    seen = len(audit_lines(service_db))
     deleted = service.delete_documents([hit["doc_id"]], reason="licence withdrawn")
     assert service.search(texts=[query], k=1)[0][0]["doc_id"] != hit["doc_id"]
     restored = service.restore_documents([hit["doc_id"]], reason="licence renewed")
@@ -324,7 +318,7 @@ def test_mutations_need_the_admin_token_and_are_audited_and_reversible(service, 
     conflict = service.session.post(service.url + "/v1/documents/restore", json={"doc_ids": [hit["doc_id"]], "reason": "twice"}, timeout=30)
     assert conflict.status_code == 409 and "not deleted" in conflict.text
 
-    on_disk = _audit_lines(service_db)[seen:]
+    on_disk = audit_lines(service_db)[seen:]
     assert [(e["action"], e["reason"], e["actor"], e["doc_ids"]) for e in on_disk] == [
         ("delete", "licence withdrawn", "token:ci-admin", [hit["doc_id"]]), ("restore", "licence renewed", "token:ci-admin", [hit["doc_id"]])]
     assert [e["seq"] for e in on_disk] == [deleted["seq"], restored["seq"]] == [seen + 1, seen + 2]
@@ -342,14 +336,14 @@ def test_concurrent_deletes_from_the_service_and_the_cli_are_all_persisted_and_a
     from retro_db.deletions import deleted_doc_ids
 
     docs = _undeleted_docs(service_db, 9, skip=5)
-    seen = len(_audit_lines(service_db))
+    seen = len(audit_lines(service_db))
     clients = [IndexClient(service.url, token=ADMIN_TOKEN) for _ in range(2)]
     cli = subprocess.Popen([sys.executable, "-m", "pipeline", "delete", "--db", service_db, "--doc-ids", str(docs[-1]), "--reason", "from the CLI"],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: clients[i % 2].delete_documents([docs[i]], reason=f"concurrent {i}"), range(8)))
     assert cli.wait(timeout=300) == 0, cli.stderr.read()[-2000:]
-    entries = _audit_lines(service_db)[seen:]
+    entries = audit_lines(service_db)[seen:]
     assert sorted(e["seq"] for e in entries) == list(range(seen + 1, seen + 10))  # no entry lost or numbered twice
     assert sorted(e["reason"] for e in entries) == sorted([f"concurrent {i}" for i in range(8)] + ["from the CLI"])
     assert {a["seq"] for a in answers} < {e["seq"] for e in entries}
@@ -367,8 +361,8 @@ def test_a_deleter_killed_between_log_and_list_is_completed_by_the_next_writer(s
     killed = subprocess.run([sys.executable, "-m", "pipeline", "delete", "--db", service_db, "--doc-ids", str(victim), "--reason", "killed"],
                             cwd=REPO, env={**os.environ, "RETRO_FAILPOINT": "deletion-logged"}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after the log's line, before the deleted list
-    assert _audit_lines(service_db)[-1]["reason"] == "killed" and victim not in deleted_doc_ids(service_db)
-    assert service.deletions(since=_audit_lines(service_db)[-1]["seq"] - 1)["entries"][0]["reason"] == "killed"
+    assert audit_lines(service_db)[-1]["reason"] == "killed" and victim not in deleted_doc_ids(service_db)
+    assert service.deletions(since=audit_lines(service_db)[-1]["seq"] - 1)["entries"][0]["reason"] == "killed"
     service.delete_documents([other], reason="after the crash")  # the next writer replays the log first
     assert {victim, other} <= set(deleted_doc_ids(service_db).tolist()) == _replayed(service_db)
     assert not {h["doc_id"] for h in service.search(texts=["any text at all"], k=50)[0]} & {victim, other}
@@ -403,7 +397,7 @@ def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_lis
             assert r.status_code >= 500  # the replica died answering
         except requests.ConnectionError:
             pass
-        assert _audit_lines(work)[-1]["reason"] == "killed mid-delete"  # logged before the kill
+        assert audit_lines(work)[-1]["reason"] == "killed mid-delete"  # logged before the kill
         deadline = time.time() + 180  # Serve starts a new replica, which completes the change from the log
         while time.time() < deadline and victim not in deleted_doc_ids(work):
             time.sleep(1)
@@ -625,13 +619,13 @@ def test_schemathesis_with_every_check_finds_nothing_and_deletes_nothing_without
     import subprocess
     import sys
 
-    seen = len(_audit_lines(service_db))
+    seen = len(audit_lines(service_db))
     st = os.path.join(os.path.dirname(sys.executable), "st")
     done = subprocess.run([st, "run", service.url + "/openapi.json", "--checks", "all", "--max-examples", "60", "--seed", "1",
                            "--phases", "examples,coverage,fuzzing", "--no-color"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:]
     assert " passed" in done.stdout and "generated" in done.stdout
-    assert len(_audit_lines(service_db)) == seen  # unauthenticated: nothing deleted
+    assert len(audit_lines(service_db)) == seen  # unauthenticated: nothing deleted
 
 
 def test_a_killed_shard_replica_is_restarted_by_serve(service):

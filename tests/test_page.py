@@ -5,7 +5,6 @@ started as `make serve RUN=...` starts it: generate, explain, shading, neighbour
 are saved in test-output/ (the suite's output; CI keeps it).
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import time
 import pytest
 import requests
 
-from conftest import REPO, free_port
+from conftest import REPO, audit_lines, free_port
 
 ADMIN_TOKEN = "page-admin-token-0123456789"
 OUTPUT = os.path.join(REPO, "test-output")
@@ -100,11 +99,6 @@ def _click_and_wait(driver, locator: tuple[str, str], says: list[str]):
     assert all(s in _status(driver) for s in says), _status(driver)
 
 
-def _audit(db: str) -> list[dict]:
-    path = os.path.join(db, "deleted", "audit.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-
-
 def test_the_page_generates_explains_shades_and_removes_and_restores_documents(served, browser):
     url, db = served
     os.makedirs(OUTPUT, exist_ok=True)
@@ -134,7 +128,7 @@ def test_the_page_generates_explains_shades_and_removes_and_restores_documents(s
 
     # removing a document needs the token: none, then a wrong one, change nothing
     victim = shown[1]["neighbours"][0]
-    seen = len(_audit(db))
+    seen = len(audit_lines(db))
     remove = f"#chunks .neighbour[data-doc-id='{victim}'] button.remove"
     browser.find_element("css selector", remove).click()
     _wait(browser, lambda d: "needs the admin token" in _status(d), "the page to ask for the token")
@@ -142,13 +136,13 @@ def test_the_page_generates_explains_shades_and_removes_and_restores_documents(s
     browser.find_element("id", "reason").send_keys("test: the page removes a document")
     browser.find_element("css selector", remove).click()
     _wait(browser, lambda d: "401" in _status(d), "the service to refuse a wrong token")
-    assert len(_audit(db)) == seen
+    assert len(audit_lines(db)) == seen
 
     # with the token: removed, audited, and the regenerated neighbours no longer show it
     browser.find_element("id", "token").clear()
     browser.find_element("id", "token").send_keys(ADMIN_TOKEN)
     _click_and_wait(browser, ("css selector", remove), [f"document {victim} removed", "generated"])
-    entry = _audit(db)[-1]
+    entry = audit_lines(db)[-1]
     assert (entry["action"], entry["doc_ids"], entry["actor"], entry["reason"]) == ("delete", [victim], "token:page", "test: the page removes a document")
     after = _shown(browser)
     assert all(victim not in c["neighbours"] for c in after) and after != shown
@@ -157,7 +151,7 @@ def test_the_page_generates_explains_shades_and_removes_and_restores_documents(s
 
     # restored from the deletions list: the first neighbours come back
     _click_and_wait(browser, ("css selector", f"#deletions li[data-doc-id='{victim}'] button.restore"), [f"document {victim} restored", "generated"])
-    assert _audit(db)[-1]["action"] == "restore" and not browser.find_elements("css selector", f"#deletions li[data-doc-id='{victim}']")
+    assert audit_lines(db)[-1]["action"] == "restore" and not browser.find_elements("css selector", f"#deletions li[data-doc-id='{victim}']")
     assert [c["neighbours"] for c in _shown(browser)] == [c["neighbours"] for c in shown]
 
     # explain any text: every token scored, chunk by chunk
