@@ -37,7 +37,7 @@ def resolve_checkpoint(run: str) -> str:
 
 def checkpoint_summary(path: str) -> dict:
     """What the ingress and the page need to know of a checkpoint, read without building the model."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the configs only: weights and optimizer stay on disk
     config, train = ckpt["model_config"], ckpt.get("train_config", {})
     return {"checkpoint": path, "step": ckpt.get("step"), "retrieval": config["retrieval"], "chunk_size": config["chunk_size"],
             "max_chunks": config["max_chunks"], "vocab_size": config["vocab_size"], "k": train.get("k", 2),

@@ -476,8 +476,8 @@ class Ingress:
         ids, view = hit["ids"][found], hit["view"]
         if not ids.size:
             return []
-        sources = view.documents.describe(view.store.doc_of(ids))
         chunks = self._chunks(view.store, ids, with_tokens=False)
+        sources = view.documents.describe([c["doc_id"] for c in chunks])
         return [{**c, "distance": float(d), "source": sources.get(c["doc_id"], {"doc_id": c["doc_id"], "source": "", "position": -1, "meta": {}})}
                 for c, d in zip(chunks, hit["distances"][found].tolist())]
 

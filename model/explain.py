@@ -32,26 +32,25 @@ def token_logprobs(model, tokens: list[int], retrieved: dict[int, np.ndarray]) -
     device = next(model.parameters()).device
     t = len(tokens)
     n_chunks = -(-t // m)
-    # windows: chunks 0..L-1 score every chunk below L; then the window ending at chunk u scores chunk u
-    firsts = sorted({window_start(u, L) for u in range(n_chunks)})
-    l = min(L, n_chunks)
-    idx = torch.full((len(firsts), l * m), pad, dtype=torch.long)
-    for w, first in enumerate(firsts):
-        window = tokens[first * m : (first + l) * m]
+    # window w covers chunks w..w+l-1: the first scores every chunk below L, each later one the chunk it ends at
+    n_windows, l = window_start(n_chunks - 1, L) + 1, min(L, n_chunks)
+    idx = torch.full((n_windows, l * m), pad, dtype=torch.long)
+    for w in range(n_windows):
+        window = tokens[w * m : (w + l) * m]
         idx[w, : len(window)] = torch.tensor(window, dtype=torch.long)
-    rows = [window_neighbours(retrieved, first, l, pad) if cfg.retrieval else None for first in firsts]
+    rows = [window_neighbours(retrieved, w, l, pad) if cfg.retrieval else None for w in range(n_windows)]
     present = [r for r in rows if r is not None]
     neighbours = torch.cat([r if r is not None else torch.full_like(present[0], pad) for r in rows]) if present else None
-    # token i (i >= 1) is predicted in window w(i) at position i - 1 - first * m
+    # token i (i >= 1) is predicted in window w(i) = window_start(its chunk), at position i - 1 - w(i) * m
     positions = np.arange(1, t)
-    window_of = np.array([firsts.index(window_start(u, L)) for u in range(n_chunks)])[positions // m]
-    at = positions - 1 - np.asarray(firsts)[window_of] * m
+    window_of = np.array([window_start(u, L) for u in range(n_chunks)])[positions // m]
+    at = positions - 1 - window_of * m
     group = max(1, (16 << 20) // (l * m * cfg.vocab_size))
     target = torch.tensor(tokens[1:], dtype=torch.long)
     out = []
     for nb in (neighbours, None):
         scores = np.full(t, np.nan)
-        for g in range(0, len(firsts), group):
+        for g in range(0, n_windows, group):
             logits, _, _ = model(idx[g : g + group].to(device), None if nb is None else nb[g : g + group].to(device))
             logp = F.log_softmax(logits.float(), -1).cpu()  # (windows, l*m, vocab)
             mine = (window_of >= g) & (window_of < g + group)
