@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: browser venv build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling corpus clean
+.PHONY: browser venv build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling bench-update corpus clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,12 @@ train: venv
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/baseline --baseline $(TRAIN_ARGS)
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/retro $(TRAIN_ARGS)
 
+# bpb with retrieval on/off and the baseline, bpb(alpha), paired 95% intervals: on the DB's valid/test
+# splits into $(RUN)/eval.json, or on any text retrieved live: `make eval EVAL_CORPUS=new.jsonl EVAL_OUT=new.json`.
+EVAL_CORPUS ?=
+EVAL_OUT ?=
 eval: venv
-	$(BIN)/python -m model.evaluate --db $(DB) --run $(RUN)
+	$(BIN)/python -m model.evaluate --db $(DB) --run $(RUN) $(if $(EVAL_CORPUS),--corpus $(EVAL_CORPUS)) $(if $(EVAL_OUT),--out $(EVAL_OUT))
 
 # The page's test drives Debian's Chromium headless (installed here when missing; root or sudo).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -67,6 +71,13 @@ bench-serve: venv
 # Generation tokens/s and explain latency, service against one process (needs `make train` first).
 bench-generate: venv
 	$(BIN)/python -m bench.generation --db $(DB) --run $(RUN)
+
+# Knowledge added after training (bench/update.py): a DB from two versions of LLVM's docs (Debian
+# packages, pinned), RETRO and the baseline trained per seed, held-out documents E evaluated with the
+# DB as built, after `add-documents` of their older versions B, and after deleting B. ~1 h per seed here.
+UPDATE_ARGS ?=
+bench-update: venv
+	$(BIN)/python -m bench.update $(UPDATE_ARGS)
 
 # Training throughput against lucidrains' retro-pytorch (it pins numpy<2: its own venv).
 .venv-retro-pytorch/.installed:

@@ -1,8 +1,12 @@
 """Training throughput of our RETRO against lucidrains' retro-pytorch, same shapes, same cores.
 
-Both train the tiny config (6 decoder layers, width 128, 4 heads of 32, 2 encoder layers,
-CCA at layers 3 and 6, chunk 64, k=2 neighbours of r=128 tokens, sequences of 4 chunks, batch 8,
+Both train the same shape (6 decoder layers, width 256, 8 heads of 32, 2 encoder layers, CCA at
+layers 3 and 6, chunk 64, k=2 neighbours of r=128 tokens, sequences of 4 chunks, batch 8,
 vocabulary 8192) on random tokens with AdamW, and report tokens/s over timed steps after warm-up.
+The width is not the tiny config's 128: retro-pytorch 0.3.9 passes ``dim_head`` but not ``heads``
+to its encoder and decoder, which always use 8 heads, so at width 128 with 4 heads of 32 it
+computes 8 heads (256-wide attention) and the two models would not be the same size. At 8 heads
+of 32 both compute what they are asked; parameter counts are printed beside the figures.
 retro-pytorch pins numpy<2, so it runs in its own venv (``.venv-retro-pytorch``, made by
 ``make bench-train``) as a subprocess of this command.
 
@@ -18,7 +22,7 @@ import subprocess
 import sys
 import time
 
-SHAPE = dict(batch=8, chunks=4, chunk=64, k=2, vocab=8192, layers=6, width=128, heads=4, enc_layers=2, cca=[3, 6])
+SHAPE = dict(batch=8, chunks=4, chunk=64, k=2, vocab=8192, layers=6, width=256, heads=8, enc_layers=2, cca=[3, 6])  # heads: 8 (see above)
 
 THEIRS = r"""
 import json, sys, time, torch

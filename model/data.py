@@ -14,6 +14,7 @@ Axes: l chunks, m chunk size, k neighbours, r = 2m retrieved tokens.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 
@@ -21,11 +22,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from retro_db import corpus as corpus_format
 from retro_db import layout
 from retro_db.deletions import deleted_chunk_ids
 from retro_db.manifest import DBNotReady, require_stages
 from retro_db.token_store import TokenStore, first_chunk_id
-from retro_db.tokenizer import PAD, db_tokenizer, special_id, token_byte_lengths
+from retro_db.tokenizer import EOS, PAD, db_tokenizer, special_id, token_byte_lengths
+
+log = logging.getLogger("model.data")
+
+EOS_BYTES = 1  # what a predicted <|endoftext|> counts for in bits per byte (evaluation_byte_lengths)
 
 
 class RetroSequences(torch.utils.data.Dataset):
@@ -38,7 +44,7 @@ class RetroSequences(torch.utils.data.Dataset):
         tokenizer = db_tokenizer(db)
         self.pad_id = special_id(tokenizer, PAD)
         self.vocab_size = tokenizer.get_vocab_size()
-        self.byte_lengths = token_byte_lengths(tokenizer)
+        self.byte_lengths = evaluation_byte_lengths(tokenizer)
         self.m = self.store.chunk_size
         files = layout.chunk_shard_files(db, split)
         if not files:
@@ -85,15 +91,9 @@ class RetroSequences(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         ids = self.live_ids(i * self.l + np.arange(self.l))
         tokens, lengths = self.store.chunks(ids)  # (l, m)
-        tokens = tokens.astype(np.int64)
-        real = np.arange(self.m)[None, :] < lengths[:, None]  # (l, m)
-        flat, flat_real = tokens.reshape(-1), real.reshape(-1)
         # the target after the last position is the next chunk's first token when it exists
         nxt = (i + 1) * self.l
         tail = int(self.store.chunks(self.live_ids(np.array([nxt])))[0][0, 0]) if nxt < self.n_live else self.pad_id
-        targets = np.append(flat[1:], tail)
-        target_real = np.append(flat_real[1:], tail != self.pad_id)
-        targets = np.where(target_real, targets, -100)
         neighbours = self.neighbour_ids(ids)  # (l, k)
         if len(self.deleted):
             neighbours[np.isin(neighbours, self.deleted)] = -1
@@ -104,19 +104,112 @@ class RetroSequences(torch.utils.data.Dataset):
             same[valid] = np.isin(self.store.doc_of(neighbours[valid]), seq_docs)
             neighbours[same] = -1
         retrieved = self.store.neighbour_tokens(neighbours.reshape(-1), self.pad_id).reshape(self.l, self.k, 2 * self.m)
-        target_bytes = np.where(target_real, self.byte_lengths[np.where(target_real, targets, 0)], 0)
-        return (torch.from_numpy(flat), torch.from_numpy(targets), torch.from_numpy(retrieved),
-                torch.from_numpy(target_bytes.astype(np.int64)), torch.from_numpy(ids))
+        return sequence_item(tokens, lengths, tail, retrieved, ids, self.byte_lengths, self.pad_id)
 
 
-def longest_common_substring(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common contiguous token run of a and b (dynamic programming)."""
-    if not len(a) or not len(b):
-        return 0
-    best, prev = 0, np.zeros(len(b) + 1, dtype=np.int32)
-    for x in a:
-        cur = np.zeros_like(prev)
-        cur[1:] = np.where(b == x, prev[:-1] + 1, 0)
-        best = max(best, int(cur.max()))
-        prev = cur
-    return best
+class CorpusSequences(torch.utils.data.Dataset):
+    """Sequences of l chunks from any text, cut by the DB's rules, with neighbours retrieved live.
+
+    Each document is normalised, tokenized with ``<|endoftext|>`` and cut into chunks of m tokens as
+    the chunk stage cuts a DB document (``retro_db.corpus``); documents follow each other in file
+    order. Every chunk is embedded with the DB's frozen BERT and searched in the DB's index as it is
+    now (increments included, deleted documents never returned). Neighbours from a DB document
+    whose normalised text equals the evaluated document's are dropped: they would be the answer,
+    not retrieval. Unreadable records are logged and counted in ``rejected``, never dropped silently.
+    Items are ``RetroSequences``' items; ids are positions in this corpus's chunk list.
+    """
+
+    def __init__(self, db: str, corpus: list[str], *, chunks_per_seq: int = 4, k: int = 2, nprobe: int | None = None,
+                 device: str | None = None, text_field: str = "text"):
+        from model.retrieval import LocalRetriever
+        from retro_db.documents import DocumentCatalog
+
+        self.db, self.l, self.k = db, chunks_per_seq, k
+        tokenizer = db_tokenizer(db)
+        self.pad_id = special_id(tokenizer, PAD)
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.byte_lengths = evaluation_byte_lengths(tokenizer)
+        retriever = LocalRetriever(db, k=k, nprobe=nprobe, device=device)
+        self.store, self.m = retriever.store, retriever.store.chunk_size
+        texts, keys, self.rejected = [], [], {}
+        for path, size in corpus_format.match_local(corpus):
+            for record in corpus_format.read_records(path, size, text_field=text_field):
+                text = corpus_format.normalize_text(record.text) if isinstance(record, corpus_format.Record) else ""
+                if not text:
+                    reason = record.reason if isinstance(record, corpus_format.Rejected) else "empty"
+                    log.warning("%s:%s not evaluated (%s)", record.source, record.position, getattr(record, "detail", "no text after normalisation"))
+                    self.rejected[reason] = self.rejected.get(reason, 0) + 1
+                    continue
+                texts.append(text)
+                keys.append(corpus_format.document_key(text).hex())
+        if not texts:
+            raise ValueError(f"{' '.join(corpus)}: no document to evaluate (rejected: {self.rejected or 'none'})")
+        eos = special_id(tokenizer, EOS)
+        docs = [corpus_format.document_tokens(e.ids, eos) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        m = self.m
+        counts = np.array([corpus_format.chunk_count(len(d), m) for d in docs])
+        self.tokens = np.full((counts.sum(), m), self.pad_id, dtype=np.int64)  # (n, m)
+        self.lengths = np.zeros(counts.sum(), dtype=np.int64)
+        self.chunk_doc = np.repeat(np.arange(len(docs)), counts)  # (n,) index into ``texts``
+        row = 0
+        for d in docs:
+            for start in range(0, len(d), m):
+                piece = d[start : start + m]
+                self.tokens[row, : len(piece)], self.lengths[row] = piece, len(piece)
+                row += 1
+        self.documents, self.n_live = len(docs), len(self.tokens)
+        # search past the copies of an evaluated document (16 candidates per copy), so that k others
+        # remain after dropping them; a chunk with fewer left gets -1s, which the model masks
+        copies = DocumentCatalog(db).with_hashes(keys)
+        extra = 16 * max((len(v) for v in copies.values()), default=0)
+        ids = retriever.search([t[:n].tolist() for t, n in zip(self.tokens, self.lengths)], k + extra)  # (n, k + extra)
+        if copies:
+            own = np.zeros(ids.shape, dtype=bool)
+            doc_of = np.full(ids.shape, -1, dtype=np.int64)
+            doc_of[ids >= 0] = self.store.doc_of(ids[ids >= 0])
+            for r, key in enumerate(np.array(keys)[self.chunk_doc]):
+                own[r] = np.isin(doc_of[r], copies.get(key, []))
+            order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in distance order
+            ids = np.where(np.take_along_axis(own, order, 1), -1, np.take_along_axis(ids, order, 1))
+        self.neighbours = ids[:, :k]  # (n, k)
+        self.copies_dropped = sum(len(v) for v in copies.values())
+
+    def __len__(self) -> int:
+        return -(-self.n_live // self.l)  # the last sequence is padded with empty chunks
+
+    def __getitem__(self, i: int):
+        rows = i * self.l + np.arange(self.l)
+        inside = rows < self.n_live
+        tokens = np.full((self.l, self.m), self.pad_id, dtype=np.int64)
+        lengths = np.zeros(self.l, dtype=np.int64)
+        neighbours = np.full((self.l, self.k), -1, dtype=np.int64)
+        tokens[inside], lengths[inside], neighbours[inside] = self.tokens[rows[inside]], self.lengths[rows[inside]], self.neighbours[rows[inside]]
+        nxt = (i + 1) * self.l
+        tail = int(self.tokens[nxt, 0]) if nxt < self.n_live else self.pad_id
+        retrieved = self.store.neighbour_tokens(neighbours.reshape(-1), self.pad_id).reshape(self.l, self.k, 2 * self.m)
+        return sequence_item(tokens, lengths, tail, retrieved, np.where(inside, rows, -1), self.byte_lengths, self.pad_id)
+
+
+def evaluation_byte_lengths(tokenizer) -> np.ndarray:
+    """The bytes each target token counts for in bits per byte: its UTF-8 bytes, and ``EOS_BYTES``
+    for ``<|endoftext|>``. A document's end is predicted like a one-byte separator: its loss counts
+    (the model is trained on it), and so does the one byte (a newline) that a byte-level model
+    would predict there, so a document's bpb is its text's bytes plus one. (vocab,) int64"""
+    lengths = token_byte_lengths(tokenizer).astype(np.int64)
+    lengths[special_id(tokenizer, EOS)] = EOS_BYTES
+    return lengths
+
+
+def sequence_item(tokens, lengths, tail: int, retrieved, ids, byte_lengths, pad_id: int):
+    """One item from l chunks: tokens (l, m) padded, their real ``lengths`` (l,), ``tail`` the token after
+    them (``pad_id`` if none), [N, F] ``retrieved`` (l, k, 2m). -> x (l*m,), targets (l*m,) with -100 where
+    nothing is predicted, retrieved, target bytes (l*m,), chunk ids (l,)."""
+    m = tokens.shape[1]
+    real = np.arange(m)[None, :] < lengths[:, None]  # (l, m)
+    flat, flat_real = tokens.reshape(-1).astype(np.int64), real.reshape(-1)
+    targets = np.append(flat[1:], tail)
+    target_real = np.append(flat_real[1:], tail != pad_id)
+    targets = np.where(target_real, targets, -100)
+    target_bytes = np.where(target_real, byte_lengths[np.where(target_real, targets, 0)], 0)
+    return (torch.from_numpy(flat), torch.from_numpy(targets), torch.from_numpy(np.asarray(retrieved, dtype=np.int64)),
+            torch.from_numpy(target_bytes.astype(np.int64)), torch.from_numpy(np.asarray(ids, dtype=np.int64)))

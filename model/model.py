@@ -113,16 +113,19 @@ class ChunkedCrossAttention(nn.Module):
         self.m = config.chunk_size
         self.attn = Attention(config, causal=False, use_rotary=True)
 
-    def forward(self, h, encoded, neighbour_mask):
-        """h (b, t, c); encoded (b, l, k, r, c); neighbour_mask (b, l, k) True where a neighbour exists."""
+    def forward(self, h, encoded, token_mask):
+        """h (b, t, c); encoded (b, l, k, r, c); token_mask (b, l, k, r) True at real neighbour tokens
+        ((b, l, k) is taken as whole neighbours present or absent)."""
         b, t, c = h.shape
         m = self.m
         l, k, r = encoded.shape[1:4]
+        if token_mask.dim() == 3:
+            token_mask = token_mask[..., None].expand(-1, -1, -1, r)
         # attending chunk u = positions u*m + m-1 ... u*m + 2m-2: drop the first m-1, pad the end
         shifted = F.pad(h[:, m - 1 :], (0, 0, 0, m - 1))  # (b, t, c)
         queries = shifted.reshape(b * l, m, c)
         memory = encoded.reshape(b * l, k * r, c)  # softmax over neighbours and time together
-        keep = neighbour_mask.reshape(b * l, k, 1).expand(-1, -1, r).reshape(b * l, 1, 1, k * r)
+        keep = token_mask.reshape(b * l, 1, 1, k * r)
         any_neighbour = keep.any(-1, keepdim=True)  # (b*l, 1, 1, 1)
         # a chunk without neighbours attends to a dummy position and its output is zeroed below
         mask = keep | ~any_neighbour
@@ -161,9 +164,10 @@ class EncoderBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, condition):
-        """x (b*l*k, r, c) neighbour tokens; condition (b*l*k, m, c) the retrieving chunk's states."""
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, condition, mask=None):
+        """x (b*l*k, r, c) neighbour tokens; condition (b*l*k, m, c) the retrieving chunk's states;
+        mask (b*l*k, 1, 1, r) True at the keys a neighbour token may attend to (not padding)."""
+        x = x + self.attn(self.ln_1(x), mask=mask)
         x = x + self.cross(self.ln_x(x), condition)
         return x + self.mlp(self.ln_2(x))
 
@@ -200,15 +204,17 @@ class Retro(nn.Module):
                 yield p
 
     def encode(self, h, neighbours):
-        """h (b, t, c) decoder states; neighbours (b, l, k, r) token ids -> (b, l, k, r, c), (b, l, k)."""
+        """h (b, t, c) decoder states; neighbours (b, l, k, r) token ids -> (b, l, k, r, c), token mask (b, l, k, r)."""
         b, l, k, r = neighbours.shape
         m, c = self.config.chunk_size, h.shape[-1]
-        mask = (neighbours != self.config.pad_id).any(-1)  # (b, l, k): -1 ids arrive as all padding
+        real = neighbours != self.config.pad_id  # (b, l, k, r): -1 ids arrive as all padding
+        # padding is never a key; an all-padding neighbour attends freely (CCA ignores its outputs)
+        keys = (real | ~real.any(-1, keepdim=True)).reshape(b * l * k, 1, 1, r)
         x = self.wte(neighbours.reshape(b * l * k, r))  # (b*l*k, r, c)
         condition = h.reshape(b, l, 1, m, c).expand(b, l, k, m, c).reshape(b * l * k, m, c)
         for block in self.encoder:
-            x = block(x, condition)
-        return self.ln_enc(x).reshape(b, l, k, r, c), mask
+            x = block(x, condition, keys)
+        return self.ln_enc(x).reshape(b, l, k, r, c), real
 
     def forward(self, idx, neighbours=None, targets=None, encoder_cache: dict | None = None):
         """idx (b, t) with t = l*m; neighbours (b, l, k, r) or None (retrieval off); targets (b, t), -100 ignored.

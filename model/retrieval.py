@@ -39,9 +39,13 @@ class LocalRetriever:
         self.pad_id = special_id(tokenizer, PAD)
 
     def __call__(self, chunk_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        query = self.embedder.embed_token_chunks([chunk_tokens])
-        _, ids = self.index.search(query, self.k, nprobe=self.nprobe)
-        return ids[0], self.store.neighbour_tokens(ids[0], self.pad_id)  # (k,), (k, 2m)
+        ids = self.search([chunk_tokens], self.k)[0]
+        return ids, self.store.neighbour_tokens(ids, self.pad_id)  # (k,), (k, 2m)
+
+    def search(self, chunks: list[list[int]], k: int) -> np.ndarray:
+        """Neighbour chunk ids of many chunks in one embedding and search pass. (n, k), -1 where fewer exist"""
+        _, ids = self.index.search(self.embedder.embed_token_chunks(chunks), k, nprobe=self.nprobe)
+        return ids
 
 
 class ServiceRetriever:

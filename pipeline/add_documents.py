@@ -32,12 +32,13 @@ import os
 import faiss
 
 from pipeline.chunk_pipeline import ChunkConfig, write_chunk_shards
-from pipeline.corpus_io import Record, match_inputs, read_records
+from pipeline.corpus_io import match_inputs, read_records
 from pipeline.embed import EmbedConfig, write_embeddings
 from pipeline.index_build import write_index_shard
 from pipeline.stage import config_of
 from retro_db import layout
 from retro_db import manifest as mf
+from retro_db.corpus import Record
 from retro_db.failpoints import failpoint
 from retro_db.storage import sha256_file
 

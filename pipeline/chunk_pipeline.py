@@ -19,8 +19,6 @@ import io
 import json
 import logging
 import os
-import re
-import unicodedata
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -36,6 +34,7 @@ from pipeline.lm_tokenizer import train_lm_tokenizer
 from pipeline.stage import Stage, delete_tree
 from retro_db import layout, storage
 from retro_db import manifest as mf
+from retro_db.corpus import Record, Rejected, chunk_count, document_key, document_tokens, normalize_text
 from retro_db.layout import SPLITS
 from retro_db.tokenizer import EOS, load_lm_tokenizer, special_id, token_byte_lengths
 
@@ -95,24 +94,13 @@ def shard_of(key: bytes, split: str, config: ChunkConfig) -> int:
     return _unit_hash(key, b"shard") % config.shards_of(split)
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode category Cc but tab and newline
-
-
-def normalize_text(text: str) -> str:
-    """NFC, Unix newlines, no control characters but tab and newline, no surrounding blanks."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not unicodedata.is_normalized("NFC", text):
-        text = unicodedata.normalize("NFC", text)
-    return _CONTROL.sub("", text).strip()
-
-
 def doc_tokens(doc: dict) -> np.ndarray:
     """A tokenized document's LM token ids. (t,) uint32"""
     return np.frombuffer(doc["tokens"], dtype=np.uint32)
 
 
-def _rejected(doc: dict, reason: str, detail: str) -> corpus_io.Rejected:
-    return corpus_io.Rejected(doc["source"], doc["position"], reason, detail)
+def _rejected(doc: dict, reason: str, detail: str) -> Rejected:
+    return Rejected(doc["source"], doc["position"], reason, detail)
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -133,7 +121,7 @@ class ReadRecordsFn(beam.DoFn):
         path, size = path_size
         for item in corpus_io.read_records(path, size, text_field=self.text_field, max_record_bytes=self.max_record_bytes):
             _count("records_read")
-            if isinstance(item, corpus_io.Rejected):
+            if isinstance(item, Rejected):
                 _count(f"rejected_{item.reason}")
             yield item
 
@@ -141,7 +129,7 @@ class ReadRecordsFn(beam.DoFn):
 class NormalizeFn(beam.DoFn):
     """Record -> doc dict keyed by the hash of its normalised text; empty text -> Rejected."""
 
-    def process(self, record: corpus_io.Record):
+    def process(self, record: Record):
         text = normalize_text(record.text)
         doc = {"source": record.source, "position": record.position, "meta": record.meta}
         if not text:
@@ -149,7 +137,7 @@ class NormalizeFn(beam.DoFn):
             yield _rejected(doc, EMPTY, "no text after normalisation")
             return
         doc["text"] = text
-        doc["key"] = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        doc["key"] = document_key(text)
         yield doc
 
 
@@ -188,10 +176,7 @@ class TokenizeFn(beam.DoFn):
         self.eos = special_id(self.tokenizer, EOS)
 
     def process(self, doc):
-        ids = self.tokenizer.encode_batch_fast([doc["text"]], add_special_tokens=False)[0].ids
-        tokens = np.empty(len(ids) + 1, dtype=np.uint32)
-        tokens[:-1] = ids
-        tokens[-1] = self.eos
+        tokens = document_tokens(self.tokenizer.encode_batch_fast([doc["text"]], add_special_tokens=False)[0].ids, self.eos)
         _count("tokens", len(tokens))
         out = {k: v for k, v in doc.items() if k != "text"}
         out["tokens"] = tokens.tobytes()  # bytes: Beam's coder copies them without pickling
@@ -265,10 +250,6 @@ class ApplyDropsFn(beam.DoFn):
                 yield _rejected(doc, LEAKAGE, detail)
             else:
                 yield {k: doc[k] for k in ("key", "split", "source", "position", "meta", "tokens")}
-
-
-def chunk_count(n_tokens: int, chunk_size: int) -> int:
-    return -(-n_tokens // chunk_size)
 
 
 def id_offsets(counts: dict, config: ChunkConfig) -> dict:
@@ -393,8 +374,8 @@ class DeadLettered(beam.PTransform):
 
     def expand(self, pcoll):
         both = pcoll | "Apply" >> beam.ParDo(self.fn)
-        return {"kept": both | "Kept" >> beam.Filter(lambda x: not isinstance(x, corpus_io.Rejected)),
-                "rejected": both | "Rejected" >> beam.Filter(lambda x: isinstance(x, corpus_io.Rejected))}
+        return {"kept": both | "Kept" >> beam.Filter(lambda x: not isinstance(x, Rejected)),
+                "rejected": both | "Rejected" >> beam.Filter(lambda x: isinstance(x, Rejected))}
 
 
 class ReadCorpus(beam.PTransform):
@@ -627,7 +608,7 @@ def sample_texts(files: list, config: ChunkConfig, sample_bytes: int):
     seen = 0
     for path, size in files:
         for item in corpus_io.read_records(path, size, text_field=config.text_field, max_record_bytes=config.max_record_bytes):
-            if isinstance(item, corpus_io.Record) and (text := normalize_text(item.text)):
+            if isinstance(item, Record) and (text := normalize_text(item.text)):
                 yield text
                 seen += len(text)
                 if seen >= sample_bytes:

@@ -61,3 +61,16 @@ class DocumentCatalog:
                     meta = {"text": row["meta"]}
                 out[doc] = {"doc_id": doc, "source": row["source"], "position": row["position"], "meta": meta if isinstance(meta, dict) else {"value": meta}}
         return out
+
+    def with_hashes(self, doc_hashes) -> dict[str, list[int]]:
+        """doc hash (hex) -> ids of the DB documents with that normalised text, for the hashes asked
+        (a filtered scan of the hash column: nothing else of the catalog is read)."""
+        wanted = sorted({str(h) for h in doc_hashes})
+        out: dict[str, list[int]] = {}
+        if not wanted:
+            return out
+        for path in sorted({p for p, _ in self.where}):
+            table = pq.read_table(path, columns=["doc_id", "doc_hash"], filters=[("doc_hash", "in", wanted)])
+            for doc_id, doc_hash in zip(table["doc_id"].to_pylist(), table["doc_hash"].to_pylist()):
+                out.setdefault(doc_hash, []).append(doc_id)
+        return out

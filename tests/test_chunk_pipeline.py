@@ -19,6 +19,7 @@ from pipeline import chunk_pipeline as cp
 from pipeline import minhash
 from pipeline.lm_tokenizer import train_lm_tokenizer
 from pipeline.stage import ConfigMismatch
+from retro_db.corpus import normalize_text
 from retro_db.manifest import read_manifest
 from retro_db.tokenizer import EOS, load_lm_tokenizer
 
@@ -108,8 +109,8 @@ def test_exact_dedup_keeps_the_first_occurrence():
 
 
 def test_normalize_text():
-    assert cp.normalize_text("  Caf\u0065\u0301\r\nnext\x00 line\x07\t  ") == "Caf\u00e9\nnext line\t".strip()
-    assert cp.normalize_text(" \n\t ") == ""
+    assert normalize_text("  Caf\u0065\u0301\r\nnext\x00 line\x07\t  ") == "Caf\u00e9\nnext line\t".strip()
+    assert normalize_text(" \n\t ") == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_chunks_decode_to_the_documents_text(small_db, corpus_docs):
     tokens = [t for r in rows for t in r["tokens"]]
     assert tokens[-1] == tokenizer.token_to_id(EOS)
     text = tokenizer.decode(tokens[:-1])
-    assert text in {cp.normalize_text(d["text"]) for d in corpus_docs[:160]}
+    assert text in {normalize_text(d["text"]) for d in corpus_docs[:160]}
     assert sum(r["n_bytes"] for r in rows) == len(text.encode()) == first["n_bytes"]
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from model.data import RetroSequences, longest_common_substring
-from model.evaluate import evaluate, evaluate_run
+from model.data import CorpusSequences, RetroSequences
+from model.evaluate import chunk_leakage, evaluate, evaluate_run, longest_common_run, paired_difference, summary
 from model.model import ChunkedCrossAttention, Retro, tiny_config
 from model.train import TrainConfig, load_model, train
 
@@ -78,6 +78,27 @@ def test_retrieval_off_is_exactly_the_decoder():
     state = {k: v for k, v in model.state_dict().items() if k in baseline.state_dict()}
     baseline.load_state_dict(state)
     assert torch.equal(baseline(idx)[0], off)
+
+
+def test_neighbour_padding_is_the_same_as_its_absence():
+    """Padding is masked in the encoder and in CCA: the reference is the same neighbours cut short,
+    which the model sees with no padding at all (a neighbour's coordinates start at 0 either way)."""
+    torch.manual_seed(3)
+    cfg = small_config()
+    model = Retro(cfg).eval()
+    b, l, k = 2, cfg.max_chunks, 3
+    idx = torch.randint(2, cfg.vocab_size, (b, l * M))
+    n = torch.randint(2, cfg.vocab_size, (b, l, k, 2 * M))
+    no_continuation = n.clone()
+    no_continuation[..., M:] = cfg.pad_id  # every neighbour is a document's last chunk
+    torch.testing.assert_close(model(idx, no_continuation)[0], model(idx, n[..., :M])[0], atol=1e-5, rtol=1e-4)
+    short = no_continuation.clone()
+    short[..., 5:] = cfg.pad_id  # chunks of 5 tokens
+    torch.testing.assert_close(model(idx, short)[0], model(idx, n[..., :5])[0], atol=1e-5, rtol=1e-4)
+    one_missing = n.clone()
+    one_missing[:, :, 1] = cfg.pad_id  # neighbour 1 absent everywhere = k - 1 neighbours
+    torch.testing.assert_close(model(idx, one_missing)[0], model(idx, n[:, :, [0, 2]])[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(model(idx, no_continuation)[0], model(idx, n)[0])  # the continuation does count
 
 
 def test_dataset_sequences_targets_and_neighbours(db):
@@ -158,9 +179,85 @@ def test_deleted_documents_leave_training_and_refreshed_tables_replace_them_as_a
         assert recorded[os.path.relpath(f, work)] == sha256_file(f)
 
 
-def test_longest_common_substring():
-    a, b = np.array([1, 2, 3, 4, 5, 9]), np.array([7, 3, 4, 5, 1, 2])
-    assert longest_common_substring(a, b) == 3 and longest_common_substring(a, np.array([8])) == 0
+def test_longest_common_run_equals_difflibs_longest_match():
+    import difflib
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = rng.integers(0, 4, rng.integers(0, 20))
+        rows = rng.integers(0, 4, (3, rng.integers(1, 30)))
+        expected = max(difflib.SequenceMatcher(None, a.tolist(), r.tolist(), autojunk=False).find_longest_match().size for r in rows)
+        assert longest_common_run(a, rows) == expected
+
+
+class _Constructed:
+    """Two sequences of l = 3 chunks (m = 8) with chosen overlaps between each chunk and its own neighbours."""
+
+    l, m, k, pad_id = 3, M, 2, 0
+
+    def __init__(self):
+        rng = np.random.default_rng(1)
+        self.items = []
+        for _ in range(2):
+            chunks = rng.integers(10, 90, (3, M))
+            neighbours = rng.integers(100, 200, (3, 2, 2 * M))  # tokens no chunk holds: r = 0
+            neighbours[0, 1, 4 : 4 + M] = chunks[0]  # the first chunk is all inside its own neighbour: r = 1
+            neighbours[1, 0, M : M + 3] = chunks[1, 2:5]  # 3 of 8 in a row in the continuation: r = 3/8
+            neighbours[2, 0, :] = self.pad_id
+            self.items.append((torch.from_numpy(chunks.reshape(-1)), None, torch.from_numpy(neighbours), None, None))
+        self.items[1][0][2 * M + 5 :] = self.pad_id  # the last chunk is 5 tokens long: r over 5
+        self.items[1][2][2, 1, :5] = self.items[1][0][2 * M : 2 * M + 5]  # and all of it retrieved: r = 1
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_leakage_uses_each_chunks_own_neighbours_the_first_chunk_included():
+    leakage = chunk_leakage(_Constructed())
+    np.testing.assert_allclose(leakage, [1.0, 3 / 8, 0.0, 1.0, 3 / 8, 1.0])
+    nats, bytes_ = np.arange(1.0, 7.0), np.full(6, 10.0)
+    by_alpha = summary(nats, bytes_, leakage)["bpb_by_alpha"]
+    assert [by_alpha[a]["chunks"] for a in ("0", "0.125", "0.25", "0.5", "0.75", "1")] == [1, 1, 1, 3, 3, 6]
+    assert by_alpha["0.5"]["bpb"] == pytest.approx((2 + 3 + 5) / np.log(2) / 30, abs=1e-5)  # chunks 2, 3, 5 (r <= 0.5)
+
+
+def test_paired_bootstrap_interval_matches_scipys():
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(2)
+    bytes_ = rng.integers(100, 300, 400).astype(float)
+    a = bytes_ * rng.normal(1.4, 0.3, 400)
+    b = a + bytes_ * rng.normal(0.01, 0.05, 400)  # b worse by about 0.01 nats per byte
+    ours = paired_difference(a, b, bytes_, resamples=4000)
+    ref = bootstrap((a, b, bytes_), lambda x, y, w, axis=-1: (x - y).sum(axis) / np.log(2) / w.sum(axis), paired=True,
+                    vectorized=True, n_resamples=4000, method="percentile", random_state=3).confidence_interval
+    width = ref.high - ref.low
+    assert ours["bpb"] == pytest.approx((a - b).sum() / np.log(2) / bytes_.sum(), abs=1e-6)
+    assert abs(ours["ci95"][0] - ref.low) < 0.1 * width and abs(ours["ci95"][1] - ref.high) < 0.1 * width
+    assert ours["ci95"][1] < 0  # a real difference is not called noise
+    noise = rng.normal(0, 0.05, 200)
+    halves = np.concatenate([bytes_[:200], bytes_[:200]])  # the second half undoes the first: no difference in all
+    same = paired_difference(a, a + halves * np.concatenate([noise, -noise]), halves)
+    assert same["bpb"] == pytest.approx(0, abs=1e-9) and same["ci95"][0] < 0 < same["ci95"][1]  # noise is
+
+
+def test_target_bytes_are_the_texts_utf8_bytes_and_one_per_document_end(db):
+    from retro_db.tokenizer import EOS, db_tokenizer, special_id
+
+    tokenizer = db_tokenizer(db)
+    eos = special_id(tokenizer, EOS)
+    data = RetroSequences(db, "valid", chunks_per_seq=4, k=2)
+    ends = 0
+    for i in range(len(data)):
+        _, y, _, target_bytes, _ = data[i]
+        targets = y[y != -100].tolist()
+        text = tokenizer.decode(targets, skip_special_tokens=True)
+        ends += targets.count(eos)
+        assert int(target_bytes.sum()) == len(text.encode("utf-8")) + targets.count(eos)
+    assert ends > 0  # the split holds document ends, so the policy was exercised
 
 
 def test_resume_continues_exactly(db, runs, tmp_path):
@@ -188,14 +285,59 @@ def test_retrofit_keeps_retrieval_off_equal_to_the_baseline(db, runs, tmp_path):
     assert on["bpb"] != off["bpb"]  # the trained CCA does something
 
 
-def test_eval_writes_the_contract_and_bpb_alpha_one_is_bpb(db, runs):
+def test_eval_writes_the_contract_with_intervals_and_bpb_alpha_one_is_bpb(db, runs):
     root, _ = runs
     results = evaluate_run(db, str(root))
     saved = json.load(open(root / "eval.json"))
     for name in ("retro_on", "retro_off", "baseline"):
         assert 0 < saved[name]["bpb"] == saved[name]["test"]["bpb"] < 20
         assert saved[name]["test"]["bpb_by_alpha"]["1"]["bpb"] == pytest.approx(saved[name]["test"]["bpb"], rel=1e-4)
+        assert saved[name]["test"]["bpb_by_alpha"]["1"]["chunks"] == saved[name]["test"]["chunks"]
     assert results["retro_off"]["test"]["bpb"] != results["retro_on"]["test"]["bpb"]
+    for diff in ("retro_on-retro_off", "retro_on-baseline"):
+        d = saved["differences"][diff]["test"]
+        a, b = diff.split("-")
+        assert d["bpb"] == pytest.approx(saved[a]["test"]["bpb"] - saved[b]["test"]["bpb"], abs=2e-5)
+        assert d["ci95"][0] <= d["bpb"] <= d["ci95"][1]
+    assert saved["config"]["k"] == 2 and saved["config"]["eos_bytes"] == 1
+
+
+def test_any_corpus_is_chunked_as_the_db_chunks_it_and_retrieved_live_without_its_own_copy(db, runs, tmp_path):
+    """Documents of the DB's train split, evaluated as a corpus: their chunks are the stored chunks,
+    no neighbour comes from the stored copy of the same text, and the rest are what a search finds."""
+    import pyarrow.parquet as pq
+
+    from model.retrieval import LocalRetriever
+    from retro_db import layout
+    from retro_db.documents import DocumentCatalog
+    from retro_db.token_store import TokenStore
+    from retro_db.tokenizer import db_tokenizer
+
+    store = TokenStore(db)
+    docs = pq.read_table(layout.document_shard_files(db)[0]).to_pylist()[:3]
+    corpus = tmp_path / "docs.jsonl"
+    lines = {d["doc_id"]: open(d["source"]).readlines()[d["position"] - 1] for d in docs}  # each document's corpus line
+    corpus.write_text("".join(lines[d["doc_id"]] for d in docs) + "not json\n")
+    data = CorpusSequences(db, [str(corpus)], chunks_per_seq=4, k=3)
+    assert data.documents == 3 and data.rejected == {"malformed_json": 1}
+    ids, _ = store.chunks_of_documents([d["doc_id"] for d in docs])
+    stored, lengths = store.chunks(ids)
+    np.testing.assert_array_equal(data.tokens, stored.astype(np.int64))
+    np.testing.assert_array_equal(data.lengths, lengths)
+    own = np.array([d["doc_id"] for d in docs])[data.chunk_doc]  # each chunk's stored copy
+    chunks = [t[:n].tolist() for t, n in zip(data.tokens, data.lengths)]
+    plain = LocalRetriever(db).search(chunks, 64)  # the search without the rule
+    assert (store.doc_of(plain[:, 0]) == own).mean() > 0.5  # most chunks' nearest is their own copy
+    for row, doc in enumerate(own):
+        others = [i for i in plain[row] if i >= 0 and store.doc_of([i])[0] != doc]
+        assert data.neighbours[row].tolist() == others[:3]
+    assert data.copies_dropped == 3 and DocumentCatalog(db).with_hashes([d["doc_hash"] for d in docs]).keys() == {d["doc_hash"] for d in docs}
+    out = tmp_path / "eval.json"
+    results = evaluate_run(db, str(runs[0]), corpus=[str(corpus)], out=str(out))
+    assert json.load(open(out))["retro_on"]["bpb"] == results["retro_on"]["corpus"]["bpb"] > 0
+    # every token but the first is predicted: the documents' bytes, one per document end, less the first token's
+    first = len(db_tokenizer(db).decode([int(stored[0, 0])]).encode("utf-8"))
+    assert results["retro_on"]["corpus"]["bytes"] == sum(d["n_bytes"] + 1 for d in docs) - first
 
 
 def test_ddp_on_two_cpu_processes_with_gloo(db, tmp_path):

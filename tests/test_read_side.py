@@ -25,7 +25,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("blocked, modules", [
-    ("apache_beam", "index_service.app, model.data, model.generate, retro_db.search, retro_db.token_store, retro_db.deletions"),
+    ("apache_beam", "index_service.app, model.data, model.evaluate, model.generate, retro_db.corpus, retro_db.search, retro_db.token_store, "
+                    "retro_db.deletions"),
     ("ray", "model.data, model.train, model.evaluate, model.generate, retro_db.search, retro_db.embedder"),
 ])
 def test_service_and_model_import_without_beam_or_ray(blocked, modules):
