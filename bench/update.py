@@ -6,8 +6,9 @@ documents are added to the DB, and after those are deleted again.
 Corpora (Debian packages pinned by sha256, like the bundled corpus): the reStructuredText sources of
 LLVM's documentation in two versions, ``llvm-14-doc`` and ``llvm-15-doc``. Of the source files both
 versions have, ``--held-out`` files (a seeded draw) are held out; ``--files`` of the rest make
-corpus A (both versions of each). B = the version-14 text of the held-out files, E = their
-version-15 text. Every file is split into documents at its top three heading levels
+corpus A (both versions of each). B = the version-14 text of the held-out files, E = the sections
+of their version-15 text that changed (an unchanged section is B's own document, which evaluation
+excludes as identical; most sections do not change between these versions). Every file is split into documents at its top three heading levels
 (``pipeline.default_corpus.split_rst_sections``).
 
 The run: ``build-db`` on A with the defaults (plus ``--build-args``); for each seed ``model.train``
@@ -37,6 +38,7 @@ from model.data import CorpusSequences
 from model.evaluate import K_LEAKAGE, bpb, chunk_leakage, chunk_scores, load_run, paired_difference, summary
 from pipeline.default_corpus import split_rst_sections
 from retro_db import deletions, layout
+from retro_db.corpus import normalize_text
 from retro_db.manifest import db_roots
 from retro_db.token_store import TokenStore
 
@@ -75,12 +77,18 @@ def write_corpora(sources: dict[int, Path], out: Path, *, files: int, held_out: 
     random.Random(seed).shuffle(common)
     held, kept = sorted(common[:held_out]), sorted(common[held_out : held_out + files])
     out.mkdir(parents=True, exist_ok=True)
+    sections = {(rel, v): split_rst_sections((sources[v] / rel).read_text(encoding="utf-8")) for rel in held + kept for v in (14, 15)}
+    # E holds only sections that changed between the versions: an unchanged one is B's document itself,
+    # whose neighbours evaluation excludes (an identical document is the answer, not related knowledge)
+    old_texts = {normalize_text(text) for rel in held for _, text in sections[(rel, 14)]}
     paths = {}
     for name, names, versions in (("A", kept, (14, 15)), ("B", held, (14,)), ("E", held, (15,))):
         buf = io.StringIO()
         for rel in names:
             for version in versions:
-                for title, text in split_rst_sections((sources[version] / rel).read_text(encoding="utf-8")):
+                for title, text in sections[(rel, version)]:
+                    if name == "E" and normalize_text(text) in old_texts:
+                        continue
                     meta = {"source": f"{PACKAGES[version][0]}: {rel}", "title": title}
                     buf.write(json.dumps({"text": text, "meta": meta}, ensure_ascii=False, sort_keys=True) + "\n")
         paths[name] = out / f"{name}.jsonl.zst"
@@ -136,7 +144,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench/out/update"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--files", type=int, default=60, help="source files whose two versions make corpus A")
-    parser.add_argument("--held-out", type=int, default=30, help="source files held out: version 14 is B, version 15 is E")
+    parser.add_argument("--held-out", type=int, default=120, help="source files held out: version 14 is B, their changed version-15 sections E")
     parser.add_argument("--build-args", default="", help="extra flags for build-db (default: none, what `make build-db` runs)")
     parser.add_argument("--train-args", default="", help="extra flags for model.train (default: none, what `make train` runs)")
     args = parser.parse_args()
