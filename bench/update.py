@@ -1,10 +1,11 @@
 """Knowledge added after training: RETRO on held-out documents before and after their related
 documents are added to the DB, and after those are deleted again.
 
-    python -m bench.update [--seeds 0 1 2] [--build-args ...] [--train-args ...]     # make bench-update
+    python -m bench.update [--pair llvm|clang] [--seeds 0 1 2] [--build-args ...] [--train-args ...]     # make bench-update
 
 Corpora (Debian packages pinned by sha256, like the bundled corpus): the reStructuredText sources of
-LLVM's documentation in two versions, ``llvm-14-doc`` and ``llvm-15-doc``. Of the source files both
+LLVM's documentation in two versions, ``llvm-14-doc`` and ``llvm-15-doc``, or (``--pair clang``, the
+second pair) Clang's, ``clang-14-doc`` and ``clang-15-doc``. Of the source files both
 versions have, ``--held-out`` files (a seeded draw) are held out; ``--files`` of the rest make
 corpus A (both versions of each). B = the version-14 text of the held-out files, E = the sections
 of their version-15 text that changed (an unchanged section is B's own document, which evaluation
@@ -44,17 +45,26 @@ from retro_db.token_store import TokenStore
 
 log = logging.getLogger("bench.update")
 
-PACKAGES = {  # Debian bookworm
-    14: ("llvm-14-doc=1:14.0.6-12", "d83d576ccf39dd9c698f983677f5569284cb4d55f084dd135859a73d31910b1a"),
-    15: ("llvm-15-doc=1:15.0.6-4", "613d2f6c303411508b28775269d4f6c35498905d0f3e2dd39f862191a1faf564"),
+PAIRS = {  # Debian bookworm: version -> (apt spec, sha256 of the .deb, the reStructuredText sources inside it)
+    "llvm": {
+        14: ("llvm-14-doc=1:14.0.6-12", "d83d576ccf39dd9c698f983677f5569284cb4d55f084dd135859a73d31910b1a", "usr/share/doc/llvm-14-doc/html/_sources"),
+        15: ("llvm-15-doc=1:15.0.6-4", "613d2f6c303411508b28775269d4f6c35498905d0f3e2dd39f862191a1faf564", "usr/share/doc/llvm-15-doc/html/_sources"),
+    },
+    "clang": {
+        14: ("clang-14-doc=1:14.0.6-12", "9d4160c5cdb3e240fc676eacba163481002363f9532f854bc09e3eb566eb5c0f", "usr/share/doc/clang-14/html/_sources"),
+        15: ("clang-15-doc=1:15.0.6-4", "6090efd4128984a1abf423a7827e4c4f9f342e2f90fc8b1dcca0dc49eabe653d", "usr/share/doc/clang-15/html/_sources"),
+    },
 }
 
+# (files whose two versions make A, files held out) by default: llvm has 341 files both versions hold, clang 80
+SIZES = {"llvm": (60, 120), "clang": (38, 40)}
 
-def fetch_sources(work: Path) -> dict[int, Path]:
+
+def fetch_sources(work: Path, packages: dict) -> dict[int, Path]:
     """Each version's ``_sources`` folder, from its .deb (downloaded once, sha256 checked every time)."""
     out = {}
-    for version, (spec, sha256) in PACKAGES.items():
-        folder = work / "src" / str(version)
+    for version, (spec, sha256, sources) in packages.items():
+        folder = work / "src" / spec.split("=")[0]
         debs = sorted(folder.glob("*.deb"))
         if not debs:
             folder.mkdir(parents=True, exist_ok=True)
@@ -66,11 +76,11 @@ def fetch_sources(work: Path) -> dict[int, Path]:
         root = folder / "root"
         if not root.exists():
             subprocess.run(["dpkg", "-x", str(debs[0]), str(root)], check=True)
-        out[version] = root / f"usr/share/doc/llvm-{version}-doc/html/_sources"
+        out[version] = root / sources
     return out
 
 
-def write_corpora(sources: dict[int, Path], out: Path, *, files: int, held_out: int, seed: int = 0) -> dict[str, Path]:
+def write_corpora(sources: dict[int, Path], packages: dict, out: Path, *, files: int, held_out: int, seed: int = 0) -> dict[str, Path]:
     """A, B and E as JSONL.zst (deterministic bytes for the same packages and arguments)."""
     common = sorted(p.relative_to(sources[14]).as_posix() for p in sources[14].rglob("*.rst.txt")
                     if (sources[15] / p.relative_to(sources[14])).exists())
@@ -89,7 +99,7 @@ def write_corpora(sources: dict[int, Path], out: Path, *, files: int, held_out: 
                 for title, text in sections[(rel, version)]:
                     if name == "E" and normalize_text(text) in old_texts:
                         continue
-                    meta = {"source": f"{PACKAGES[version][0]}: {rel}", "title": title}
+                    meta = {"source": f"{packages[version][0]}: {rel}", "title": title}
                     buf.write(json.dumps({"text": text, "meta": meta}, ensure_ascii=False, sort_keys=True) + "\n")
         paths[name] = out / f"{name}.jsonl.zst"
         paths[name].write_bytes(zstandard.ZstdCompressor(level=19, threads=0).compress(buf.getvalue().encode("utf-8")))
@@ -141,19 +151,23 @@ def table(rows: dict) -> str:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("bench/out/update"))
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="llvm", help="the two documentation versions")
+    parser.add_argument("--work", type=Path, help="default: bench/out/update (llvm), bench/out/update-<pair> (others)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--files", type=int, default=60, help="source files whose two versions make corpus A")
-    parser.add_argument("--held-out", type=int, default=120, help="source files held out: version 14 is B, their changed version-15 sections E")
+    parser.add_argument("--files", type=int, help="source files whose two versions make corpus A (default: SIZES)")
+    parser.add_argument("--held-out", type=int, help="source files held out: version 14 is B, their changed version-15 sections E (default: SIZES)")
     parser.add_argument("--build-args", default="", help="extra flags for build-db (default: none, what `make build-db` runs)")
     parser.add_argument("--train-args", default="", help="extra flags for model.train (default: none, what `make train` runs)")
     args = parser.parse_args()
-    work = args.work
-    corpora = write_corpora(fetch_sources(work), work / "corpora", files=args.files, held_out=args.held_out)
+    work = args.work or Path("bench/out/update" + ("" if args.pair == "llvm" else f"-{args.pair}"))
+    packages = PAIRS[args.pair]
+    files, held_out = (given or default for given, default in zip((args.files, args.held_out), SIZES[args.pair]))
+    corpora = write_corpora(fetch_sources(work, packages), packages, work / "corpora", files=files, held_out=held_out)
     for name, path in corpora.items():
         log.info("corpus %s: %s sha256 %s", name, path, hashlib.sha256(path.read_bytes()).hexdigest())
     db = str(work / "db")
     shutil.rmtree(db, ignore_errors=True)  # the run adds and deletes documents: always from a fresh A
+    shutil.rmtree(work / "runs", ignore_errors=True)  # and checkpoints of another DB must not be resumed
     run(["-m", "pipeline", "build-db", "--corpus", str(corpora["A"]), "--db", db, *args.build_args.split()])
     runs = {seed: str(work / "runs" / f"seed{seed}") for seed in args.seeds}
     for seed, run_dir in runs.items():

@@ -212,6 +212,7 @@ class AuditEntry(BaseModel):
     actor: str = Field(description="the name of the token used (token:<name>), or cli:<user>@<host>")
     reason: str
     doc_ids: list[int] = Field(description="the documents named")
+    copies: list[int] = Field(default=[], description="their exact copies (the same normalised text), changed with them")
     documents: int = Field(description="documents this entry changed (already deleted ones are not counted again)")
     chunks: int = Field(description="their chunks")
 

@@ -12,6 +12,7 @@ loaded from a baseline checkpoint and frozen; only the encoder and CCA layers tr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -85,13 +86,23 @@ def collate(dataset, indices):
     return [torch.stack(x) for x in zip(*items)]
 
 
-def save_checkpoint(path: str, model, optimizer, step: int, model_config: RetroConfig, train_config: TrainConfig) -> None:
+def training_data_sha256(manifest: dict) -> str:
+    """What a run learns from: the train chunk shards and how their neighbour tables were built
+    (config and index shards; not the tables' bytes, which deletions refresh). A checkpoint resumes
+    only on the same: a DB rebuilt in place (other duplicates kept, another k) is other data."""
+    stages = manifest["stages"]
+    chunks = sorted(s["chunks_file"]["sha256"] for s in stages["chunks"]["shards"] if s["split"] == "train")
+    return hashlib.sha256(json.dumps([chunks, stages["neighbours"]["config"]], sort_keys=True).encode()).hexdigest()
+
+
+def save_checkpoint(path: str, model, optimizer, step: int, model_config: RetroConfig, train_config: TrainConfig, data_sha256: str) -> None:
     state = {
         "model": (model.module if hasattr(model, "module") else model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "model_config": model_config.to_dict(),
         "train_config": asdict(train_config),
+        "data_sha256": data_sha256,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
     }
     tmp = path + ".tmp"
@@ -116,7 +127,7 @@ def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> Retr
 def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = False, retrofit: str | None = None,
           cfg: TrainConfig | None = None, device: str | None = None) -> dict:
     """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present."""
-    require_stages(db, ("chunks", "embeddings", "index", "neighbours"))
+    data_sha256 = training_data_sha256(require_stages(db, ("chunks", "embeddings", "index", "neighbours")))
     cfg = cfg or TrainConfig()
     rank, world = distributed()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,6 +140,9 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
         cfg = replace(cfg, retrofit=retrofit)
     if os.path.exists(ckpt_path):
         model, ckpt = load_model(ckpt_path)
+        if ckpt.get("data_sha256", data_sha256) != data_sha256:
+            raise ValueError(f"{ckpt_path} was trained on other data than {db} holds now (its train chunks or neighbour tables "
+                             "were rebuilt): give another --out, or remove the checkpoint to start over")
         start, cfg = ckpt["step"], replace(cfg, retrofit=ckpt["train_config"].get("retrofit", ""))
         log.info("resuming %s at step %d", ckpt_path, start)
     else:
@@ -189,7 +203,7 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(ckpt_path, model, optimizer, step + 1, model_config, cfg)
+            save_checkpoint(ckpt_path, model, optimizer, step + 1, model_config, cfg, data_sha256)
     bar.close()
     if world > 1:
         torch.distributed.barrier()

@@ -148,7 +148,7 @@ def _add_increment(db: str, corpus: list[str], reservation: dict, stages: dict, 
     trained = faiss.read_index(layout.trained_index_path(db))
     skip_textless = stages["index"]["config"].get("skip_textless_chunks", True)
     shards = []
-    for f in layout.chunk_shard_files(root, layout.INDEXED_SPLIT):
+    for f in layout.chunk_shard_files(root, layout.INDEXED_SPLITS):
         path = layout.aligned_path(f, layout.INDEX)
         if not os.path.exists(path):
             write_index_shard(trained, f, path, skip_textless=skip_textless)

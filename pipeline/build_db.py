@@ -26,7 +26,9 @@ def summary_lines(db: str) -> list[str]:
     if c := stages.get("chunks"):
         n = c["counts"]
         dropped = {k[len("rejected_"):]: v for k, v in n.items() if k.startswith("rejected_")}
-        lines.append(f"  documents : {n['records_read']} read, {n['documents_kept']} kept; dropped {dropped or 'none'}")
+        retrieval = n["by_split"].get("retrieval", {}).get("documents", 0)
+        lines.append(f"  documents : {n['records_read']} read, {n['documents_kept']} kept ({retrieval} of them duplicates kept"
+                     f" for retrieval only); dropped {dropped or 'none'}")
         lines.append("  chunks    : " + ", ".join(f"{s} {v['chunks']} ({v['documents']} docs)" for s, v in n["by_split"].items())
                      + f"; {n['tokens']} tokens")
     if e := stages.get("embeddings"):

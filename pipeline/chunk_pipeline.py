@@ -7,7 +7,13 @@
 Every record read ends in exactly one place: a kept document, or ``DB/rejected/`` with its
 reason (bad records and every kind of drop alike), so ``records_read == kept + rejected``.
 
-Ids: documents are ordered by (split, shard, document hash); chunk ids are dense over that order,
+Duplicates of train documents (exact copies and near-duplicates) are kept out of the training
+sequences but, unless ``retrieval_duplicates`` is off, kept in the DB as the split "retrieval":
+indexed and retrievable, never trained on, never a query of the neighbour tables (see
+``retro_db.layout.INDEXED_SPLITS`` for why). Duplicates of valid/test documents, and anything
+that leaks into valid/test, are rejected.
+
+Ids: documents are ordered by (split, shard, document hash, source, position); chunk ids are dense over that order,
 so the continuation of chunk i is chunk i+1 exactly when both belong to the same document, and the
 same input and config give the same ids and bytes on any runner.
 """
@@ -66,12 +72,14 @@ class ChunkConfig:
     leakage_ngram: int = 13
     leakage_threshold: float = field(default=0.8, metadata={"help": "MinHash Jaccard of a train document to a valid/test one that drops it"})
     max_bucket_compare: int = 64  # pairs checked per document in one LSH bucket
+    retrieval_duplicates: bool = field(default=True, metadata={
+        "help": "exact and near duplicates of train documents stay retrievable (split 'retrieval'), never trained on"})
     rejected_shards: int = 1
     first_doc_id: int = 0  # ids start here: an increment's ids follow its DB's (add-documents)
     first_chunk_id: int = 0
 
     def shards_of(self, split: str) -> int:
-        if split == "train":
+        if split in ("train", "retrieval"):
             return self.num_shards
         fraction = self.valid_fraction if split == "valid" else self.test_fraction
         return max(1, round(self.num_shards * fraction / max(1e-9, 1 - self.valid_fraction - self.test_fraction)))
@@ -142,10 +150,15 @@ class NormalizeFn(beam.DoFn):
 
 
 class KeepFirstFn(beam.DoFn):
-    """(hash, [docs with that exact text]) -> the first by (source, position); the rest -> Rejected.
+    """(hash, [docs with that exact text]) -> the first by (source, position), carrying the rest as
+    its ``copies`` [(source, position, meta)] (``ApplyDropsFn`` decides their fate once the split is
+    known), or with ``keep_copies`` off the rest -> Rejected.
 
     A group that holds ``EXISTING`` (the text is already in the DB being grown) keeps none.
     """
+
+    def __init__(self, keep_copies: bool):
+        self.keep_copies = keep_copies
 
     def process(self, key_docs):
         _, docs = key_docs
@@ -155,6 +168,9 @@ class KeepFirstFn(beam.DoFn):
                 yield _rejected(dup, EXACT_DUPLICATE, "same text as a document already in the DB")
             return
         docs = sorted(docs, key=lambda d: (d["source"], d["position"]))
+        if self.keep_copies:
+            yield {**docs[0], "copies": [(d["source"], d["position"], d["meta"]) for d in docs[1:]]}
+            return
         yield docs[0]
         for dup in docs[1:]:
             _count(f"rejected_{EXACT_DUPLICATE}")
@@ -235,21 +251,40 @@ class VerifyBucketFn(beam.DoFn):
 
 
 class ApplyDropsFn(beam.DoFn):
-    """(key, {doc, near, leak}) -> the doc, or Rejected when it was marked a near-duplicate or leaked."""
+    """(key, {doc, near, leak}) -> the doc and its exact copies, each kept in its split, moved to
+    the split "retrieval" (duplicates of a train document), or Rejected:
+
+    - leaked (a train document matching a valid/test one): it and its copies are rejected;
+    - a near-duplicate: in train, it and its copies become retrieval-only; in valid/test, rejected;
+    - otherwise it is kept, and its copies become retrieval-only (train) or are rejected (valid/test).
+    """
 
     def process(self, joined):
         _, groups = joined
         for doc in groups["doc"]:
-            if groups["near"]:
-                _count(f"rejected_{NEAR_DUPLICATE}")
-                detail = f"near-duplicate of document {min(groups['near']).hex()}"
-                yield _rejected(doc, NEAR_DUPLICATE, detail)
-            elif groups["leak"]:
-                _count(f"rejected_{LEAKAGE}")
+            copies = doc.get("copies", ())
+            doc = {k: doc[k] for k in ("key", "split", "source", "position", "meta", "tokens")}
+            copies = [{**doc, "source": s, "position": p, "meta": m} for s, p, m in copies]
+            if groups["leak"]:
                 detail = f"13-gram Jaccard >= threshold with held-out document {min(groups['leak']).hex()}"
-                yield _rejected(doc, LEAKAGE, detail)
-            else:
-                yield {k: doc[k] for k in ("key", "split", "source", "position", "meta", "tokens")}
+                for d in (doc, *copies):
+                    _count(f"rejected_{LEAKAGE}")
+                    yield _rejected(d, LEAKAGE, detail)
+                continue
+            near = f"near-duplicate of document {min(groups['near']).hex()}" if groups["near"] else ""
+            if not near:
+                yield doc
+            if doc["split"] == "train":
+                for d in ([doc] if near else []) + copies:
+                    _count("retrieval_documents")
+                    yield {**d, "split": "retrieval"}
+                continue
+            if near:
+                _count(f"rejected_{NEAR_DUPLICATE}")
+                yield _rejected(doc, NEAR_DUPLICATE, near)
+            for d in copies:
+                _count(f"rejected_{EXACT_DUPLICATE}")
+                yield _rejected(d, EXACT_DUPLICATE, f"same text as {doc['source']}:{doc['position']}")
 
 
 def id_offsets(counts: dict, config: ChunkConfig) -> dict:
@@ -293,7 +328,7 @@ class WriteChunkShardFn(beam.DoFn):
         (split, shard), groups = joined
         if not groups["docs"]:  # shards without documents get no files
             return
-        docs = sorted(groups["docs"], key=lambda d: d["key"])
+        docs = sorted(groups["docs"], key=lambda d: (d["key"], d["source"], d["position"]))  # copies share a key
         ((doc_id, chunk_id),) = groups["offsets"]
         m = self.config.chunk_size
         chunk_cols = {name: [] for name in self.chunk_schema.names}
@@ -426,15 +461,16 @@ class HeldOutSignaturesFn(beam.DoFn):
 
 
 class ExactDedup(beam.PTransform):
-    """doc -> {'kept': one doc per distinct normalised text, 'rejected': the others}.
+    """doc -> {'kept': one doc per distinct normalised text, 'rejected': the others}; with
+    ``keep_copies`` the others ride on the kept doc as its ``copies`` instead.
 
     ``existing``: globs of a DB's ``documents`` Parquet shards; texts already there are dropped too
     (a shuffle join on the text hash, so it scales with the DB).
     """
 
-    def __init__(self, existing: list[str] = ()):
+    def __init__(self, existing: list[str] = (), keep_copies: bool = False):
         super().__init__()
-        self.existing = list(existing)
+        self.existing, self.keep_copies = list(existing), keep_copies
 
     def expand(self, docs):
         keyed = docs | "ByTextHash" >> beam.Map(lambda d: (d["key"], d))
@@ -447,7 +483,7 @@ class ExactDedup(beam.PTransform):
         return (
             keyed
             | "GroupByTextHash" >> beam.GroupByKey()
-            | "KeepFirst" >> DeadLettered(KeepFirstFn())
+            | "KeepFirst" >> DeadLettered(KeepFirstFn(self.keep_copies))
         )
 
 
@@ -562,7 +598,7 @@ def build_chunk_pipeline(p: beam.Pipeline, *, inputs: list, db: str, config: Chu
     shards (leakage)."""
     read = p | "ReadCorpus" >> ReadCorpus(inputs, config)
     normalized = read["kept"] | "Normalize" >> DeadLettered(NormalizeFn())
-    unique = normalized["kept"] | "ExactDedup" >> ExactDedup(existing_documents)
+    unique = normalized["kept"] | "ExactDedup" >> ExactDedup(existing_documents, keep_copies=config.retrieval_duplicates)
     tokenized = unique["kept"] | "Tokenize" >> beam.ParDo(TokenizeFn(tokenizer_json, config))
     kept = tokenized | "Deduplicate" >> Deduplicate(config, held_out)
     statuses = kept["kept"] | "WriteChunkShards" >> WriteChunkShards(db, config, tokenizer_json)
@@ -661,7 +697,7 @@ def write_chunk_shards(
     options = local_beam_options(list(beam_args))
     with beam.Pipeline(options=options) as p:
         existing = [layout.documents_glob(root) for root in mf.db_roots(existing_documents)] if existing_documents else []
-        held_out = [f for split in SPLITS if split != layout.INDEXED_SPLIT for f in layout.chunk_shard_files(existing_documents, split)] \
+        held_out = layout.chunk_shard_files(existing_documents, layout.HELD_OUT_SPLITS) \
             if existing_documents else []
         build_chunk_pipeline(p, inputs=inputs, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging,
                              existing_documents=existing, held_out=held_out)

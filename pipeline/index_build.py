@@ -1,8 +1,8 @@
-"""Stage 3 (faiss): a sharded IVF-PQ index over the train chunks.
+"""Stage 3 (faiss): a sharded IVF-PQ index over the train chunks (and the retrieval-only ones).
 
 One IVF-PQ index (``index_factory`` string, defaults scaled to the number of chunks) is trained
-once on a sample; each train embedding shard is added with its chunk ids to a copy of it, giving
-``DB/index/train/shard-*.faissindex`` that a server can hold apart or together. ``retro_db.search``
+once on a sample; each train (and retrieval) embedding shard is added with its chunk ids to a copy of it, giving
+``DB/index/<split>/shard-*.faissindex`` that a server can hold apart or together. ``retro_db.search``
 searches them (with exact re-ranking); at build time ``pipeline.index_recall`` measures recall@10
 and queries/s for a grid of nprobe values, and the smallest nprobe reaching the target recall
 becomes the default. All of it goes to the manifest.
@@ -116,18 +116,19 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     device = resolve_device(device)
     faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
     embeddings = completed(db, "embeddings")
-    rows = load_embedding_rows(db, layout.INDEXED_SPLIT)
-    n, d = len(rows), rows.arrays[0].shape[1]
+    rows = load_embedding_rows(db, layout.INDEXED_SPLITS)
+    n, d = sum(len(a) for a in rows.arrays), rows.arrays[0].shape[1]  # ids need not be contiguous (retrieval follows test)
     stage = Stage(db, "index", config, overwrite=overwrite, fingerprints={
         "factory": config.factory or default_factory(n, d, min_points_per_list=config.min_points_per_list),
         "embeddings_model_sha256": embeddings["config"]["model_sha256"], "embedding_shards": [s["sha256"] for s in embeddings["shards"]]})
     factory = stage.record["factory"]
-    train_files = layout.chunk_shard_files(db, layout.INDEXED_SPLIT)
-    shard_paths = [layout.aligned_path(f, layout.INDEX) for f in train_files]
+    indexed_files = layout.chunk_shard_files(db, layout.INDEXED_SPLITS)
+    shard_paths = [layout.aligned_path(f, layout.INDEX) for f in indexed_files]
     if done := stage.finished(shard_paths):
         return done
     stage.start(wipe=[os.path.join(db, layout.INDEX)])
-    os.makedirs(os.path.join(db, layout.INDEX, layout.INDEXED_SPLIT), exist_ok=True)
+    for split in {layout.split_of(f) for f in indexed_files}:
+        os.makedirs(os.path.join(db, layout.INDEX, split), exist_ok=True)
 
     trained_path = layout.trained_index_path(db)
     if not os.path.exists(trained_path):
@@ -152,7 +153,7 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     trained = faiss.read_index(trained_path)
     shards = []
     t0 = time.perf_counter()
-    for f, path in zip(train_files, shard_paths):
+    for f, path in zip(indexed_files, shard_paths):
         if not os.path.exists(path):
             write_index_shard(trained, f, path, skip_textless=config.skip_textless_chunks)
         shards.append(stage.shard(path, bytes=os.path.getsize(path)))
@@ -161,7 +162,7 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     index = RetrievalIndex(db, shard_paths=shard_paths, rerank_factor=config.rerank_factor)
     t0 = time.perf_counter()
     queries = heldout_queries(db, config.recall_queries, config.seed)
-    _, exact_ids, exact_qps = exact_top_k([indexable_rows(f) for f in train_files], queries, 10)
+    _, exact_ids, exact_qps = exact_top_k([indexable_rows(f) for f in indexed_files], queries, 10)
     grid = measure_recall(index, queries, exact_ids)
     key = "recall@10_reranked" if config.rerank_factor else "recall@10_pq"
     good = [g["nprobe"] for g in grid if g[key] >= config.target_recall]

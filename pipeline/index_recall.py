@@ -32,7 +32,7 @@ def heldout_queries(db: str, n: int, seed: int) -> np.ndarray:
     except ValueError:
         pool = None
     if pool is None or not len(pool):
-        pool = np.concatenate(load_embedding_rows(db, layout.INDEXED_SPLIT).arrays)
+        pool = np.concatenate(load_embedding_rows(db, layout.INDEXED_SPLITS).arrays)
     rng = np.random.default_rng(seed)
     return np.asarray(pool[np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))], dtype=np.float32)
 

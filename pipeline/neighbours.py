@@ -1,4 +1,4 @@
-"""Stage 4 (Ray): offline neighbour tables for every chunk of every split.
+"""Stage 4 (Ray): offline neighbour tables for every chunk of the train, valid and test splits.
 
 For each chunk, search K > k candidates, drop those from the chunk's own document (by document
 id, never by result position), keep the k nearest; where fewer than k survive, search again with
@@ -128,7 +128,7 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
     if include_increments:
         fingerprints["increment_index_shards"] = [s["sha256"] for inc in mf.read_manifest(db).get("increments", []) for s in inc["index_shards"]]
     stage = Stage(db, "neighbours", config, overwrite=overwrite, fingerprints=fingerprints)
-    files = layout.chunk_shard_files(db)
+    files = layout.chunk_shard_files(db, layout.SEQUENCE_SPLITS)  # retrieval-only chunks are never a query
     outs = {f: layout.aligned_path(f, layout.NEIGHBOURS) for f in files}
     if done := stage.finished(list(outs.values())):
         return done
@@ -189,7 +189,7 @@ def refresh_neighbours(db: str) -> dict:
     index = RetrievalIndex(db, shard_paths=neighbour_index_shards(db, "increment_index_shards" in record["config"]))
     store = TokenStore(db)
     rows_done, rewritten = 0, {}
-    for f in tqdm(layout.chunk_shard_files(db) if len(deleted) else [], unit="shard", desc="refresh neighbours", mininterval=2):
+    for f in tqdm(layout.chunk_shard_files(db, layout.SEQUENCE_SPLITS) if len(deleted) else [], unit="shard", desc="refresh neighbours", mininterval=2):
         out = layout.aligned_path(f, layout.NEIGHBOURS)
         table = pq.read_table(out)
         k = len(table["neighbour_ids"][0]) if table.num_rows else 0

@@ -1,7 +1,7 @@
 """Retroactive filtering: documents removed from retrieval and training, audited and reversible.
 
     DB/deleted/audit.jsonl   the log: one JSON line per deletion or restoration
-                             {seq, time, action, actor, reason, doc_ids, documents, chunks}
+                             {seq, time, action, actor, reason, doc_ids, copies, documents, chunks}
     DB/deleted/state.npz     what is deleted now: doc_ids, chunk_ids (sorted int64), seq of the last entry applied
 
 The log is the record of truth and is written first (appended and fsynced); the state is derived
@@ -16,6 +16,8 @@ can mount the DB read-only and this directory writable.
 Searches exclude the chunk ids inside faiss (``retro_db.search.deleted_selector``), training
 sequences skip them (``model.data``), and readers notice a change by the state file's stat signature.
 A whole document is removed, so a surviving chunk's continuation (same document) never is.
+Its exact copies (the same normalised text: the build keeps copies of train documents for
+retrieval) go and come back with it: an entry's ``copies`` lists them beside the ``doc_ids`` asked.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 
 from retro_db import layout
 from retro_db import manifest as mf
+from retro_db.documents import DocumentCatalog
 from retro_db.failpoints import failpoint
 
 log = logging.getLogger(__name__)
@@ -127,7 +130,7 @@ def _write_state(db: str, doc_ids: np.ndarray, chunk_ids: np.ndarray, seq: int) 
 def _replay(entries: list[dict]) -> np.ndarray:
     docs = np.zeros(0, np.int64)
     for e in entries:
-        ids = np.asarray(e["doc_ids"], np.int64)
+        ids = np.asarray(e["doc_ids"] + e.get("copies", []), np.int64)
         docs = np.union1d(docs, ids) if e["action"] == DELETE else np.setdiff1d(docs, ids)
     return docs
 
@@ -175,16 +178,19 @@ def change(db: str, doc_ids, store, *, action: str, reason: str, actor: str) -> 
     _, unknown = store.chunks_of_documents(ids)
     if len(unknown):
         raise UnknownDocuments(f"unknown document ids: {unknown[:10].tolist()}")
+    copies = np.asarray(DocumentCatalog(db).copies(ids), dtype=np.int64)
     with _locked_log(db, store) as entries:
         before = _state(db)[0]
         if action == DELETE:
-            changed, after = np.setdiff1d(ids, before), np.union1d(before, ids)
+            changed, after = np.setdiff1d(np.union1d(ids, copies), before), np.union1d(before, np.union1d(ids, copies))
         else:
             if len(absent := np.setdiff1d(ids, before)):
                 raise NotDeleted(f"documents not deleted, so not restorable: {absent[:10].tolist()}")
-            changed, after = ids, np.setdiff1d(before, ids)
+            copies = np.intersect1d(copies, before)
+            changed = np.union1d(ids, copies)
+            after = np.setdiff1d(before, changed)
         entry = {"seq": (entries[-1]["seq"] if entries else 0) + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "action": action, "actor": actor, "reason": reason, "doc_ids": ids.tolist(),
+                 "action": action, "actor": actor, "reason": reason, "doc_ids": ids.tolist(), "copies": copies.tolist(),
                  "documents": int(len(changed)), "chunks": int(len(store.chunks_of_documents(changed)[0]))}
         with open(layout.deleted_path(db, layout.DELETIONS_AUDIT), "ab") as f:  # the log first: it is the record of truth
             f.write((json.dumps(entry, sort_keys=True) + "\n").encode("utf-8"))

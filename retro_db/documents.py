@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from retro_db import layout
 from retro_db.manifest import db_roots
 
-COLUMNS = ("doc_id", "source", "position", "meta")
+COLUMNS = ("doc_id", "doc_hash", "source", "position", "meta")
 
 
 class DocumentCatalog:
@@ -44,9 +44,8 @@ class DocumentCatalog:
         table = pq.ParquetFile(path).read_row_group(group, columns=list(COLUMNS))
         return table["doc_id"].to_numpy(), table.to_pylist()
 
-    def describe(self, doc_ids) -> dict[int, dict]:
-        """The documents found among ``doc_ids``, by id; ``meta`` parsed from its JSON."""
-        out = {}
+    def _rows(self, doc_ids):
+        """(doc id, its row) for the documents found among ``doc_ids``."""
         for doc in {int(d) for d in doc_ids}:
             g = int(np.searchsorted(self.first, doc, side="right")) - 1
             if g < 0 or doc > self.last[g]:
@@ -54,12 +53,23 @@ class DocumentCatalog:
             ids, rows = self._row_group(*self.where[g])
             i = int(np.searchsorted(ids, doc))
             if i < len(ids) and ids[i] == doc:
-                row = rows[i]
-                try:
-                    meta = json.loads(row["meta"]) if row["meta"] else {}
-                except ValueError:  # the record's meta is kept as it came; a non-JSON one is shown as text
-                    meta = {"text": row["meta"]}
-                out[doc] = {"doc_id": doc, "source": row["source"], "position": row["position"], "meta": meta if isinstance(meta, dict) else {"value": meta}}
+                yield doc, rows[i]
+
+    def copies(self, doc_ids) -> list[int]:
+        """The other documents with the same normalised text as any of ``doc_ids`` (the build keeps
+        exact copies of train documents for retrieval; increments may hold more)."""
+        asked = {doc: row["doc_hash"] for doc, row in self._rows(doc_ids)}
+        return sorted({d for ids in self.with_hashes(asked.values()).values() for d in ids} - set(asked))
+
+    def describe(self, doc_ids) -> dict[int, dict]:
+        """The documents found among ``doc_ids``, by id; ``meta`` parsed from its JSON."""
+        out = {}
+        for doc, row in self._rows(doc_ids):
+            try:
+                meta = json.loads(row["meta"]) if row["meta"] else {}
+            except ValueError:  # the record's meta is kept as it came; a non-JSON one is shown as text
+                meta = {"text": row["meta"]}
+            out[doc] = {"doc_id": doc, "source": row["source"], "position": row["position"], "meta": meta if isinstance(meta, dict) else {"value": meta}}
         return out
 
     def with_hashes(self, doc_hashes) -> dict[str, list[int]]:

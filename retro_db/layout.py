@@ -3,11 +3,13 @@
     DB/manifest.json                    one record per stage (``retro_db.manifest``)
     DB/tokenizer.json                   the LM tokenizer (HF tokenizers format)
     DB/chunks/<split>/shard-*.parquet   chunks: chunk_id, doc_id, chunk_index, tokens, n_bytes
+                                        (split: train, valid, test, or retrieval: duplicates of train
+                                        documents, retrievable and never trained on)
     DB/documents/<split>/shard-*.parquet  one row per kept document (source, position, meta, ...)
     DB/tokens/<split>/shard-*/          each chunk shard's tokens as padded .npy arrays (O(1) reads)
     DB/embeddings/<split>/shard-*.npy   (n, d) fp16 frozen-BERT embeddings, rows aligned with the chunks
     DB/index/trained.faissindex         the trained, empty IVF-PQ index
-    DB/index/train/shard-*.faissindex   one index shard per train chunk shard
+    DB/index/<train|retrieval>/shard-*.faissindex   one index shard per train or retrieval chunk shard
     DB/neighbours/<split>/shard-*.parquet  chunk_id, neighbour_ids, distances
     DB/rejected/<reason>-*.jsonl        dead-letter records with their reasons
     DB/deleted/audit.jsonl              every deletion and restoration: when, who, which documents, why
@@ -28,7 +30,13 @@ import pyarrow as pa
 
 from retro_db.storage import join
 
-SPLITS = ("train", "valid", "test")
+SPLITS = ("train", "valid", "test", "retrieval")  # every split, in id order
+SEQUENCE_SPLITS = ("train", "valid", "test")  # what the model trains and is evaluated on; neighbour tables
+HELD_OUT_SPLITS = ("valid", "test")
+# Retrievable: train chunks, and "retrieval" chunks: the build's exact and near duplicates of train
+# documents. Deduplication keeps them out of the training sequences, but a retrieval DB stripped of
+# them has nothing that holds a training chunk's continuation, and the model learns to ignore it.
+INDEXED_SPLITS = ("train", "retrieval")
 
 MANIFEST = "manifest.json"
 MANIFEST_LOCK = ".manifest.lock"
@@ -44,7 +52,6 @@ DELETED = "deleted"
 INCREMENTS = "increments"
 STAGING_CHUNKS = ".staging-chunks"  # the Beam job's statistics before they reach the manifest
 TRAINED_INDEX = "trained.faissindex"
-INDEXED_SPLIT = "train"  # only train chunks are retrievable
 
 # Inside one token shard directory.
 TOKEN_ARRAYS = ("tokens.npy", "lengths.npy", "doc_ids.npy")
@@ -76,9 +83,9 @@ def shard_relpath(split: str, shard: int, n_shards: int, kind: str = CHUNKS) -> 
     return f"{kind}/{split}/shard-{shard:05d}-of-{n_shards:05d}{_SUFFIX[kind]}"
 
 
-def chunk_shard_files(db: str, split: str | None = None) -> list[str]:
-    """Chunk shard files of one split (or all splits, in chunk id order) of a local DB."""
-    splits = [split] if split else list(SPLITS)
+def chunk_shard_files(db: str, split: str | tuple[str, ...] | None = None) -> list[str]:
+    """Chunk shard files of one split, of several, or of all splits, in chunk id order, of a local DB."""
+    splits = [split] if isinstance(split, str) else sorted(split or SPLITS, key=SPLITS.index)
     return [f for s in splits for f in sorted(glob.glob(os.path.join(db, CHUNKS, s, f"shard-*{_SUFFIX[CHUNKS]}")))]
 
 
@@ -89,7 +96,7 @@ def document_shard_files(db: str) -> list[str]:
 
 def aligned_path(chunk_file: str, kind: str) -> str:
     """The per-shard output of stage ``kind`` aligned with a chunk shard:
-    ``DB/chunks/<split>/x.parquet`` -> ``DB/<kind>/<split>/x<suffix>`` (index shards: train only)."""
+    ``DB/chunks/<split>/x.parquet`` -> ``DB/<kind>/<split>/x<suffix>`` (index shards: indexed splits only)."""
     split_dir, name = os.path.split(chunk_file)
     db = os.path.dirname(os.path.dirname(split_dir))
     return os.path.join(db, kind, os.path.basename(split_dir), name[: -len(_SUFFIX[CHUNKS])] + _SUFFIX[kind])
@@ -105,7 +112,8 @@ def token_shard_dirs(db: str) -> list[str]:
 
 
 def index_shard_files(db: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(db, INDEX, INDEXED_SPLIT, f"shard-*{_SUFFIX[INDEX]}")))
+    """A DB's index shards in chunk id order (train, then retrieval)."""
+    return [f for s in INDEXED_SPLITS for f in sorted(glob.glob(os.path.join(db, INDEX, s, f"shard-*{_SUFFIX[INDEX]}")))]
 
 
 def manifest_path(db: str) -> str:

@@ -27,8 +27,8 @@ from retro_db import manifest as mf
 from retro_db.token_store import ShardedRows, first_chunk_id
 
 
-def load_embedding_rows(db: str, split: str | None = "train") -> ShardedRows:
-    """fp16 embeddings of a split addressed by chunk id (memory-mapped)."""
+def load_embedding_rows(db: str, split: str | tuple[str, ...] | None = "train") -> ShardedRows:
+    """fp16 embeddings of a split (or of several) addressed by chunk id (memory-mapped)."""
     arrays, starts = [], []
     for f in layout.chunk_shard_files(db, split):
         path = layout.aligned_path(f, layout.EMBEDDINGS)
@@ -125,8 +125,8 @@ def search_shards(shards: list[IndexShard], queries: np.ndarray, k: int, *, npro
 
 
 def load_indexed_vectors(db: str) -> ShardedRows:
-    """The fp16 train embeddings of the DB and its increments, memory-mapped: what re-ranking reads."""
-    rows = [load_embedding_rows(root, layout.INDEXED_SPLIT) for root in mf.db_roots(db)]
+    """The fp16 embeddings of the indexed chunks of the DB and its increments, memory-mapped: what re-ranking reads."""
+    rows = [load_embedding_rows(root, layout.INDEXED_SPLITS) for root in mf.db_roots(db)]
     return ShardedRows([a for r in rows for a in r.arrays], [s for r in rows for s in r.starts])
 
 

@@ -64,11 +64,17 @@ def write_mixed_corpus(root, docs):
 BLOCK_ROWS = 256
 
 
+# Documents written twice: 2-4 are train documents, whose copies stay retrievable (split "retrieval"),
+# 12 is a valid and 18 a test document, whose copies are rejected as exact duplicates.
+COPIED_DOCS = (2, 3, 4, 12, 18)
+
+
 def build_chunks(root, n_docs=130):
     from pipeline import chunk_pipeline as cp
 
     corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in default_corpus_docs(n_docs)))
+    docs = default_corpus_docs(n_docs)
+    corpus.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in docs + [docs[i] for i in COPIED_DOCS]))
     db = str(root / "db")
     cp.write_chunk_shards([str(corpus)], db, config=cp.ChunkConfig(num_shards=2, valid_fraction=0.08, test_fraction=0.08),
                           vocab_size=2048, beam_args=BEAM_TEST_ARGS)

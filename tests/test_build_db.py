@@ -2,6 +2,7 @@
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -11,16 +12,20 @@ import time
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BEAM_TEST_ARGS, BLOCK_ROWS, REPO
+from conftest import BEAM_TEST_ARGS, BLOCK_ROWS, COPIED_DOCS, REPO, default_corpus_docs
+from model.data import RetroSequences
 from pipeline import chunk_pipeline as cp
 from pipeline.embed import EmbedConfig, write_embeddings
 from pipeline.index_build import IndexConfig, default_factory, indexable_rows, write_index
 from pipeline.index_recall import recall_at_k
 from pipeline.neighbours import neighbours_of
 from pipeline.stage import ConfigMismatch
+from retro_db.corpus import normalize_text
+from retro_db import deletions
 from retro_db.deletions import delete_documents
 from retro_db.layout import chunk_shard_files
 from retro_db.manifest import read_manifest, write_manifest
@@ -62,9 +67,10 @@ def test_recall_at_10_is_at_least_0_9_at_the_default_nprobe(db):
     assert stage["recall_at_10"] >= 0.9
     # recomputed here against a numpy brute force, independent of the build's own measurement
     index = RetrievalIndex(db)
-    rows = [indexable_rows(f) for f in chunk_shard_files(db, "train")]
+    rows = [indexable_rows(f) for f in chunk_shard_files(db, ("train", "retrieval"))]
     vectors, ids = np.concatenate([v for v, _ in rows]), np.concatenate([i for _, i in rows])
-    assert len(ids) < len(load_embedding_rows(db, "train"))  # chunks holding only <|endoftext|> are left out
+    stored = load_embedding_rows(db, ("train", "retrieval"))
+    assert len(ids) < sum(len(a) for a in stored.arrays)  # chunks holding only <|endoftext|> are left out
     queries = np.concatenate([np.load(p).astype(np.float32) for p in glob.glob(os.path.join(db, "embeddings", "valid", "*.npy"))
                               + glob.glob(os.path.join(db, "embeddings", "test", "*.npy"))])
     d = ((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1)
@@ -108,6 +114,72 @@ def test_no_neighbour_comes_from_its_own_document_and_continuations_do(db):
         assert np.all(store.doc_of(flat[has_cont] + 1) == store.doc_of(flat[has_cont]))
         assert np.all(cont[~has_cont] == pad)
     assert read_manifest(db)["stages"]["neighbours"]["counts"]["coverage"] == 1.0
+
+
+def documents_of(db, split):
+    files = sorted(glob.glob(os.path.join(db, "documents", split, "*.parquet")))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+def test_copies_of_train_documents_are_retrieved_but_never_trained_on(db):
+    """The fixture wrote documents 2-4 (train) and 12, 18 (valid, test) twice (conftest.COPIED_DOCS)."""
+    copied = {normalize_text(default_corpus_docs(130)[i]["text"]) for i in COPIED_DOCS}
+    copied_hashes = {hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in copied}  # the key, computed apart
+    docs = {split: documents_of(db, split) for split in ("train", "valid", "test", "retrieval")}
+    by_hash = {split: {d["doc_hash"]: d for d in rows} for split, rows in docs.items()}
+    assert {d["doc_hash"] for d in docs["retrieval"]} == copied_hashes & set(by_hash["train"]) and len(docs["retrieval"]) == 3
+    assert len(copied_hashes - set(by_hash["train"])) == 2 and copied_hashes - set(by_hash["train"]) <= set(by_hash["valid"]) | set(by_hash["test"])
+    rejected = [json.loads(line) for f in glob.glob(os.path.join(db, "rejected", "exact_duplicate-*.jsonl")) for line in open(f)]
+    assert len(rejected) == 2  # the copies of the valid and the test document
+    # retrieval ids follow the test split's: every id the model trains or is evaluated on is what it was before
+    assert min(d["doc_id"] for d in docs["retrieval"]) > max(d["doc_id"] for split in ("train", "valid", "test") for d in docs[split])
+
+    store = TokenStore(db)
+    pad = special_id(load_lm_tokenizer(os.path.join(db, "tokenizer.json")), PAD)
+    chunk_ids, ids = neighbour_table(db, "train")
+    row_of = {int(c): i for i, c in enumerate(chunk_ids)}
+    sequences = RetroSequences(db, "train", k=2)
+    trained = set(range(sequences.first, sequences.first + sequences.n_chunks))
+    indexed = {int(i) for f in chunk_shard_files(db, "retrieval") for i in indexable_rows(f)[1]}  # not those holding only <|endoftext|>
+    for copy in docs["retrieval"]:
+        original = by_hash["train"][copy["doc_hash"]]
+        copy_chunks = set(range(copy["first_chunk_id"], copy["first_chunk_id"] + copy["n_chunks"]))
+        assert not copy_chunks & trained
+        for i in range(original["n_chunks"]):
+            if copy["first_chunk_id"] + i in indexed:  # the identical chunk is retrieved (squared L2 0)
+                assert copy["first_chunk_id"] + i in ids[row_of[original["first_chunk_id"] + i]]
+        assert len(indexed & copy_chunks) >= copy["n_chunks"] - 1
+        # what conditions the original's chunk i in training: the copy's chunk i and its continuation,
+        # which is the original's chunk i + 1 token for token
+        if original["n_chunks"] > 1:
+            nb = sequences.neighbour_ids(np.array([original["first_chunk_id"]]))[0]
+            assert copy["first_chunk_id"] in nb
+            cont, n = store.continuations(np.array([copy["first_chunk_id"]]), pad)
+            nxt, m = store.chunks([original["first_chunk_id"] + 1])
+            assert n[0] == m[0] and np.array_equal(cont[0][: n[0]], nxt[0][: m[0]])
+    for split in ("valid", "test"):  # no held-out chunk is a query of the copy, and none is a copy
+        assert not np.isin(neighbour_table(db, split)[0], [d["first_chunk_id"] for d in docs["retrieval"]]).any()
+    assert not glob.glob(os.path.join(db, "neighbours", "retrieval", "*"))
+    assert glob.glob(os.path.join(db, "index", "retrieval", "*.faissindex"))
+
+
+def test_deleting_a_document_deletes_its_copies_and_restoring_it_restores_them(db, tmp_path):
+    work = str(tmp_path / "db")
+    shutil.copytree(db, work)
+    copy = documents_of(work, "retrieval")[0]
+    original = next(d for d in documents_of(work, "train") if d["doc_hash"] == copy["doc_hash"])
+    both = [original["doc_id"], copy["doc_id"]]
+    store = TokenStore(work)
+    chunks, _ = store.chunks_of_documents(both)
+    query = np.asarray(load_embedding_rows(work, "retrieval").get([copy["first_chunk_id"]]), dtype=np.float32)
+    assert np.isin(RetrievalIndex(work).search(query, 10)[1], chunks).any()
+
+    entry = delete_documents(work, [original["doc_id"]], store, reason="test: offending text", actor="test")
+    assert (entry["doc_ids"], entry["copies"], entry["documents"], entry["chunks"]) == ([original["doc_id"]], [copy["doc_id"]], 2, len(chunks))
+    assert np.array_equal(deletions.deleted_chunk_ids(work), np.sort(chunks))
+    assert not np.isin(RetrievalIndex(work).search(query, 10)[1], chunks).any()  # neither the text nor its copy is served
+    entry = deletions.change(work, [original["doc_id"]], store, action="restore", reason="test: back", actor="test")
+    assert (entry["copies"], entry["documents"]) == ([copy["doc_id"]], 2) and not len(deletions.deleted_chunk_ids(work))
 
 
 def test_padding_only_where_fewer_than_k_candidates_remain(db):
@@ -231,7 +303,8 @@ def test_rerank_of_a_request_at_the_api_limits_stays_in_bounded_blocks_and_is_ex
     rng = np.random.default_rng(0)
     n, c, k = api.MAX_QUERIES, api.MAX_K * 4, api.MAX_K  # 256 queries, k = 100, re-rank factor 4
     queries = rng.standard_normal((n, 384)).astype(np.float32)
-    ids = np.stack([rng.permutation(len(vectors))[:c] for _ in range(n)])  # distinct candidates, as merged ones are
+    stored = np.concatenate([np.arange(a, b) for a, b in zip(vectors.starts, vectors.ends)])  # train, then retrieval ids
+    ids = np.stack([rng.permutation(stored)[:c] for _ in range(n)])  # distinct candidates, as merged ones are
     ids[:, -5:] = -1  # padding, as from a shard with fewer candidates
     tracemalloc.start()
     dists, top = rerank(vectors, queries, ids, k)

@@ -19,7 +19,7 @@ from pipeline import chunk_pipeline as cp
 from pipeline import minhash
 from pipeline.lm_tokenizer import train_lm_tokenizer
 from pipeline.stage import ConfigMismatch
-from retro_db.corpus import normalize_text
+from retro_db.corpus import document_key, normalize_text
 from retro_db.manifest import read_manifest
 from retro_db.tokenizer import EOS, load_lm_tokenizer
 
@@ -51,10 +51,13 @@ def perturb(tokens, fraction, rng):
 
 
 def run_dedup(docs, config):
+    """(sources of the documents kept for training/evaluation, [(source, reason)] of the others: rejected, or "retrieval"
+    for duplicates of train documents kept as retrieval-only)."""
     with TestPipeline(argv=BEAM_TEST_ARGS) as p:
         out = p | beam.Create(docs) | cp.Deduplicate(config)
-        kept = out["kept"] | "KeptSources" >> beam.Map(lambda d: d["source"])
-        dropped = out["rejected"] | "DroppedSources" >> beam.Map(lambda r: (r.source, r.reason))
+        kept = out["kept"] | "Kept" >> beam.Filter(lambda d: d["split"] != "retrieval") | "KeptSources" >> beam.Map(lambda d: d["source"])
+        moved = out["kept"] | "Moved" >> beam.Filter(lambda d: d["split"] == "retrieval") | "MovedSources" >> beam.Map(lambda d: (d["source"], "retrieval"))
+        dropped = ((out["rejected"] | "DroppedSources" >> beam.Map(lambda r: (r.source, r.reason))), moved) | beam.Flatten()
         kept | "WriteKept" >> beam.io.WriteToText("/tmp/_dedup_kept", shard_name_template="")
         dropped | "WriteDropped" >> beam.io.WriteToText("/tmp/_dedup_dropped", shard_name_template="")
     kept = open("/tmp/_dedup_kept").read().split()
@@ -81,7 +84,7 @@ def test_minhash_lsh_removes_planted_near_duplicates_and_keeps_unrelated(corpus_
     originals_kept = sum(1 for d in originals if d["source"] in kept_set or d["source"] in stand_in)
     assert pairs_resolved / len(planted) >= 0.95, (pairs_resolved, len(planted))
     assert originals_kept / len(originals) >= 0.99, (originals_kept, len(originals))
-    assert all(reason == cp.NEAR_DUPLICATE for _, reason in dropped)
+    assert all(reason == "retrieval" for _, reason in dropped)  # train near-duplicates stay retrievable
     assert len(kept) + len(dropped) == len(originals) + len(planted)
 
 
@@ -106,6 +109,42 @@ def test_exact_dedup_keeps_the_first_occurrence():
         assert_that(out["kept"] | beam.Map(lambda d: (d["source"], d["position"])), equal_to([("a", 7), ("c", 0)]), label="kept")
         assert_that(out["rejected"] | beam.Map(lambda r: (r.source, r.reason, r.detail)),
                     equal_to([("b", cp.EXACT_DUPLICATE, "same text as a:7")]), label="dropped")
+
+
+def test_exact_dedup_with_copies_kept_carries_them_on_the_first_occurrence():
+    docs = [{"key": b"k1", "source": "b", "position": 1, "meta": "m"}, {"key": b"k1", "source": "a", "position": 7, "meta": ""},
+            {"key": b"k2", "source": "c", "position": 0, "meta": ""}]
+    with TestPipeline(argv=BEAM_TEST_ARGS) as p:
+        out = p | beam.Create(docs) | cp.ExactDedup(keep_copies=True)
+        assert_that(out["kept"] | beam.Map(lambda d: (d["source"], d["position"], d["copies"])),
+                    equal_to([("a", 7, [("b", 1, "m")]), ("c", 0, [])]), label="kept")
+        assert_that(out["rejected"], equal_to([]), label="dropped")
+
+
+def test_duplicates_of_train_documents_become_retrieval_only_and_of_held_out_ones_are_rejected(corpus_docs, tokenizer):
+    """The fate of every kind of duplicate, from documents whose splits and relations are set by hand."""
+    rng = np.random.default_rng(2)
+    base = [tokenized_doc(tokenizer, d["text"], source=f"doc-{i}") for i, d in enumerate(corpus_docs[:80]) if len(d["text"]) > 800][:8]
+    x, v, leak_target = dict(base[0], split="train"), dict(base[1], split="valid"), dict(base[2], split="test")
+    x["copies"], v["copies"] = [("x-copy", 3, "")], [("v-copy", 0, "")]
+    # near-duplicates get the largest keys, so they (not their originals) are the ones marked
+    near_x = dict(x, source="x-near", key=b"\xff" * 16, tokens=perturb(x["tokens"], 0.004, rng), copies=[("x-near-copy", 0, "")])
+    near_v = dict(v, source="v-near", key=b"\xfe" * 16, tokens=perturb(v["tokens"], 0.004, rng), copies=[])
+    leaked = dict(leak_target, split="train", source="leaked", key=b"\x00" * 16, tokens=perturb(leak_target["tokens"], 0.004, rng),
+                  copies=[("leaked-copy", 0, "")])
+    others = [dict(d, split="train") for d in base[3:]]
+    with TestPipeline(argv=BEAM_TEST_ARGS) as p:
+        out = p | beam.Create([x, v, leak_target, near_x, near_v, leaked, *others]) | cp.Deduplicate(cp.ChunkConfig())
+        assert_that(out["kept"] | beam.Map(lambda d: (d["source"], d["position"], d["split"], "copies" in d)), equal_to(
+            [(x["source"], 0, "train", False), ("x-copy", 3, "retrieval", False), ("x-near", 0, "retrieval", False),
+             ("x-near-copy", 0, "retrieval", False), (v["source"], 0, "valid", False), (leak_target["source"], 0, "test", False)]
+            + [(d["source"], 0, "train", False) for d in others]), label="kept")
+        assert_that(out["rejected"] | beam.Map(lambda r: (r.source, r.reason)), equal_to(
+            [("v-copy", cp.EXACT_DUPLICATE), ("v-near", cp.NEAR_DUPLICATE), ("leaked", cp.LEAKAGE), ("leaked-copy", cp.LEAKAGE)]),
+            label="rejected")
+        # a retrieval-only copy is its original's text: same key and tokens
+        copies = out["kept"] | beam.Filter(lambda d: d["source"] == "x-copy") | beam.Map(lambda d: (d["key"], d["tokens"]))
+        assert_that(copies, equal_to([(x["key"], x["tokens"])]), label="copy")
 
 
 def test_normalize_text():
@@ -137,14 +176,19 @@ def test_counts_add_up_and_every_bad_record_is_a_dead_letter(small_db):
     counts = record["counts"]
     rejected = {k[len("rejected_"):]: v for k, v in counts.items() if k.startswith("rejected_")}
     assert counts["balanced"] and counts["records_read"] == counts["documents_kept"] + sum(rejected.values())
-    for reason in ("malformed_json", "missing_text", "exact_duplicate", "empty", "record_too_large", "invalid_utf8", "truncated_stream", "empty_file"):
+    for reason in ("malformed_json", "missing_text", "empty", "record_too_large", "invalid_utf8", "truncated_stream", "empty_file"):
         assert rejected.get(reason, 0) >= 1, reason
     letters = [json.loads(line) for f in glob.glob(os.path.join(db, "rejected", "*.jsonl")) for line in open(f)]
     assert len(letters) == sum(rejected.values())
     part0 = str(root / "in" / "part-0.jsonl")
     by_reason = {(r["reason"], r["source"], r["position"]) for r in letters}
     assert ("malformed_json", part0, 4) in by_reason and ("missing_text", part0, 8) in by_reason
-    assert ("record_too_large", part0, 13) in by_reason and ("exact_duplicate", part0, 10) in by_reason
+    assert ("record_too_large", part0, 13) in by_reason
+    # line 10 copies line 1: retrieval-only if line 1 is a train document, else rejected
+    first = cp.split_of(document_key(normalize_text(json.loads(open(part0).readline())["text"])), small_db[2])
+    retrieval = read_split(db, "retrieval", "documents")
+    copies = [] if retrieval is None else [(s, p) for s, p in zip(retrieval["source"].to_pylist(), retrieval["position"].to_pylist())]
+    assert (("exact_duplicate", part0, 10) in by_reason) == (first != "train") and ((part0, 10) in copies) == (first == "train")
     assert any(r["reason"] == "truncated_stream" and r["source"].endswith("part-2.jsonl.zst") for r in letters)
     assert any(r["reason"] == "empty_file" and r["source"].endswith("empty.jsonl") for r in letters)
 

@@ -236,8 +236,9 @@ def test_deleted_documents_never_come_back(service, service_db):
     queries = _valid_queries(service_db, 8)
     before = service.search(embeddings=queries, k=10)
     victims = sorted({before[0][0]["doc_id"], before[1][0]["doc_id"]})
-    victim_chunks, _ = TokenStore(service_db).chunks_of_documents(victims)
     counts = service.delete_documents(victims, reason="test: never come back")
+    victims = sorted(victims + counts["copies"])  # exact copies go with them
+    victim_chunks, _ = TokenStore(service_db).chunks_of_documents(victims)
     assert counts["documents"] == len(victims) and counts["chunks"] == len(victim_chunks) and counts["actor"] == "token:ci-admin"
     after = service.search(embeddings=queries, k=10)
     assert all(len(row) == 10 for row in after)  # removed inside faiss: still k results
@@ -254,7 +255,8 @@ def _replayed(db: str) -> set:
     """The deleted documents the audit log implies, replayed with plain sets."""
     deleted = set()
     for entry in audit_lines(db):
-        deleted = deleted | set(entry["doc_ids"]) if entry["action"] == "delete" else deleted - set(entry["doc_ids"])
+        changed = set(entry["doc_ids"]) | set(entry.get("copies", []))
+        deleted = deleted | changed if entry["action"] == "delete" else deleted - changed
     return deleted
 
 

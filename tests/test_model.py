@@ -3,6 +3,7 @@ RETRO-fitting, DDP on gloo, evaluation."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -140,6 +141,7 @@ def test_deleted_documents_leave_training_and_refreshed_tables_replace_them_as_a
     docs, counts = np.unique(store.doc_of(used[used >= 0]), return_counts=True)
     victims = docs[np.argsort(-counts)[:3]].tolist()  # the documents most often retrieved: the refresh has work
     deletions.delete_documents(work, victims, store, reason="test", actor="test")
+    victims = deletions.deleted_doc_ids(work).tolist()  # with their exact copies
 
     # training: the victims' chunks are gone from the sequences, the rest close up in chunk-id order
     chunks = pa.concat_tables([pq.read_table(f, columns=["chunk_id", "doc_id"]) for f in sorted(glob.glob(os.path.join(work, "chunks", "train", "*")))])
@@ -270,6 +272,24 @@ def test_resume_continues_exactly(db, runs, tmp_path):
     assert ckpt["step"] == 6 and ckpt["model_config"]["retrieval"]
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_checkpoint_is_not_resumed_on_a_db_rebuilt_with_other_neighbours(db, runs, tmp_path):
+    """A rebuild in place that keeps the same train chunks (e.g. duplicates now kept for retrieval)
+    changes what the model learns from: resuming would silently mix two trainings."""
+    root, cfg = runs
+    other = tmp_path / "db"
+    shutil.copytree(db, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["stages"]["neighbours"]["config"]["index_shards"] = ["0" * 64]  # as after a rebuilt index
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "retro"
+    shutil.copytree(root / "retro", out)
+    longer = TrainConfig(**{**cfg.__dict__, "steps": cfg.steps + 1})
+    with pytest.raises(ValueError, match="trained on other data"):
+        train(str(other), str(out), cfg=longer)
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == cfg.steps  # untouched
+    assert train(db, str(out), cfg=longer)["step"] == cfg.steps + 1  # its own DB resumes
 
 
 def test_retrofit_keeps_retrieval_off_equal_to_the_baseline(db, runs, tmp_path):
