@@ -24,8 +24,8 @@ from pipeline.index_build import IndexConfig, default_factory, indexable_rows, w
 from pipeline.index_recall import recall_at_k
 from pipeline.neighbours import neighbours_of
 from pipeline.stage import ConfigMismatch
-from retro_db.corpus import normalize_text
 from retro_db import deletions
+from retro_db.corpus import normalize_text
 from retro_db.deletions import delete_documents
 from retro_db.layout import chunk_shard_files
 from retro_db.manifest import read_manifest, write_manifest
