@@ -73,8 +73,9 @@ bench-generate: venv
 	$(BIN)/python -m bench.generation --db $(DB) --run $(RUN)
 
 # Knowledge added after training (bench/update.py): a DB from two versions of LLVM's docs (Debian
-# packages, pinned), RETRO and the baseline trained per seed, held-out documents E evaluated with the
-# DB as built, after `add-documents` of their older versions B, and after deleting B. ~1 h per seed here.
+# packages, pinned; UPDATE_ARGS="--pair clang" for Clang's), RETRO and the baseline trained per seed,
+# held-out documents E evaluated with the DB as built, after `add-documents` of their older versions B,
+# and after deleting B. ~25 min per seed here, plus ~5 min of building.
 UPDATE_ARGS ?=
 bench-update: venv
 	$(BIN)/python -m bench.update $(UPDATE_ARGS)
