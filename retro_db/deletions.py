@@ -182,7 +182,8 @@ def change(db: str, doc_ids, store, *, action: str, reason: str, actor: str) -> 
     with _locked_log(db, store) as entries:
         before = _state(db)[0]
         if action == DELETE:
-            changed, after = np.setdiff1d(np.union1d(ids, copies), before), np.union1d(before, np.union1d(ids, copies))
+            both = np.union1d(ids, copies)
+            changed, after = np.setdiff1d(both, before), np.union1d(before, both)
         else:
             if len(absent := np.setdiff1d(ids, before)):
                 raise NotDeleted(f"documents not deleted, so not restorable: {absent[:10].tolist()}")
