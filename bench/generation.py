@@ -78,7 +78,7 @@ def main() -> None:
     model, ckpt = load_model(checkpoint)
     model.eval()
     k = ckpt["train_config"]["k"]
-    retriever, stop = LocalRetriever(args.db, k=k), special_id(tokenizer, EOS)
+    retriever, stop = LocalRetriever(args.db, k=k, align=model.config.align_neighbours), special_id(tokenizer, EOS)
     prompts = [tokenizer.decode(t) for t in held_out_tokens(args.db, args.prompts, 100)]
     explained = [tokenizer.decode(t) for t in held_out_tokens(args.db, args.prompts, model.config.max_chunks * model.config.chunk_size)]
     m = model.config.chunk_size

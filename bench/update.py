@@ -114,7 +114,7 @@ def run(args: list[str]) -> None:
 def score(db: str, run_dir: str, corpus: Path) -> dict:
     """Per-chunk losses of RETRO (retrieval on) and the baseline on ``corpus``, retrieved live now."""
     retro, baseline, k = load_run(run_dir, db)
-    data = CorpusSequences(db, [str(corpus)], chunks_per_seq=retro.config.max_chunks, k=max(k, K_LEAKAGE))
+    data = CorpusSequences(db, [str(corpus)], chunks_per_seq=retro.config.max_chunks, k=max(k, K_LEAKAGE), align=retro.config.align_neighbours)
     on, bytes_ = chunk_scores(retro, data, retrieval=True, k=k)
     base, _ = chunk_scores(baseline, data, retrieval=False, k=k)
     return {"retro": on, "baseline": base, "bytes": bytes_, "leakage": chunk_leakage(data)}

@@ -59,7 +59,10 @@ class SearchRequest(BaseModel):
     """Exactly one of ``texts``, ``token_ids`` (LM tokens) or ``embeddings`` (frozen-BERT vectors)."""
 
     # "exactly one" is in the schema too (the fields are not nullable: absent is how one leaves them out)
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"oneOf": [{"required": [q]} for q in QUERY_KINDS]})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": [q]} for q in QUERY_KINDS],
+        "anyOf": [{"required": ["token_ids"]}, {"properties": {"align": {"const": False}}}],  # align needs token queries
+    })
 
     texts: list[Text] = Field(None, min_length=1, max_length=MAX_QUERIES, description="query texts")
     token_ids: list[token_list(MAX_TOKEN_ID)] = Field(None, min_length=1, max_length=MAX_QUERIES, description="LM token ids per query")
@@ -67,12 +70,16 @@ class SearchRequest(BaseModel):
     k: integer(ge=1, le=MAX_K) = Field(10, description="results per query")
     nprobe: integer(ge=1, le=1 << 16) | None = Field(None, description="IVF lists visited per shard (default: the DB's measured one)")
     return_tokens: bool = Field(False, description="also return the LM tokens of each chunk and continuation")
+    align: bool = Field(False, description="token_ids queries only: each result's chunk and continuation moved along its document to line "
+                                           "up with the query's tokens (what a RETRO model with align_neighbours reads); see Neighbour.shift")
 
     @model_validator(mode="after")
     def one_kind_of_query(self):
         given = [name for name in QUERY_KINDS if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of texts, token_ids or embeddings (got {', '.join(given) or 'none'})")
+        if self.align and given != ["token_ids"]:
+            raise ValueError("align lines results up with LM tokens: it needs token_ids queries")
         return self
 
 
@@ -96,6 +103,8 @@ class Neighbour(BaseModel):
     continuation: str = Field(description="the next chunk of the same document ('' at a document's end)")
     tokens: list[int] | None = None
     continuation_tokens: list[int] | None = None
+    shift: int = Field(0, description="with align: tokens the window was moved along the document (negative: back); text and "
+                                      "continuation (and tokens) are then the moved window's first and second m tokens")
 
 
 class SearchResponse(BaseModel):
@@ -149,6 +158,8 @@ class RetrievedNeighbour(BaseModel):
     distance: float = Field(description="squared L2 between the retrieving chunk's embedding and this one's")
     text: str
     continuation: str
+    shift: int = Field(0, description="tokens the [chunk, continuation] window the model read was moved along the document to line up "
+                                      "with the retrieving chunk (models with align_neighbours); text and continuation are that window's")
 
 
 class TextChunk(BaseModel):

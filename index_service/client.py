@@ -36,9 +36,9 @@ class IndexClient:
         return response.json()
 
     def search(self, *, texts=None, token_ids=None, embeddings=None, k: int = 10, nprobe: int | None = None,
-               return_tokens: bool = False) -> list[list[dict]]:
+               return_tokens: bool = False, align: bool = False) -> list[list[dict]]:
         """One list of neighbours per query, nearest first (see ``index_service.api.Neighbour``)."""
-        body = {"k": k, "return_tokens": return_tokens}
+        body = {"k": k, "return_tokens": return_tokens, **({"align": True} if align else {})}
         for name, value in (("texts", texts), ("token_ids", token_ids), ("embeddings", embeddings)):
             if value is not None:
                 body[name] = value.tolist() if isinstance(value, np.ndarray) else [list(map(int, q)) for q in value] if name == "token_ids" else value

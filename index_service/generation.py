@@ -41,7 +41,7 @@ def checkpoint_summary(path: str) -> dict:
     config, train = ckpt["model_config"], ckpt.get("train_config", {})
     return {"checkpoint": path, "step": ckpt.get("step"), "retrieval": config["retrieval"], "chunk_size": config["chunk_size"],
             "max_chunks": config["max_chunks"], "vocab_size": config["vocab_size"], "k": train.get("k", 2),
-            "n_layer": config["n_layer"], "n_embd": config["n_embd"]}
+            "n_layer": config["n_layer"], "n_embd": config["n_embd"], "align_neighbours": config.get("align_neighbours", False)}
 
 
 def check_fits_db(summary: dict, *, chunk_size: int, vocab_size: int) -> None:

@@ -372,7 +372,26 @@ class Ingress:
             results = self._results(store, dists, ids, request.return_tokens)
         else:
             results = await asyncio.to_thread(self._results, store, dists, ids, request.return_tokens)
+        if request.align:
+            await asyncio.to_thread(self._align_results, store, results, ids, request.token_ids, request.return_tokens)
         return json_response({"results": results})
+
+    def _align_results(self, store: TokenStore, results: list[list[dict]], ids: np.ndarray, queries: list[list[int]], with_tokens: bool) -> None:
+        """Moves each result's window to line up with its query (``TokenStore.aligned_neighbour_tokens``), in place."""
+        m = store.chunk_size
+        for found, row, query in zip(results, ids, queries):
+            row = row[row >= 0]
+            rows, shifts = store.aligned_neighbour_tokens(row, [np.asarray(query)] * len(row), self.pad_id)
+            for hit, window, shift in zip(found, rows, shifts.tolist()):
+                hit["shift"] = shift
+                if shift:
+                    hit.update(self._window(window, m, with_tokens))
+
+    def _window(self, window: np.ndarray, m: int, with_tokens: bool) -> dict:
+        """text and continuation (and their tokens) of an [N, F] row (2m,)."""
+        n, f = ([int(t) for t in part if t != self.pad_id] for part in (window[:m], window[m:]))
+        text, continuation = self.tokenizer.decode_batch([n, f], skip_special_tokens=False)
+        return {"text": text, "continuation": continuation, **({"tokens": n, "continuation_tokens": f} if with_tokens else {})}
 
     def _chunks(self, store: TokenStore, ids: np.ndarray, with_tokens: bool) -> list[dict]:
         """Each chunk's id, document, text and continuation (and their LM tokens)."""
@@ -458,15 +477,21 @@ class Ingress:
                                      "or --run <checkpoint or run directory>)")
 
     async def _retrieve_for_chunks(self, chunks: list[list[int]], k: int) -> list[dict]:
-        """Each chunk's k nearest DB chunks, as a token query of /v1/search would find them:
-        {ids (k,), distances (k,), rows: [N, F] tokens (k, 2m)} per chunk."""
+        """Each chunk's k nearest DB chunks, as a token query of /v1/search would find them (with align
+        when the model has align_neighbours): {ids (k,), distances (k,), rows: [N, F] tokens (k, 2m)[, shifts (k,)]} per chunk."""
         if not chunks:
             return []
         self.refresh()
         vectors = await self.embed_now(chunk_texts(self.tokenizer, chunks))
         dists, ids = await self.retrieve(Retrieval(vectors, k, k * max(1, self.view.rerank_factor), None))
         view = self.current_view(ids)
-        return [{"ids": i, "distances": d, "rows": view.store.neighbour_tokens(i, self.pad_id), "view": view} for d, i in zip(dists, ids)]
+        if not self.model_info.get("align_neighbours"):
+            return [{"ids": i, "distances": d, "rows": view.store.neighbour_tokens(i, self.pad_id), "view": view} for d, i in zip(dists, ids)]
+        out = []
+        for d, i, chunk in zip(dists, ids, chunks):
+            rows, shifts = view.store.aligned_neighbour_tokens(i, [np.asarray(chunk)] * len(i), self.pad_id)
+            out.append({"ids": i, "distances": d, "rows": rows, "shifts": shifts, "view": view})
+        return out
 
     def _neighbours(self, hit: dict | None) -> list[dict]:
         """A chunk's retrieved neighbours with their text, continuation and source document."""
@@ -477,6 +502,11 @@ class Ingress:
         if not ids.size:
             return []
         chunks = self._chunks(view.store, ids, with_tokens=False)
+        shifts = hit["shifts"][found].tolist() if "shifts" in hit else [0] * len(chunks)
+        for c, window, shift in zip(chunks, hit["rows"][found], shifts):  # the window the model read
+            c["shift"] = shift
+            if shift:
+                c.update(self._window(window, view.store.chunk_size, with_tokens=False))
         sources = view.documents.describe([c["doc_id"] for c in chunks])
         return [{**c, "distance": float(d), "source": sources.get(c["doc_id"], {"doc_id": c["doc_id"], "source": "", "position": -1, "meta": {}})}
                 for c, d in zip(chunks, hit["distances"][found].tolist())]

@@ -35,10 +35,11 @@ EOS_BYTES = 1  # what a predicted <|endoftext|> counts for in bits per byte (eva
 
 
 class RetroSequences(torch.utils.data.Dataset):
-    """Item i: tokens (l*m,), targets (l*m,) with -100 at padding, neighbours (l, k, 2m), bytes (l*m,)."""
+    """Item i: tokens (l*m,), targets (l*m,) with -100 at padding, neighbours (l, k, 2m), bytes (l*m,).
+    ``align``: neighbours lined up with their chunks (``RetroConfig.align_neighbours`` of the model fed)."""
 
-    def __init__(self, db: str, split: str = "train", *, chunks_per_seq: int = 4, k: int = 2):
-        self.db, self.split, self.l, self.k = db, split, chunks_per_seq, k
+    def __init__(self, db: str, split: str = "train", *, chunks_per_seq: int = 4, k: int = 2, align: bool = False):
+        self.db, self.split, self.l, self.k, self.align = db, split, chunks_per_seq, k, align
         require_stages(db, ("chunks", "embeddings", "index", "neighbours"))
         self.store = TokenStore(db)  # every split: neighbours of valid/test chunks are train chunks
         tokenizer = db_tokenizer(db)
@@ -103,7 +104,12 @@ class RetroSequences(torch.utils.data.Dataset):
             same = np.zeros_like(valid)
             same[valid] = np.isin(self.store.doc_of(neighbours[valid]), seq_docs)
             neighbours[same] = -1
-        retrieved = self.store.neighbour_tokens(neighbours.reshape(-1), self.pad_id).reshape(self.l, self.k, 2 * self.m)
+        if self.align:  # each neighbour lined up with its own chunk u
+            queries = [t[:n] for t, n in zip(tokens, lengths) for _ in range(self.k)]
+            retrieved = self.store.aligned_neighbour_tokens(neighbours.reshape(-1), queries, self.pad_id)[0]
+        else:
+            retrieved = self.store.neighbour_tokens(neighbours.reshape(-1), self.pad_id)
+        retrieved = retrieved.reshape(self.l, self.k, 2 * self.m)
         return sequence_item(tokens, lengths, tail, retrieved, ids, self.byte_lengths, self.pad_id)
 
 
@@ -120,7 +126,7 @@ class CorpusSequences(torch.utils.data.Dataset):
     """
 
     def __init__(self, db: str, corpus: list[str], *, chunks_per_seq: int = 4, k: int = 2, nprobe: int | None = None,
-                 device: str | None = None, text_field: str = "text"):
+                 device: str | None = None, text_field: str = "text", align: bool = False):
         from model.retrieval import LocalRetriever
         from retro_db.documents import DocumentCatalog
 
@@ -172,6 +178,10 @@ class CorpusSequences(torch.utils.data.Dataset):
             order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in distance order
             ids = np.where(np.take_along_axis(own, order, 1), -1, np.take_along_axis(ids, order, 1))
         self.neighbours = ids[:, :k]  # (n, k)
+        self.shifts = np.zeros_like(self.neighbours)  # (n, k) each neighbour's window moved to line up with its chunk
+        if align:
+            queries = [t[:n] for t, n in zip(self.tokens, self.lengths) for _ in range(k)]
+            self.shifts = self.store.alignment_shifts(self.neighbours.reshape(-1), queries).reshape(self.neighbours.shape)
         self.copies_dropped = sum(len(v) for v in copies.values())
 
     def __len__(self) -> int:
@@ -183,10 +193,12 @@ class CorpusSequences(torch.utils.data.Dataset):
         tokens = np.full((self.l, self.m), self.pad_id, dtype=np.int64)
         lengths = np.zeros(self.l, dtype=np.int64)
         neighbours = np.full((self.l, self.k), -1, dtype=np.int64)
+        shifts = np.zeros((self.l, self.k), dtype=np.int64)
         tokens[inside], lengths[inside], neighbours[inside] = self.tokens[rows[inside]], self.lengths[rows[inside]], self.neighbours[rows[inside]]
+        shifts[inside] = self.shifts[rows[inside]]
         nxt = (i + 1) * self.l
         tail = int(self.tokens[nxt, 0]) if nxt < self.n_live else self.pad_id
-        retrieved = self.store.neighbour_tokens(neighbours.reshape(-1), self.pad_id).reshape(self.l, self.k, 2 * self.m)
+        retrieved = self.store.shifted_neighbour_tokens(neighbours.reshape(-1), shifts.reshape(-1), self.pad_id).reshape(self.l, self.k, 2 * self.m)
         return sequence_item(tokens, lengths, tail, retrieved, np.where(inside, rows, -1), self.byte_lengths, self.pad_id)
 
 

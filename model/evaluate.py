@@ -163,19 +163,21 @@ def evaluate_run(db: str, run: str, *, corpus: list[str] | None = None, out: str
         raise ValueError(f"k must be at least 1; got {k}")
     l, width = retro.config.max_chunks, max(k, K_LEAKAGE)
     if corpus:
-        sets = {"corpus": CorpusSequences(db, corpus, chunks_per_seq=l, k=width, nprobe=nprobe, device=device)}
+        sets = {"corpus": CorpusSequences(db, corpus, chunks_per_seq=l, k=width, nprobe=nprobe, device=device,
+                                                 align=retro.config.align_neighbours)}
         top = "corpus"
     else:
         stored = require_stages(db)["stages"]["neighbours"]["config"].get("k_eval", width)
         if k > stored:
             raise ValueError(f"k = {k} but {db}'s tables hold {stored} neighbours per evaluation chunk")
-        sets = {split: RetroSequences(db, split, chunks_per_seq=l, k=width) for split in splits}
+        sets = {split: RetroSequences(db, split, chunks_per_seq=l, k=width, align=retro.config.align_neighbours) for split in splits}
         top = "test" if "test" in sets else splits[-1]
     results = evaluate_sets(retro, baseline, sets, k=k, device=device, resamples=resamples)
     for name in ("retro_on", "retro_off", "baseline"):  # the contract: each holds its headline bpb at top level
         results[name]["bpb"] = results[name][top]["bpb"]
     results["config"] = {"db": db, "run": run, "corpus": corpus or None, "k": k, "k_leakage": K_LEAKAGE, "alphas": list(ALPHAS),
-                         "resamples": resamples, "eos_bytes": 1}
+                         "resamples": resamples, "eos_bytes": 1,
+                         "align_neighbours": retro.config.align_neighbours}
     if corpus:
         data = sets["corpus"]
         results["config"].update(documents=data.documents, rejected=data.rejected, copies_excluded=data.copies_dropped)

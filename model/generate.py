@@ -133,7 +133,7 @@ def generate_text(db: str, ckpt: str, prompt: str, *, max_new_tokens: int = 128,
     """
     model, _ = load_model(ckpt)
     tokenizer = db_tokenizer(db)
-    retriever = retriever or LocalRetriever(db, k=k)
+    retriever = retriever or LocalRetriever(db, k=k, align=model.config.align_neighbours)
     tokens, per_chunk = generate(model, tokenizer.encode(prompt).ids, retriever, max_new_tokens=max_new_tokens,
                                  temperature=temperature, stop_id=special_id(tokenizer, EOS))
     m = model.config.chunk_size
@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--service", help="retrieve through the index service at this URL instead of the local index")
     args = parser.parse_args()
-    retriever = ServiceRetriever.for_db(args.service, args.db, k=args.k) if args.service else None
+    align = load_model(args.ckpt)[0].config.align_neighbours
+    retriever = ServiceRetriever.for_db(args.service, args.db, k=args.k, align=align) if args.service else None
     for u, chunk in enumerate(generate_text(args.db, args.ckpt, args.prompt, max_new_tokens=args.tokens, k=args.k,
                                             temperature=args.temperature, retriever=retriever)):
         print(f"--- chunk {u}: {chunk.text!r}")

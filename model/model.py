@@ -9,6 +9,7 @@ neighbour (r = 2m: the neighbour chunk N and its continuation F), c channels.
 - Encoder: 2 bidirectional blocks over each neighbour, each self-attention + cross-attention to
   the decoder states of the chunk that retrieved it (taken at the first CCA layer) + MLP.
 - Positions: rotary embeddings (relative) in decoder and encoder self-attention.
+- Neighbours: [N, F] windows aligned to the retrieving chunk when ``align_neighbours`` (see RetroConfig).
 - CCA causality: the attending chunk u is the last token of chunk u plus the first m-1 tokens of
   chunk u+1; it attends to the encoded neighbours of chunk u, softmax over k and r together.
   Tokens 0..m-2 attend to nothing. A chunk with no neighbours (id -1 everywhere) contributes
@@ -38,6 +39,10 @@ class RetroConfig:
     retrieval: bool = True  # False: the baseline, same decoder without encoder or CCA
     dropout: float = 0.0
     pad_id: int = 1
+    # each neighbour's [N, F] window moved along its document to line up with the chunk that retrieved it
+    # (``TokenStore.alignment_shifts``), in training and at inference: CCA copies by relative position,
+    # and an edit between two versions of a text shifts every later chunk against its copy
+    align_neighbours: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

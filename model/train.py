@@ -114,7 +114,7 @@ def load_model(path: str, map_location="cpu") -> tuple[Retro, dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one first (make train DB=<db> RUN=<run>)")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    model = Retro(RetroConfig(**ckpt["model_config"]))
+    model = Retro(RetroConfig(**{"align_neighbours": False, **ckpt["model_config"]}))  # checkpoints from before alignment
     model.load_state_dict(ckpt["model"])
     return model, ckpt
 
@@ -155,7 +155,7 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
             if unexpected:
                 raise ValueError(f"{cfg.retrofit} is not a baseline of this shape: unexpected {unexpected[:3]}")
     model_config = model.config
-    data = RetroSequences(db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k)
+    data = RetroSequences(db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k, align=model_config.align_neighbours)
     if cfg.retrofit:
         retrieval = {id(p) for p in model.retrieval_parameters()}
         for p in model.parameters():

@@ -127,6 +127,77 @@ class TokenStore:
             tokens[exists], lengths[exists] = self.chunks(nxt[exists])
         return tokens, lengths
 
+    def _same_document(self, ids: np.ndarray, offset: int) -> np.ndarray:
+        """Whether chunk id + offset exists in the same shard and document as id. (n,) bool"""
+        shard = np.searchsorted(self.tokens.starts, ids, side="right") - 1
+        other = ids + offset
+        same = (other >= self.tokens.starts[shard]) & (other < self.tokens.ends[shard])
+        if same.any():
+            same[same] = self.doc_ids.get(other[same]) == self.doc_ids.get(ids[same])
+        return same
+
+    def _document_windows(self, ids: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """For each id (all valid): the real tokens of chunks n-1 .. n+2 that lie in n's document, and
+        where chunk n starts in them."""
+        m = self.chunk_size
+        present = {0: np.ones(len(ids), dtype=bool), -1: self._same_document(ids, -1), 1: self._same_document(ids, 1)}
+        present[2] = present[1] & self._same_document(ids, 2)
+        pieces = {}
+        for offset, here in present.items():
+            tokens = np.zeros((len(ids), m), dtype=np.int64)
+            lengths = np.zeros(len(ids), dtype=np.int64)
+            if here.any():
+                tokens[here], lengths[here] = self.chunks(ids[here] + offset)
+            pieces[offset] = (tokens, lengths)
+        return [(np.concatenate([pieces[o][0][row, : pieces[o][1][row]] for o in (-1, 0, 1, 2)]), int(pieces[-1][1][row]))
+                for row in range(len(ids))]
+
+    def shifted_neighbour_tokens(self, ids, shifts, pad_id: int) -> np.ndarray:
+        """[N, F] moved by ``shifts`` tokens along its document: the 2m tokens from ``shift`` after chunk n's
+        first token (negative: before it), read from chunks n-1 .. n+2 of the same document, padding where
+        that runs past them (so a token keeps its offset from the text it lines up with). A shift of 0 is
+        ``neighbour_tokens``; -1 ids give all padding. (n, 2m)"""
+        ids, shifts = np.asarray(ids, dtype=np.int64), np.asarray(shifts, dtype=np.int64)
+        m = self.chunk_size
+        out = np.full((len(ids), 2 * m), pad_id, dtype=np.int64)
+        valid = np.flatnonzero(ids >= 0)
+        for j, (text, first) in zip(valid, self._document_windows(ids[valid])):
+            start = first + int(shifts[j])
+            lo, hi = max(start, 0), min(start + 2 * m, len(text))
+            if hi > lo:
+                out[j, lo - start : hi - start] = text[lo:hi]
+        return out
+
+    def alignment_shifts(self, ids, queries: list[np.ndarray], *, min_match: int = 8) -> np.ndarray:
+        """For each neighbour id and the chunk that retrieved it (its real tokens): the shift along the
+        neighbour's document (-(m-1) .. m-1) that lines the most of the chunk's tokens up with equal tokens
+        of the document, later tokens weighing more (they are nearest the text to come); 0 where fewer than
+        ``min_match`` tokens line up at the best shift, or the id is -1. (n,) int64"""
+        ids = np.asarray(ids, dtype=np.int64)
+        m = self.chunk_size
+        out = np.zeros(len(ids), dtype=np.int64)
+        valid = np.flatnonzero(ids >= 0)
+        deltas = np.arange(-(m - 1), m)
+        order = np.argsort(np.abs(deltas), kind="stable")  # ties go to the smallest shift
+        for j, (text, first) in zip(valid, self._document_windows(ids[valid])):
+            q = np.asarray(queries[j], dtype=np.int64)
+            if not len(q) or not len(text):
+                continue
+            pos = first + deltas[:, None] + np.arange(len(q))[None, :]  # (2m-1, |q|)
+            inside = (pos >= 0) & (pos < len(text))
+            match = inside & (text[np.clip(pos, 0, len(text) - 1)] == q[None, :])
+            score = (match * np.arange(1, len(q) + 1)[None, :]).sum(1)[order]
+            best = order[int(np.argmax(score))]
+            if match[best].sum() >= min_match:
+                out[j] = deltas[best]
+        return out
+
+    def aligned_neighbour_tokens(self, ids, queries: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """[N, F] of each neighbour id lined up with the chunk that retrieved it (its real tokens in
+        ``queries``): (tokens (n, 2m), the shifts applied (n,))."""
+        shifts = self.alignment_shifts(ids, queries)
+        return self.shifted_neighbour_tokens(ids, shifts, pad_id), shifts
+
     def neighbour_tokens(self, ids, pad_id: int) -> np.ndarray:
         """[N, F] per neighbour id, r = 2m tokens; -1 ids give all padding. (n, 2m)"""
         ids = np.asarray(ids, dtype=np.int64)

@@ -220,6 +220,29 @@ def test_token_store_matches_the_parquet_shards(db):
         store.chunks([len(store) + 5])
 
 
+def test_alignment_finds_how_far_a_query_is_moved_against_the_document_it_retrieved(db):
+    store = TokenStore(db)
+    m = store.chunk_size
+    # a document of at least 4 chunks, read from the Parquet shards (not the token store)
+    table = pq.read_table(chunk_shard_files(db, "train")[0], columns=["chunk_id", "doc_id", "tokens"])
+    by_doc = {}
+    for cid, doc, tokens in zip(*(table[c].to_pylist() for c in ("chunk_id", "doc_id", "tokens"))):
+        by_doc.setdefault(doc, []).append((cid, tokens))
+    chunks = next(v for v in by_doc.values() if len(v) >= 4 and all(len(t) == m for _, t in v[:3]))
+    n = chunks[1][0]  # chunk 1: chunk 0 lies before it, chunks 2 and 3 after
+    text = [t for _, tokens in chunks[:4] for t in tokens]  # chunks n-1 .. n+2
+    cases = {0: text[m : 2 * m], 17: text[m + 17 : 2 * m + 17], -23: text[m - 23 : 2 * m - 23], m - 1: text[2 * m - 1 : 3 * m - 1]}
+    cases[-3] = [7, 8, 9] + text[m : 2 * m - 3]  # an edit: three tokens inserted before the chunk's text
+    queries = list(cases.values())
+    unrelated = list(range(100, 100 + m))
+    shifts = store.alignment_shifts(np.array([n] * len(queries) + [n, -1]), [np.array(q) for q in queries] + [np.array(unrelated), np.array(queries[0])])
+    assert shifts.tolist() == list(cases) + [0, 0]
+    rows = store.shifted_neighbour_tokens(np.array([n] * len(cases)), shifts[: len(cases)], pad_id=1)
+    for (shift, query), row in zip(cases.items(), rows):  # the moved window holds the query's text, and what follows it
+        start = m + shift
+        assert row.tolist() == text[start : start + 2 * m] + [1] * (2 * m - len(text[start : start + 2 * m]))
+
+
 def run_cli(*args, kill_when=None):
     cmd = [sys.executable, "-m", "pipeline", *args]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

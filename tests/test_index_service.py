@@ -494,7 +494,8 @@ def test_added_documents_are_served_without_restart(service, service_db, tmp_pat
     assert add_documents([str(corpus)], service_db, name="zorblax") == entry  # rerun: nothing to do
 
 
-def test_generation_through_the_service_client_equals_local_retrieval(service, service_db):
+@pytest.mark.parametrize("align", [False, True])
+def test_generation_through_the_service_client_equals_local_retrieval(service, service_db, align):
     import torch
 
     from model.generate import generate
@@ -507,8 +508,8 @@ def test_generation_through_the_service_client_equals_local_retrieval(service, s
     torch.manual_seed(0)
     model = Retro(tiny_config(vocab_size=tokenizer.get_vocab_size(), pad_id=pad))
     prompt = tokenizer.encode("Python's for statement iterates over the items of any sequence, in order. " * 3).ids
-    local = generate(model, prompt, LocalRetriever(service_db, k=2), max_new_tokens=140)
-    remote = generate(model, prompt, ServiceRetriever.for_db(service.url, service_db, k=2), max_new_tokens=140)
+    local = generate(model, prompt, LocalRetriever(service_db, k=2, align=align), max_new_tokens=140)
+    remote = generate(model, prompt, ServiceRetriever.for_db(service.url, service_db, k=2, align=align), max_new_tokens=140)
     assert local[0] == remote[0]
     retrieved = [(ids.tolist(), rows.tolist()) for ids, rows in (h for h in local[1] if h is not None)]
     assert len(retrieved) >= 2
@@ -523,7 +524,8 @@ def _local_model(db, runs):
     from model.train import load_model
 
     model, ckpt = load_model(str(runs[0] / "retro" / "ckpt.pt"))
-    return model.eval(), LocalRetriever(db, k=ckpt["train_config"]["k"])
+    assert model.config.align_neighbours  # the default: the service must line neighbours up as the model was trained
+    return model.eval(), LocalRetriever(db, k=ckpt["train_config"]["k"], align=True)
 
 
 @pytest.mark.parametrize("repeats, sampling", [(3, {}), (12, {"temperature": 0.9, "top_k": 40, "seed": 5})])
@@ -576,12 +578,17 @@ def test_explain_scores_every_token_as_in_one_process_and_names_each_neighbours_
     documents = {r["doc_id"]: r for f in glob.glob(os.path.join(service_db, "documents", "*", "*.parquet")) for r in pq.read_table(f).to_pylist()}
     assert answer["chunks"][0]["neighbours"] == []
     for u, chunk in enumerate(answer["chunks"][1:], start=1):
-        ids, _ = local[u - 1]
+        ids, rows = local[u - 1]
         assert [n["chunk_id"] for n in chunk["neighbours"]] == [int(i) for i in ids if i >= 0]
-        for n in chunk["neighbours"]:
+        for n, window in zip(chunk["neighbours"], rows):
             row = documents[n["doc_id"]]
             assert (n["source"]["source"], n["source"]["position"], n["source"]["meta"]) == (row["source"], row["position"], json.loads(row["meta"] or "{}"))
-            assert n["text"] == service.chunk(n["chunk_id"])["text"]
+            # the text shown is the window the model read: the stored chunk, or where alignment moved it
+            stored = service.chunk(n["chunk_id"])
+            read = [tokenizer.decode([int(t) for t in part if t != model.config.pad_id], skip_special_tokens=False) for part in (window[:m], window[m:])]
+            assert [n["text"], n["continuation"]] == read
+            if n["shift"] == 0:
+                assert [n["text"], n["continuation"]] == [stored["text"], stored["continuation"]]
 
 
 @pytest.mark.parametrize("path, body, message", [

@@ -120,6 +120,50 @@ def test_dataset_sequences_targets_and_neighbours(db):
     assert int(target_bytes.sum()) > 0
 
 
+def test_aligned_neighbours_are_their_documents_text_moved_to_line_up_with_their_chunk(db):
+    import pyarrow.parquet as pq
+
+    from retro_db.layout import INDEXED_SPLITS, chunk_shard_files
+
+    data = RetroSequences(db, "train", chunks_per_seq=4, k=2)
+    aligned = RetroSequences(db, "train", chunks_per_seq=4, k=2, align=True)  # what RETRO trains on by default
+    m = data.m
+    # the reference: every indexed document's tokens and where each chunk starts in them, from the Parquet shards
+    docs, where = {}, {}
+    for f in chunk_shard_files(db, INDEXED_SPLITS):
+        for cid, doc, tokens in zip(*(pq.read_table(f, columns=["chunk_id", "doc_id", "tokens"])[c].to_pylist() for c in ("chunk_id", "doc_id", "tokens"))):
+            where[cid] = (doc, len(docs.setdefault(doc, [])))
+            docs[doc] += tokens
+
+    def window_shifts(row: list[int], doc: int, first: int) -> list[int]:
+        """The shifts (|shift| < m) at which ``row`` is the document's 2m tokens from first + shift, chunks
+        n-1 .. n+2 only, padding elsewhere."""
+        text = docs[doc]
+        lo, hi = max(0, first - m), min(len(text), first + 3 * m)
+        return [d for d in range(-(m - 1), m) if row == [text[p] if lo <= p < hi else data.pad_id for p in range(first + d, first + d + 2 * m)]]
+
+    weight = torch.arange(1, m + 1)  # alignment favours a chunk's last tokens, nearest the text to come
+    moved = checked = 0
+    for i in range(len(data)):
+        x, y, plain_rows, _, ids = data[i]
+        ax, ay, rows, _, _ = aligned[i]
+        assert torch.equal(x, ax) and torch.equal(y, ay)
+        chunks = x.reshape(4, m)
+        raw = data.neighbour_ids(ids.numpy())
+        for u in range(4):
+            for j in range(2):
+                if torch.all(plain_rows[u, j] == data.pad_id):  # dropped (own document, deleted): stays dropped
+                    assert torch.all(rows[u, j] == data.pad_id)
+                    continue
+                shifts = window_shifts(rows[u, j].tolist(), *where[int(raw[u, j])])
+                assert shifts, f"neighbour {raw[u, j]} of sequence {i}: not a window of its document"
+                lined_up = [int(((row[:m] == chunks[u]) & (chunks[u] != data.pad_id)).mul(weight).sum()) for row in (rows[u, j], plain_rows[u, j])]
+                assert lined_up[0] >= lined_up[1]
+                moved += 0 not in shifts
+                checked += 1
+    assert checked > 50 and moved > 0  # the session DB holds edited copies (near-duplicates), whose windows move
+
+
 def test_deleted_documents_leave_training_and_refreshed_tables_replace_them_as_a_fresh_stage_would(db, tmp_path):
     import glob
     import shutil

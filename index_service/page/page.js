@@ -72,7 +72,7 @@ function neighbourCard(n) {
   const remove = element("button", { class: "remove", type: "button", "data-doc-id": String(n.doc_id), text: "Remove this document from retrieval" });
   remove.addEventListener("click", () => changeDocument("delete", n.doc_id, remove));
   return element("div", { class: "neighbour", "data-doc-id": String(n.doc_id), "data-chunk-id": String(n.chunk_id) },
-    element("div", { class: "meta", text: `${sourceLabel(n.source)} · document ${n.doc_id} · chunk ${n.chunk_id} · distance ${n.distance.toFixed(4)}` }),
+    element("div", { class: "meta", text: `${sourceLabel(n.source)} · document ${n.doc_id} · chunk ${n.chunk_id} · distance ${n.distance.toFixed(4)}${n.shift ? ` · read ${n.shift > 0 ? "+" : ""}${n.shift} tokens along` : ""}` }),
     element("div", { class: "text" }, element("span", { text: n.text }), element("span", { class: "continuation", text: n.continuation })),
     remove);
 }
