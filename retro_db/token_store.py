@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 from retro_db import layout
 from retro_db.manifest import BUILD_HINT, DBNotReady, db_roots
 
+MIN_MATCH = 8  # tokens that must line up before a neighbour's window is moved (fewer: chance matches)
+
 
 def _token_meta(token_dir: str) -> dict:
     with open(os.path.join(token_dir, layout.TOKEN_META)) as f:
@@ -157,29 +159,44 @@ class TokenStore:
         first token (negative: before it), read from chunks n-1 .. n+2 of the same document, padding where
         that runs past them (so a token keeps its offset from the text it lines up with). A shift of 0 is
         ``neighbour_tokens``; -1 ids give all padding. (n, 2m)"""
-        ids, shifts = np.asarray(ids, dtype=np.int64), np.asarray(shifts, dtype=np.int64)
-        m = self.chunk_size
-        out = np.full((len(ids), 2 * m), pad_id, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)
         valid = np.flatnonzero(ids >= 0)
-        for j, (text, first) in zip(valid, self._document_windows(ids[valid])):
+        return self._windows_at(len(ids), valid, self._document_windows(ids[valid]), np.asarray(shifts, dtype=np.int64), pad_id)
+
+    def alignment_shifts(self, ids, queries: list[np.ndarray], *, min_match: int = MIN_MATCH) -> np.ndarray:
+        """For each neighbour id and the chunk that retrieved it (its real tokens): the shift along the
+        neighbour's document (-(m-1) .. m-1) that lines the most of the chunk's tokens up with equal tokens
+        of the document, later tokens weighing more (they are nearest the text to come); 0 where fewer than
+        ``min_match`` tokens line up at the best shift, or the id is -1. (n,) int64"""
+        ids = np.asarray(ids, dtype=np.int64)
+        valid = np.flatnonzero(ids >= 0)
+        return self._best_shifts(len(ids), valid, self._document_windows(ids[valid]), queries, min_match)
+
+    def aligned_neighbour_tokens(self, ids, queries: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """[N, F] of each neighbour id lined up with the chunk that retrieved it (its real tokens in
+        ``queries``): (tokens (n, 2m), the shifts applied (n,))."""
+        ids = np.asarray(ids, dtype=np.int64)
+        valid = np.flatnonzero(ids >= 0)
+        windows = self._document_windows(ids[valid])
+        shifts = self._best_shifts(len(ids), valid, windows, queries, MIN_MATCH)
+        return self._windows_at(len(ids), valid, windows, shifts, pad_id), shifts
+
+    def _windows_at(self, n: int, valid: np.ndarray, windows: list, shifts: np.ndarray, pad_id: int) -> np.ndarray:
+        m = self.chunk_size
+        out = np.full((n, 2 * m), pad_id, dtype=np.int64)
+        for j, (text, first) in zip(valid, windows):
             start = first + int(shifts[j])
             lo, hi = max(start, 0), min(start + 2 * m, len(text))
             if hi > lo:
                 out[j, lo - start : hi - start] = text[lo:hi]
         return out
 
-    def alignment_shifts(self, ids, queries: list[np.ndarray], *, min_match: int = 8) -> np.ndarray:
-        """For each neighbour id and the chunk that retrieved it (its real tokens): the shift along the
-        neighbour's document (-(m-1) .. m-1) that lines the most of the chunk's tokens up with equal tokens
-        of the document, later tokens weighing more (they are nearest the text to come); 0 where fewer than
-        ``min_match`` tokens line up at the best shift, or the id is -1. (n,) int64"""
-        ids = np.asarray(ids, dtype=np.int64)
+    def _best_shifts(self, n: int, valid: np.ndarray, windows: list, queries: list[np.ndarray], min_match: int) -> np.ndarray:
         m = self.chunk_size
-        out = np.zeros(len(ids), dtype=np.int64)
-        valid = np.flatnonzero(ids >= 0)
+        out = np.zeros(n, dtype=np.int64)
         deltas = np.arange(-(m - 1), m)
         order = np.argsort(np.abs(deltas), kind="stable")  # ties go to the smallest shift
-        for j, (text, first) in zip(valid, self._document_windows(ids[valid])):
+        for j, (text, first) in zip(valid, windows):
             q = np.asarray(queries[j], dtype=np.int64)
             if not len(q) or not len(text):
                 continue
@@ -191,12 +208,6 @@ class TokenStore:
             if match[best].sum() >= min_match:
                 out[j] = deltas[best]
         return out
-
-    def aligned_neighbour_tokens(self, ids, queries: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """[N, F] of each neighbour id lined up with the chunk that retrieved it (its real tokens in
-        ``queries``): (tokens (n, 2m), the shifts applied (n,))."""
-        shifts = self.alignment_shifts(ids, queries)
-        return self.shifted_neighbour_tokens(ids, shifts, pad_id), shifts
 
     def neighbour_tokens(self, ids, pad_id: int) -> np.ndarray:
         """[N, F] per neighbour id, r = 2m tokens; -1 ids give all padding. (n, 2m)"""
