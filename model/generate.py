@@ -126,14 +126,16 @@ def generate(model, prompt_ids: list[int], retrieve: Retriever | None, *, max_ne
 
 
 def generate_text(db: str, ckpt: str, prompt: str, *, max_new_tokens: int = 128, k: int = 2, temperature: float = 0.0,
-                  retriever: Retriever | None = None) -> list[GeneratedChunk]:
+                  service: str | None = None) -> list[GeneratedChunk]:
     """Text in, chunks out: each with the neighbours (ids and [N, F] text) that conditioned it.
 
-    ``retriever``: a ``LocalRetriever`` over ``db`` by default, or a ``ServiceRetriever``.
+    Neighbours come from ``db``'s index in this process, or through the index service at ``service``
+    serving it; either way lined up with their chunks as the model was trained (``align_neighbours``).
     """
     model, _ = load_model(ckpt)
     tokenizer = db_tokenizer(db)
-    retriever = retriever or LocalRetriever(db, k=k, align=model.config.align_neighbours)
+    align = model.config.align_neighbours
+    retriever = ServiceRetriever.for_db(service, db, k=k, align=align) if service else LocalRetriever(db, k=k, align=align)
     tokens, per_chunk = generate(model, tokenizer.encode(prompt).ids, retriever, max_new_tokens=max_new_tokens,
                                  temperature=temperature, stop_id=special_id(tokenizer, EOS))
     m = model.config.chunk_size
@@ -157,10 +159,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--service", help="retrieve through the index service at this URL instead of the local index")
     args = parser.parse_args()
-    align = load_model(args.ckpt)[0].config.align_neighbours
-    retriever = ServiceRetriever.for_db(args.service, args.db, k=args.k, align=align) if args.service else None
     for u, chunk in enumerate(generate_text(args.db, args.ckpt, args.prompt, max_new_tokens=args.tokens, k=args.k,
-                                            temperature=args.temperature, retriever=retriever)):
+                                            temperature=args.temperature, service=args.service)):
         print(f"--- chunk {u}: {chunk.text!r}")
         for cid, text in zip(chunk.neighbour_chunk_ids, chunk.neighbour_texts):
             print(f"    neighbour {cid}: {text[:120]!r}")

@@ -424,8 +424,8 @@ def test_generation_retrieves_every_chunk_and_reports_its_neighbours(db, runs):
     root, _ = runs
     tokenizer = load_lm_tokenizer(os.path.join(db, "tokenizer.json"))
     prompt = "Python's for statement iterates over the items of any sequence, a list or a string, in order. " * 2
-    retriever = LocalRetriever(db, k=2)
-    chunks = generate_text(db, str(root / "retro" / "ckpt.pt"), prompt, max_new_tokens=100, retriever=retriever)
+    chunks = generate_text(db, str(root / "retro" / "ckpt.pt"), prompt, max_new_tokens=100)
+    retriever = LocalRetriever(db, k=2, align=True)  # what generate_text uses for this (aligned) model
     m = 64
     tokens = [t for c in chunks for t in c.token_ids]
     assert len(tokens) == len(tokenizer.encode(prompt).ids) + 100 and len(chunks) == -(-len(tokens) // m)
