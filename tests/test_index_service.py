@@ -413,6 +413,56 @@ def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_lis
         served.wait(timeout=60)
 
 
+def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db, runs):
+    """`python -m index_service --haproxy --run ...` (its own Ray, as `make serve SERVE_ARGS=--haproxy`
+    starts it): HAProxy, not a Python proxy, holds the port, searches and generation answer as in one
+    process, and Ctrl-C leaves nothing listening."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from model.generate import generate
+    from retro_db.search import RetrievalIndex
+    from retro_db.tokenizer import EOS, db_tokenizer, special_id
+
+    port = free_port()
+    served = subprocess.Popen([sys.executable, "-m", "index_service", "--db", db, "--port", str(port), "--embed-cpus", "0.5", "--haproxy",
+                               "--run", str(runs[0])],
+                              cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def listeners() -> set[str]:
+        return {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN" and c.pid}
+
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not _answers(url + "/healthz"):
+            assert served.poll() is None, served.stderr.read()[-3000:]
+            time.sleep(1)
+        assert listeners() == {"haproxy"}
+        queries = _valid_queries(db)
+        r = requests.post(url + "/v1/search", json={"embeddings": queries.tolist(), "k": 5}, timeout=60)
+        assert r.status_code == 200, r.text
+        dists, ids = RetrievalIndex(db).search(queries, 5)
+        assert [[hit["chunk_id"] for hit in row] for row in r.json()["results"]] == ids.tolist()
+        np.testing.assert_array_equal(np.array([[hit["distance"] for hit in row] for row in r.json()["results"]], dtype=np.float32), dists)
+        tokenizer, (model, retriever) = db_tokenizer(db), _local_model(db, runs)
+        prompt = tokenizer.encode(PROMPT * 2).ids
+        tokens, _ = generate(model, prompt, retriever, max_new_tokens=70, stop_id=special_id(tokenizer, EOS))
+        answer = requests.post(url + "/v1/generate", json={"prompt": PROMPT * 2, "max_new_tokens": 70}, timeout=300).json()
+        assert answer["text"] == tokenizer.decode(tokens[len(prompt):])
+        served.send_signal(signal.SIGINT)  # Ctrl-C: serve.shutdown()
+        served.wait(timeout=120)
+        assert not listeners()
+    finally:
+        if served.poll() is None:
+            os.killpg(served.pid, 9)
+            served.wait(timeout=60)
+
+
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=5).status_code == 200

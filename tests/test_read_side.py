@@ -164,6 +164,30 @@ def test_token_texts_join_to_the_decoded_text_and_split_no_character(db):
         assert not any("\ufffd" in p for p in pieces)  # every piece is whole characters
 
 
+def test_token_decoder_decodes_every_chunk_and_any_cut_as_the_tokenizer_does(db):
+    import numpy as np
+
+    from retro_db.token_store import TokenStore
+    from retro_db.tokenizer import EOS, TokenDecoder, db_tokenizer, special_id
+
+    tokenizer, store = db_tokenizer(db), TokenStore(db)
+    decoder = TokenDecoder(tokenizer)
+    tokens, lengths = store.chunks(np.arange(len(store)))
+    lengths[::3] = lengths[::3] // 2  # rows cut short, some inside a character
+    lengths[::7] = 0
+    reference = tokenizer.decode_batch([row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=False)
+    assert decoder.decode(tokens, lengths) == reference  # HF's own decoder is the reference
+    # every prefix and suffix of text with multi-byte characters split over tokens, and special tokens between them
+    ids = tokenizer.encode("héllo wörld 日本語 ✓ 🎉").ids
+    ids = ids[:4] + [special_id(tokenizer, EOS)] + ids[4:]
+    rows = [ids[:cut] for cut in range(len(ids) + 1)] + [ids[cut:] for cut in range(len(ids))]
+    padded = np.array([row + [0] * (len(ids) - len(row)) for row in rows])
+    got = decoder.decode(padded, np.array([len(row) for row in rows]))
+    assert got == [tokenizer.decode(row, skip_special_tokens=False) for row in rows]
+    assert any("\ufffd" in text for text in got)  # some cuts split a character, as meant
+    assert decoder.decode(tokens[:0], lengths[:0]) == []
+
+
 def test_document_catalog_finds_every_document_as_the_parquet_files_hold_it(db):
     import pyarrow.parquet as pq
 
