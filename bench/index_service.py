@@ -9,9 +9,11 @@ embeds them) or as their stored vectors (search only); q/s counts queries, not r
 encoded before the clock starts, so the load generator's cost is the same for every row.
 
 - in process: ``ChunkEmbedder.embed_texts`` + ``RetrievalIndex.search`` on the same requests, all
-  cores to torch; with 1 client this is one-at-a-time (size 1) or batched (size 64) in-process work.
+  cores to torch and faiss; with 1 client this is one-at-a-time (size 1) or batched (size 64)
+  in-process work.
 - service i: ``index_service.app`` with the i-th ``--services`` config, one after the other (by
-  default: the default ``ServiceConfig``; the same with 2 ingress replicas; 2 remote shard groups).
+  default: the default ``ServiceConfig`` (2 ingress replicas); 1 ingress replica searching on 2 threads;
+  2 remote shard groups).
 - floor, N hops: a FastAPI ingress on Serve that takes the same body and answers with a response the
   service gave to a request of the same size, after N - 1 sequential calls to a no-op deployment
   (N = 1: the ingress alone; N = 2: proxy -> ingress -> one inner deployment; N = 3: a text
@@ -22,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -33,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 
-from index_service.app import HAPROXY_ENV, ServiceConfig, build_app
+from index_service.app import ServiceConfig, build_app, free_port, haproxy_env
 from retro_db.embedder import ChunkEmbedder
 from retro_db.layout import chunk_shard_files
 from retro_db.ray_cluster import connect_ray
@@ -142,11 +143,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64], help="queries per request")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--kinds", nargs="+", default=["texts", "embeddings"], choices=["texts", "embeddings"])
-    parser.add_argument("--services", nargs="+", default=["{}", '{"ingress_replicas": 2}', '{"shard_groups": 2, "embed_cpus": 1, "embed_threads": 2}'],
+    parser.add_argument("--services", nargs="+",
+                        default=["{}", '{"ingress_replicas": 1, "search_threads": 2}', '{"shard_groups": 2, "embed_cpus": 1, "embed_threads": 2}'],
                         help="ServiceConfig fields as JSON, one service per argument")
     parser.add_argument("--floors", type=int, nargs="*", default=[1, 2, 3], help="hop counts of the no-op floor apps")
     parser.add_argument("--skip-in-process", action="store_true", help="tuning runs only: no baseline, so no ratios")
-    parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress for every service and floor (HAPROXY_ENV)")
+    parser.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=True,
+                        help="Serve's HAProxy ingress for every service and floor, as `make serve` runs it (--no-haproxy: Serve's Python proxy)")
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
     configs = [ServiceConfig(**{"db": args.db, **json.loads(c)}) for c in args.services]
@@ -161,7 +164,7 @@ def main() -> None:
                  result["qps"], result["p50_ms"], result["p99_ms"])
 
     # In process: the work the service does, without HTTP, Ray or cross-request batching.
-    embedder, index = ChunkEmbedder(threads=os.cpu_count()), RetrievalIndex(args.db, threads=1)
+    embedder, index = ChunkEmbedder(threads=os.cpu_count()), RetrievalIndex(args.db, threads=os.cpu_count())
     embedder.embed_texts(texts[:64])
     in_process = {"texts": lambda batch: index.search(embedder.embed_texts(batch), K), "embeddings": lambda batch: index.search(np.stack(batch), K)}
     for kind in args.kinds if not args.skip_in_process else []:
@@ -171,11 +174,9 @@ def main() -> None:
                 record(kind, size, clients, "in process", closed_loop(in_process[kind], work, clients=clients, size=size, seconds=args.seconds))
 
     if args.haproxy:
-        os.environ.update(HAPROXY_ENV)  # before Ray starts: its processes read them
+        os.environ.update(haproxy_env())  # before Ray starts: its processes read them
     connect_ray()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
 

@@ -1,7 +1,8 @@
 """``python -m index_service --db db --port 8000 [--run runs/default]``: serve a built DB on Ray Serve
 (``make serve``), and with ``--run`` a trained checkpoint and the page at ``/`` (``make serve RUN=...``).
 
-Binds 127.0.0.1 unless ``--host`` says otherwise; joins the Ray cluster at ``RAY_ADDRESS`` when set.
+Binds 127.0.0.1 unless ``--host`` says otherwise; joins the Ray cluster at ``RAY_ADDRESS`` when set,
+else starts one whose HTTP ingress is HAProxy (``--no-haproxy``: Serve's Python proxy).
 Runs until interrupted. ``deploy/serve.yaml`` describes the same application for ``serve deploy``;
 every ``ServiceConfig`` setting is a flag here.
 """
@@ -13,7 +14,7 @@ import time
 
 from ray import serve
 
-from index_service.app import HAPROXY_ENV, ServiceConfig, build_app
+from index_service.app import ServiceConfig, build_app, haproxy_env
 from retro_db import cli
 from retro_db.ray_cluster import connect_ray
 
@@ -22,8 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m index_service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--haproxy", action="store_true", help="Ray Serve's HAProxy ingress (index_service.app.HAPROXY_ENV): no Python proxy "
-                        "hop; a local Ray only (on a cluster, set those variables on `ray start`)")
+    parser.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=True,
+                        help="Ray Serve's HAProxy ingress (index_service.app.HAPROXY_ENV) rather than its Python proxy: 64-query requests "
+                             "0.52 -> 0.72 of in-process search, texts 0.60 -> 0.97 here (docs/BENCHMARKS.md). For the Ray this starts; "
+                             "a cluster at RAY_ADDRESS uses what its `ray start` environment set")
     cli.add_config_flags(parser, ServiceConfig)
     return parser
 
@@ -33,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = cli.config_from_args(ServiceConfig, args)
     application = build_app(cfg)
-    if args.haproxy:
-        os.environ.update(HAPROXY_ENV)  # read by the Ray processes connect_ray starts
+    if args.haproxy and not os.environ.get("RAY_ADDRESS"):
+        os.environ.update(haproxy_env())  # read by the Ray processes connect_ray starts
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="retro-index", route_prefix="/")

@@ -45,7 +45,11 @@ class ShardGroup:
     """
 
     def __init__(self, db: str, group: int = 0, groups: int = 1, *, threads: int = 1, mmap: bool = False):
-        self.db, self.group, self.groups, self.threads, self.mmap = db, group, groups, threads, mmap
+        self.db, self.group, self.groups, self.mmap = db, group, groups, mmap
+        # One search thread, so one OpenMP team of ``threads``: with a worker thread per batch in
+        # flight, up to 4 batches each started a team (8 search threads on 2 cores). OpenMP's count
+        # is per calling thread (a fractional-CPU Ray actor starts it at 1): set on this thread.
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"faiss-{group}", initializer=faiss.omp_set_num_threads, initargs=(threads,))
         self.shards: dict[str, IndexShard] = {}
         self.selector, self.n_deleted = None, 0
         self._manifest_sig = self._deleted_sig = None
@@ -69,11 +73,12 @@ class ShardGroup:
             deleted = deletions.deleted_chunk_ids(self.db)
             self.selector, self.n_deleted, self._deleted_sig = deleted_selector(deleted), len(deleted), dsig
 
+    async def search(self, requests: list[SearchRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``search_many`` on the group's search thread; concurrent batches queue for it."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self.search_many, requests)
+
     def search_many(self, requests: list[SearchRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Searches a batch of requests, one faiss call per shard and distinct (c, nprobe)."""
-        # OpenMP's thread count is per calling thread, and this runs on worker threads (which start
-        # from OMP_NUM_THREADS, 1 in a fractional-CPU Ray actor): set it here, not in __init__.
-        faiss.omp_set_num_threads(self.threads)
         self.refresh()
         shards, selector = list(self.shards.values()), self.selector
         out = [None] * len(requests)
@@ -105,7 +110,7 @@ class ShardSearcher:
 
     async def search(self, requests: list[SearchRequest]) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(queries (n, d), c, nprobe)] -> [(distances (n, c), ids (n, c))]; faiss runs off the event loop."""
-        return await asyncio.to_thread(self.group.search_many, requests)
+        return await self.group.search(requests)
 
     def stats(self) -> dict:
         return {**self.group.stats(), "replica": replica_name()}

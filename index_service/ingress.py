@@ -341,13 +341,14 @@ class Ingress:
     async def retrieve(self, batch: list[Retrieval]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top k (distances (n, k), ids (n, k)) per request of a batch of concurrent requests."""
         requests = [(r.vectors, r.c, r.nprobe) for r in batch]
-        if self.local is not None:  # one thread hop for search, merge and re-rank
-            return await asyncio.to_thread(lambda: self._merge_and_rerank(batch, [self.local.search_many(requests)]))
-        try:
-            parts = await asyncio.gather(*(s.search.remote(requests) for s in self.searchers))
-        except Exception as e:  # a replica died mid-request
-            log.warning("search failed: %s", e)
-            raise GroupUnavailable(f"shard group: {type(e).__name__}") from None
+        if self.local is not None:
+            parts = [await self.local.search(requests)]
+        else:
+            try:
+                parts = await asyncio.gather(*(s.search.remote(requests) for s in self.searchers))
+            except Exception as e:  # a replica died mid-request
+                log.warning("search failed: %s", e)
+                raise GroupUnavailable(f"shard group: {type(e).__name__}") from None
         return await asyncio.to_thread(self._merge_and_rerank, batch, parts)
 
     def _merge_and_rerank(self, batch: list[Retrieval], parts: list[list]) -> list[tuple[np.ndarray, np.ndarray]]:

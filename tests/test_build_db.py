@@ -340,3 +340,26 @@ def test_rerank_of_a_request_at_the_api_limits_stays_in_bounded_blocks_and_is_ex
         order = np.lexsort((cand, d))[:k]
         np.testing.assert_array_equal(top[i], cand[order])
         np.testing.assert_allclose(dists[i], d[order], rtol=1e-5)
+
+
+def test_retrieval_index_threads_hold_on_any_calling_thread(db):
+    """OpenMP's thread count is per thread: set once in the constructor, a search from a worker thread
+    (a thread pool, a closed-loop benchmark client) silently ran on the cores' count."""
+    import threading
+
+    import faiss
+
+    from retro_db.search import RetrievalIndex
+
+    index = RetrievalIndex(db, threads=3)  # a count no default here has (OpenMP allows more threads than cores)
+    seen = {}
+
+    def worker():
+        seen["before"] = faiss.omp_get_max_threads()
+        index.search(np.zeros((2, index.dim), np.float32), 3)
+        seen["after"] = faiss.omp_get_max_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["before"] != 3 and seen["after"] == 3

@@ -129,6 +129,40 @@ def test_concurrent_requests_are_batched_and_answered_as_in_process(service, hel
             np.testing.assert_allclose([h["distance"] for h in batched[0]], [h["distance"] for h in one[0]], rtol=1e-4)
 
 
+def test_a_shard_group_runs_concurrent_batches_on_one_search_thread_with_its_openmp_count(db):
+    """However many batches are in flight, a replica runs one faiss search at a time, on one thread with
+    ``search_threads`` OpenMP threads (a thread per batch started a team per batch: 4 x 2 threads on 2
+    cores), and answers each batch as the shards searched directly do."""
+    import asyncio
+    import threading
+
+    import faiss
+
+    from index_service.deployments import ShardGroup
+    from retro_db.search import search_shards
+
+    group, queries = ShardGroup(db, threads=3), _valid_queries(db, 16)
+    seen, search_many = [], group.search_many
+
+    def observed(requests):
+        seen.append((threading.get_ident(), faiss.omp_get_max_threads()))
+        return search_many(requests)
+
+    group.search_many = observed
+    batches = [[(queries[i : i + 4], 12, None)] for i in range(0, 16, 4)]
+
+    async def in_flight():
+        return await asyncio.gather(*(group.search(batch) for batch in batches))
+
+    answers = asyncio.run(in_flight())
+    assert len(seen) == 4 and len(set(seen)) == 1 and seen[0][1] == 3 and seen[0][0] != threading.get_ident()
+    shards = list(group.shards.values())
+    for batch, [(dists, ids)] in zip(batches, answers):
+        want_d, want_i = search_shards(shards, batch[0][0], 12, nprobe=group.nprobe, selector=group.selector)
+        np.testing.assert_array_equal(ids, want_i)
+        np.testing.assert_array_equal(dists, want_d)
+
+
 def test_results_carry_text_and_continuation(service, service_db):
     from retro_db.token_store import TokenStore
     from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
@@ -223,10 +257,11 @@ def test_openapi_schema_and_metrics(service, service_db):
     assert {"401", "403", "404", "422"} <= set(schema["paths"]["/v1/documents/delete"]["post"]["responses"])
     assert "404" in schema["paths"]["/v1/chunks/{chunk_id}"]["get"]["responses"]
     service.search(texts=["counted"], k=1)
-    metrics = requests.get(service.url + "/metrics", timeout=30).text
-    ok = [line for line in metrics.splitlines() if line.startswith('retro_index_requests_total{endpoint="/v1/search",status="200"}')]
-    assert ok and float(ok[0].split()[-1]) >= 1
-    assert 'retro_index_queries_total{kind="texts"}' in metrics
+    # each ingress replica counts what it answered, and a scrape reaches one of them: a few scrapes see both
+    scrapes = [requests.get(service.url + "/metrics", timeout=30).text for _ in range(12)]
+    ok = [line for metrics in scrapes for line in metrics.splitlines() if line.startswith('retro_index_requests_total{endpoint="/v1/search",status="200"}')]
+    assert ok and max(float(line.split()[-1]) for line in ok) >= 1
+    assert any('retro_index_queries_total{kind="texts"}' in metrics for metrics in scrapes)
 
 
 def test_deleted_documents_never_come_back(service, service_db):
@@ -414,9 +449,9 @@ def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_lis
 
 
 def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db, runs):
-    """`python -m index_service --haproxy --run ...` (its own Ray, as `make serve SERVE_ARGS=--haproxy`
-    starts it): HAProxy, not a Python proxy, holds the port, searches and generation answer as in one
-    process, and Ctrl-C leaves nothing listening."""
+    """`python -m index_service --run ...` (its own Ray, as `make serve` starts it), beside a second
+    local service: HAProxy, not a Python proxy, holds each port, searches and generation answer as in
+    one process, and Ctrl-C leaves nothing listening."""
     import signal
     import subprocess
     import sys
@@ -427,22 +462,28 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
     from retro_db.search import RetrievalIndex
     from retro_db.tokenizer import EOS, db_tokenizer, special_id
 
-    port = free_port()
-    served = subprocess.Popen([sys.executable, "-m", "index_service", "--db", db, "--port", str(port), "--embed-cpus", "0.5", "--haproxy",
-                               "--run", str(runs[0])],
-                              cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    port, other_port = free_port(), free_port()
+
+    def start(port: int, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "index_service", "--db", db, "--port", str(port), "--embed-cpus", "0.25",
+                                 "--ingress-replicas", "1", *args],
+                                cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    served, other = start(port, "--run", str(runs[0])), start(other_port)  # two HAProxies on one machine: Ray's fixed ports clashed
     url = f"http://127.0.0.1:{port}"
 
-    def listeners() -> set[str]:
+    def listeners(port: int = port) -> set[str]:
         return {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN" and c.pid}
 
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not _answers(url + "/healthz"):
-            assert served.poll() is None, served.stderr.read()[-3000:]
-            time.sleep(1)
-        assert listeners() == {"haproxy"}
+        deadline = time.time() + 240
+        for process, answering in ((served, url), (other, f"http://127.0.0.1:{other_port}")):
+            while time.time() < deadline and not _answers(answering + "/healthz"):
+                assert process.poll() is None, process.stderr.read()[-3000:]
+                time.sleep(1)
+        assert listeners() == listeners(other_port) == {"haproxy"}
+        other.send_signal(signal.SIGINT)  # its Ctrl-C frees the CPUs
         queries = _valid_queries(db)
         r = requests.post(url + "/v1/search", json={"embeddings": queries.tolist(), "k": 5}, timeout=60)
         assert r.status_code == 200, r.text
@@ -456,11 +497,13 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
         assert answer["text"] == tokenizer.decode(tokens[len(prompt):])
         served.send_signal(signal.SIGINT)  # Ctrl-C: serve.shutdown()
         served.wait(timeout=120)
-        assert not listeners()
+        other.wait(timeout=120)
+        assert not listeners() and not listeners(other_port)
     finally:
-        if served.poll() is None:
-            os.killpg(served.pid, 9)
-            served.wait(timeout=60)
+        for process in (served, other):
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+                process.wait(timeout=60)
 
 
 def _answers(url: str) -> bool:
