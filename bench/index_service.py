@@ -17,7 +17,8 @@ encoded before the clock starts, so the load generator's cost is the same for ev
 - floor, N hops: a FastAPI ingress on Serve that takes the same body and answers with a response the
   service gave to a request of the same size, after N - 1 sequential calls to a no-op deployment
   (N = 1: the ingress alone; N = 2: proxy -> ingress -> one inner deployment; N = 3: a text
-  query's path through a remote shard group, embedder then searcher).
+  query's path through a remote shard group, embedder then searcher), with as many ingress replicas
+  as the first service.
 """
 
 import argparse
@@ -115,10 +116,10 @@ class FloorIngress:
         return Response(self.response, media_type="application/json")
 
 
-def floor_app(response: bytes, hops: int):
+def floor_app(response: bytes, hops: int, ingress_replicas: int):
     # Ray's CPU reservations only place actors, they do not limit them: tiny ones always fit.
     inner = [NoOp.options(name=f"NoOp-{i}", ray_actor_options={"num_cpus": 0.01}).bind() for i in range(hops - 1)]
-    return FloorIngress.options(ray_actor_options={"num_cpus": 0.01}).bind(response, *inner)
+    return FloorIngress.options(num_replicas=ingress_replicas, ray_actor_options={"num_cpus": 0.01}).bind(response, *inner)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def main() -> None:
         serve.delete(f"service{i}")
     for hops in args.floors:
         for size in args.sizes:
-            serve.run(floor_app(responses[size], hops), name=f"floor{hops}", route_prefix=f"/floor{hops}")
+            serve.run(floor_app(responses[size], hops, configs[0].ingress_replicas), name=f"floor{hops}", route_prefix=f"/floor{hops}")
             measure(f"floor {hops} hops", f"{base}/floor{hops}/v1/search", [size])
             serve.delete(f"floor{hops}")
     serve.shutdown()
