@@ -474,7 +474,19 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
     url = f"http://127.0.0.1:{port}"
 
     def listeners(port: int = port) -> set[str]:
-        return {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN" and c.pid}
+        names = set()
+        for c in psutil.net_connections("tcp"):
+            if c.laddr.port == port and c.status == "LISTEN" and c.pid:
+                try:
+                    names.add(psutil.Process(c.pid).name())
+                except psutil.NoSuchProcess:  # gone since the listing: HAProxy reloads its config by replacing its process
+                    pass
+        return names
+
+    def settled_listeners(port: int, deadline: float) -> set[str]:
+        while (names := listeners(port)) != {"haproxy"} and time.time() < deadline:  # a reload may be under way
+            time.sleep(1)
+        return names
 
     try:
         deadline = time.time() + 240
@@ -482,7 +494,7 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
             while time.time() < deadline and not _answers(answering + "/healthz"):
                 assert process.poll() is None, process.stderr.read()[-3000:]
                 time.sleep(1)
-        assert listeners() == listeners(other_port) == {"haproxy"}
+        assert settled_listeners(port, time.time() + 60) == settled_listeners(other_port, time.time() + 60) == {"haproxy"}
         other.send_signal(signal.SIGINT)  # its Ctrl-C frees the CPUs
         queries = _valid_queries(db)
         r = requests.post(url + "/v1/search", json={"embeddings": queries.tolist(), "k": 5}, timeout=60)
