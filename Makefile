@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: browser venv build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling bench-update corpus clean
+.PHONY: browser venv lint format build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling bench-update corpus clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,16 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: venv browser
+# ruff's configuration is pyproject.toml's [tool.ruff]; `make format` applies the formatter and the safe fixes.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: venv browser lint
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: venv

@@ -46,7 +46,7 @@ def scaled_texts(texts: list[str], scale: int) -> list[str]:
     for v in range(scale):
         for d, own in enumerate(paragraphs):
             other = paragraphs[(d + v) % len(paragraphs)]
-            mixed = [p for pair in zip(own, other) for p in pair] + own[len(other):] + other[len(own):]
+            mixed = [p for pair in zip(own, other) for p in pair] + own[len(other) :] + other[len(own) :]
             out.append("\n\n".join(mixed if v else own))
     return out
 
@@ -64,14 +64,16 @@ def main() -> None:
     parser.add_argument("--corpus", default=DEFAULT_CORPUS)
     parser.add_argument("--scale", type=int, default=1)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--dask-workers", type=int, default=2, help="worker processes of the Dask runner's cluster; 0 skips it")
+    parser.add_argument(
+        "--dask-workers", type=int, default=2, help="worker processes of the Dask runner's cluster; 0 skips it"
+    )
     args = parser.parse_args()
 
     texts = scaled_texts(load_texts(args.corpus), args.scale)
     with tempfile.TemporaryDirectory() as tmp:
         corpus, tok_path = os.path.join(tmp, "corpus.jsonl.zst"), os.path.join(tmp, "lm-bpe.json")
         write_corpus(texts, corpus)
-        tokenizer = train_lm_tokenizer(texts[: 2000], vocab_size=8192)
+        tokenizer = train_lm_tokenizer(texts[:2000], vocab_size=8192)
         tokenizer.save(tok_path)
 
         os.environ["RAYON_NUM_THREADS"] = str(args.workers)
@@ -80,17 +82,28 @@ def main() -> None:
         raw_s = time.perf_counter() - t0
         tokens = sum(len(e.ids) for e in encodings)
 
-        beam_args = ["--runner=FnApiRunner", f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
+        beam_args = [
+            "--runner=FnApiRunner",
+            f"--direct_num_workers={args.workers}",
+            "--direct_running_mode=multi_processing",
+        ]
         t0 = time.perf_counter()
-        record = write_chunk_shards([corpus], os.path.join(tmp, "db"), tokenizer_path=tok_path, config=ChunkConfig(), beam_args=beam_args)
+        record = write_chunk_shards(
+            [corpus], os.path.join(tmp, "db"), tokenizer_path=tok_path, config=ChunkConfig(), beam_args=beam_args
+        )
         pipe_s = time.perf_counter() - t0
 
         dask_s = None
         if args.dask_workers:
             with loopback_dask_cluster(args.dask_workers, log_dir=os.path.join(tmp, "dask-logs")) as address:
                 t0 = time.perf_counter()
-                on_dask = write_chunk_shards([corpus], os.path.join(tmp, "db-dask"), tokenizer_path=tok_path, config=ChunkConfig(),
-                                             beam_args=["--runner=DaskRunner", f"--dask_client_address={address}"])
+                on_dask = write_chunk_shards(
+                    [corpus],
+                    os.path.join(tmp, "db-dask"),
+                    tokenizer_path=tok_path,
+                    config=ChunkConfig(),
+                    beam_args=["--runner=DaskRunner", f"--dask_client_address={address}"],
+                )
                 dask_s = time.perf_counter() - t0
             if on_dask["shards"] != record["shards"]:
                 raise SystemExit("the Dask runner wrote other shards than the local runner")
@@ -99,11 +112,16 @@ def main() -> None:
     raw_tps, pipe_tps = tokens / raw_s, tokens / pipe_s
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {tokens} tokens; workers={args.workers}")
     print(f"raw tokenizers encode_batch : {raw_s:8.2f} s  {raw_tps:12,.0f} tokens/s")
-    print(f"Beam chunk pipeline         : {pipe_s:8.2f} s  {pipe_tps:12,.0f} tokens/s  "
-          f"(kept {record['counts']['documents_kept']} docs, {record['counts']['chunks']} chunks)")
+    print(
+        f"Beam chunk pipeline         : {pipe_s:8.2f} s  {pipe_tps:12,.0f} tokens/s  "
+        f"(kept {record['counts']['documents_kept']} docs, {record['counts']['chunks']} chunks)"
+    )
     print(f"ratio pipeline / raw        : {pipe_tps / raw_tps:.3f}")
     if dask_s:
-        print(f"Beam on Dask, {args.dask_workers} workers     : {dask_s:8.2f} s  {tokens / dask_s:12,.0f} tokens/s  (same shards as local)")
+        print(
+            f"Beam on Dask, {args.dask_workers} workers     : {dask_s:8.2f} s  {tokens / dask_s:12,.0f} tokens/s  "
+            "(same shards as local)"
+        )
         print(f"ratio Dask / local runner   : {pipe_s / dask_s:.3f}")
 
 

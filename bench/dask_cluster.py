@@ -26,13 +26,35 @@ def loopback_dask_cluster(workers: int = 2, *, log_dir: str, timeout_s: float = 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     os.makedirs(log_dir, exist_ok=True)
-    procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              stdout=open(os.path.join(log_dir, "scheduler.log"), "w"), stderr=subprocess.STDOUT)]
+    procs = [
+        subprocess.Popen(
+            dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=open(os.path.join(log_dir, "scheduler.log"), "w"),
+            stderr=subprocess.STDOUT,
+        )
+    ]
     try:
         for i in range(workers):
-            procs.append(subprocess.Popen(dask + ["worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-                                                  "--memory-limit", "4GB", "--name", f"worker-{i}"],
-                                          stdout=open(os.path.join(log_dir, f"worker-{i}.log"), "w"), stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    dask
+                    + [
+                        "worker",
+                        address,
+                        "--host",
+                        "127.0.0.1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--memory-limit",
+                        "4GB",
+                        "--name",
+                        f"worker-{i}",
+                    ],
+                    stdout=open(os.path.join(log_dir, f"worker-{i}.log"), "w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
         with Client(address, timeout=timeout_s) as client:
             client.wait_for_workers(workers, timeout=timeout_s)
         yield address

@@ -7,8 +7,9 @@ Same model (the packaged all-MiniLM-L6-v2 unless --model), same batch size, same
   measured faster than one single-threaded actor per core), length-sorted blocks;
 - ours, int8: dynamic int8 Linear layers (CPU), reported with the recall it keeps.
 
-The embeddings are checked to be ST's (up to ST's final L2 normalisation). Recall@10 of a path = overlap of each chunk's 10 exact nearest chunks (squared L2 among the
-benchmark chunks) under that path's embeddings with those under the fp32 path's.
+The embeddings are checked to be ST's (up to ST's final L2 normalisation). Recall@10 of a path = overlap of
+each chunk's 10 exact nearest chunks (squared L2 among the benchmark chunks) under that path's embeddings
+with those under the fp32 path's.
 
     python -m bench.embed [--chunks 1024]
 """
@@ -111,13 +112,18 @@ def main() -> None:
     st_vecs, st_s = timed(lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True))
     rows.append(("sentence-transformers encode (baseline)", st_s, None))
 
-    ours = ChunkEmbedder(args.model, batch_size=args.batch_size, threads=cores if args.device == "cpu" else None, device=args.device)
+    ours = ChunkEmbedder(
+        args.model, batch_size=args.batch_size, threads=cores if args.device == "cpu" else None, device=args.device
+    )
     ours.embed_texts(texts[:32])
     fp32, ours_s = timed(ours.embed_texts, texts)
     # all-MiniLM-L6-v2's sentence-transformers pipeline ends in an L2 Normalize module; RETRO keys
     # are the plain mean, so compare with ST after normalising ours.
     unit = fp32 / np.linalg.norm(fp32, axis=1, keepdims=True)
-    print(f"max |normalised ours - ST| = {np.abs(unit - st_vecs).max():.2e}; recall@10 of normalised ours vs ST = {knn_recall(unit, st_vecs):.3f}")
+    print(
+        f"max |normalised ours - ST| = {np.abs(unit - st_vecs).max():.2e}; "
+        f"recall@10 of normalised ours vs ST = {knn_recall(unit, st_vecs):.3f}"
+    )
     rows.append((f"ChunkEmbedder in process ({'bf16 autocast' if args.device == 'cuda' else 'fp32'})", ours_s, None))
     if args.device == "cpu":
         pool_vecs, pool_s = ray_pool_embed(texts, args.model, args.batch_size, cores)
@@ -127,11 +133,17 @@ def main() -> None:
         q, q_s = timed(int8.embed_texts, texts)
         rows.append(("ChunkEmbedder int8 dynamic, in process", q_s, knn_recall(q, fp32)))
 
-    print(f"{len(texts)} chunks, batch {args.batch_size}, device {args.device}, {cores} core(s), torch {torch.__version__}")
+    print(
+        f"{len(texts)} chunks, batch {args.batch_size}, device {args.device}, "
+        f"{cores} core(s), torch {torch.__version__}"
+    )
     print(f"{'path':45s} {'chunks/s':>10s} {'x baseline':>11s} {'recall@10 vs fp32':>18s}")
     for name, seconds, recall in rows:
         rate = len(texts) / seconds
-        print(f"{name:45s} {rate:10.1f} {rate / (len(texts) / st_s):11.2f} {'' if recall is None else f'{recall:.3f}':>18s}")
+        print(
+            f"{name:45s} {rate:10.1f} {rate / (len(texts) / st_s):11.2f} "
+            f"{'' if recall is None else f'{recall:.3f}':>18s}"
+        )
 
 
 if __name__ == "__main__":

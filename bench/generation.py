@@ -25,11 +25,10 @@ import requests
 from ray import serve
 
 from index_service.app import ServiceConfig, build_app
-from index_service.generation import resolve_checkpoint
-from model.explain import token_logprobs
-from model.generate import generate
+from model import checkpoint
+from model.explain import conditioning_chunks, token_logprobs
+from model.generate import chunk_tokens, generate
 from model.retrieval import LocalRetriever
-from model.train import load_model
 from retro_db.layout import document_shard_files, split_of
 from retro_db.ray_cluster import connect_ray
 from retro_db.token_store import TokenStore
@@ -74,13 +73,15 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = db_tokenizer(args.db)
-    checkpoint = resolve_checkpoint(args.run)
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = checkpoint.load(checkpoint.resolve(args.run))
     model.eval()
-    k = ckpt["train_config"]["k"]
+    k = checkpoint.trained_k(ckpt)
     retriever, stop = LocalRetriever(args.db, k=k, align=model.config.align_neighbours), special_id(tokenizer, EOS)
     prompts = [tokenizer.decode(t) for t in held_out_tokens(args.db, args.prompts, 100)]
-    explained = [tokenizer.decode(t) for t in held_out_tokens(args.db, args.prompts, model.config.max_chunks * model.config.chunk_size)]
+    explained = [
+        tokenizer.decode(t)
+        for t in held_out_tokens(args.db, args.prompts, model.config.max_chunks * model.config.chunk_size)
+    ]
     m = model.config.chunk_size
 
     # in process
@@ -89,36 +90,50 @@ def main() -> None:
         ids = tokenizer.encode(prompt).ids
         tokens, _ = generate(model, ids, retriever, max_new_tokens=args.new_tokens, stop_id=stop)
         generated += len(tokens) - len(ids)
-        local_texts.append(tokenizer.decode(tokens[len(ids):]))
+        local_texts.append(tokenizer.decode(tokens[len(ids) :]))
     local_gen = {"tokens_per_s": generated / (time.perf_counter() - t0), "tokens": generated}
     local_explain = []
     for text in explained:
         t = time.perf_counter()
         ids = tokenizer.encode(text).ids
-        rows = {u: retriever(ids[u * m : (u + 1) * m])[1] for u in range((len(ids) - 1) // m)}
+        rows = {u: retriever(chunk_tokens(ids, u, m)).rows for u in conditioning_chunks(len(ids), m)}
         token_logprobs(model, ids, rows)
         local_explain.append(time.perf_counter() - t)
 
     # through the service
     connect_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(ServiceConfig(**{"db": args.db, "run": args.run, **json.loads(args.service)})), name="bench-generation", route_prefix="/")
+    serve.run(
+        build_app(ServiceConfig(**{"db": args.db, "run": args.run, **json.loads(args.service)})),
+        name="bench-generation",
+        route_prefix="/",
+    )
     url = f"http://127.0.0.1:{args.port}"
     session = requests.Session()
 
     def generate_remote(prompt: str) -> dict:
-        return session.post(url + "/v1/generate", json={"prompt": prompt, "max_new_tokens": args.new_tokens}, timeout=600).json()
+        return session.post(
+            url + "/v1/generate", json={"prompt": prompt, "max_new_tokens": args.new_tokens}, timeout=600
+        ).json()
 
     generate_remote(prompts[0])  # warm-up: the first call loads BERT's and torch's kernels
     t0 = time.perf_counter()
     answers = [generate_remote(p) for p in prompts]
-    service_gen = {"tokens_per_s": sum(a["generated_tokens"] for a in answers) / (time.perf_counter() - t0),
-                   "tokens": sum(a["generated_tokens"] for a in answers)}
+    service_gen = {
+        "tokens_per_s": sum(a["generated_tokens"] for a in answers) / (time.perf_counter() - t0),
+        "tokens": sum(a["generated_tokens"] for a in answers),
+    }
     identical = [a["text"] for a in answers] == local_texts
     with ThreadPoolExecutor(4) as pool:
         t0 = time.perf_counter()
-        concurrent = list(pool.map(lambda p: requests.post(url + "/v1/generate", json={"prompt": p, "max_new_tokens": args.new_tokens},
-                                                           timeout=600).json(), prompts))
+        concurrent = list(
+            pool.map(
+                lambda p: requests.post(
+                    url + "/v1/generate", json={"prompt": p, "max_new_tokens": args.new_tokens}, timeout=600
+                ).json(),
+                prompts,
+            )
+        )
         service_gen_4 = {"tokens_per_s": sum(a["generated_tokens"] for a in concurrent) / (time.perf_counter() - t0)}
     service_explain = []
     for text in explained:
@@ -128,26 +143,45 @@ def main() -> None:
     serve.shutdown()
 
     result = {
-        "machine": f"{os.cpu_count()} CPUs", "checkpoint": checkpoint, "service": json.loads(args.service), "prompts": len(prompts),
-        "new_tokens": args.new_tokens, "k": k,
+        "machine": f"{os.cpu_count()} CPUs",
+        "checkpoint": checkpoint,
+        "service": json.loads(args.service),
+        "prompts": len(prompts),
+        "new_tokens": args.new_tokens,
+        "k": k,
         "identical_text": identical,
-        "generate": {"in_process": local_gen, "service": service_gen, "service_4_clients": service_gen_4,
-                     "ratio": service_gen["tokens_per_s"] / local_gen["tokens_per_s"]},
-        "explain": {"in_process_p50_ms": percentile_ms(local_explain, 50), "service_p50_ms": percentile_ms(service_explain, 50),
-                    "in_process_p90_ms": percentile_ms(local_explain, 90), "service_p90_ms": percentile_ms(service_explain, 90),
-                    "ratio_p50": float(np.median(service_explain) / np.median(local_explain))},
+        "generate": {
+            "in_process": local_gen,
+            "service": service_gen,
+            "service_4_clients": service_gen_4,
+            "ratio": service_gen["tokens_per_s"] / local_gen["tokens_per_s"],
+        },
+        "explain": {
+            "in_process_p50_ms": percentile_ms(local_explain, 50),
+            "service_p50_ms": percentile_ms(service_explain, 50),
+            "in_process_p90_ms": percentile_ms(local_explain, 90),
+            "service_p90_ms": percentile_ms(service_explain, 90),
+            "ratio_p50": float(np.median(service_explain) / np.median(local_explain)),
+        },
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     g, e = result["generate"], result["explain"]
-    print(f"generation, {len(prompts)} prompts x {args.new_tokens} tokens (greedy, k={k}); same text in both: {identical}")
+    print(
+        f"generation, {len(prompts)} prompts x {args.new_tokens} tokens (greedy, k={k}); same text in both: {identical}"
+    )
     print("| | in process | service, 1 client | service / in process | service, 4 clients |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| tokens/s | {g['in_process']['tokens_per_s']:.1f} | {g['service']['tokens_per_s']:.1f} | {g['ratio']:.2f} | "
-          f"{g['service_4_clients']['tokens_per_s']:.1f} |")
-    print(f"| explain {model.config.max_chunks * m} tokens, p50 ms (p90) | {e['in_process_p50_ms']} ({e['in_process_p90_ms']}) | "
-          f"{e['service_p50_ms']} ({e['service_p90_ms']}) | {e['ratio_p50']:.2f} | |")
+    print(
+        f"| tokens/s | {g['in_process']['tokens_per_s']:.1f} | {g['service']['tokens_per_s']:.1f} | {g['ratio']:.2f} | "
+        f"{g['service_4_clients']['tokens_per_s']:.1f} |"
+    )
+    print(
+        f"| explain {model.config.max_chunks * m} tokens, p50 ms (p90) | "
+        f"{e['in_process_p50_ms']} ({e['in_process_p90_ms']}) | "
+        f"{e['service_p50_ms']} ({e['service_p90_ms']}) | {e['ratio_p50']:.2f} | |"
+    )
 
 
 if __name__ == "__main__":

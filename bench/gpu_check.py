@@ -76,8 +76,11 @@ def index_check(assets: str, copies: int = 32, factory: str = "IVF1024,PQ48x8np"
         faiss.extract_index_ivf(index).nprobe = nprobe
         _, found = index.search(queries, 10)
         trained[device] = index
-        lines.append(f"index {factory} on {len(data):,} vectors: trained on {device} in {seconds:.1f} s; recall@10 (PQ, nprobe {nprobe}) "
-                     f"{recall_at_k(found, truth):.3f}")
+        lines.append(
+            f"index {factory} on {len(data):,} vectors: trained on {device} in {seconds:.1f} s; "
+            f"recall@10 (PQ, nprobe {nprobe}) "
+            f"{recall_at_k(found, truth):.3f}"
+        )
     res = faiss.StandardGpuResources()
     on_gpu = faiss.index_cpu_to_gpu(res, 0, trained["gpu"])
     faiss.GpuParameterSpace().set_index_parameter(on_gpu, "nprobe", nprobe)
@@ -86,8 +89,10 @@ def index_check(assets: str, copies: int = 32, factory: str = "IVF1024,PQ48x8np"
         t0 = time.perf_counter()
         _, found = index.search(queries, 40)
         qps = len(queries) / (time.perf_counter() - t0)
-        lines.append(f"search on {name}: {qps:,.0f} queries/s for 40 candidates (exact CPU flat search: {exact_qps:,.0f} q/s); "
-                     f"recall@10 of the top 10 {recall_at_k(found[:, :10], truth):.3f}")
+        lines.append(
+            f"search on {name}: {qps:,.0f} queries/s for 40 candidates (exact CPU flat search: {exact_qps:,.0f} q/s); "
+            f"recall@10 of the top 10 {recall_at_k(found[:, :10], truth):.3f}"
+        )
     return lines
 
 
@@ -124,8 +129,10 @@ def embed_check(assets: str, arch: str = "minilm", batches=(128, 512)) -> list[s
         ours.embed_texts(texts)
         torch.cuda.synchronize()
         rate = len(texts) / (time.perf_counter() - t0)
-        lines.append(f"embed {arch} {len(texts)} chunks, batch {batch}: sentence-transformers fp32 {st_rate:,.0f} chunks/s; "
-                     f"ChunkEmbedder bf16 autocast {rate:,.0f} chunks/s ({rate / st_rate:.2f}x)")
+        lines.append(
+            f"embed {arch} {len(texts)} chunks, batch {batch}: sentence-transformers fp32 {st_rate:,.0f} chunks/s; "
+            f"ChunkEmbedder bf16 autocast {rate:,.0f} chunks/s ({rate / st_rate:.2f}x)"
+        )
     return lines
 
 
@@ -135,7 +142,10 @@ def train_check() -> list[str]:
     from model.model import Retro, paper_172m_config, tiny_config
 
     lines = []
-    for name, cfg, batch in (("tiny", tiny_config(vocab_size=8192), 32), ("paper-172m", paper_172m_config(vocab_size=32000, max_chunks=16), 8)):
+    for name, cfg, batch in (
+        ("tiny", tiny_config(vocab_size=8192), 32),
+        ("paper-172m", paper_172m_config(vocab_size=32000, max_chunks=16), 8),
+    ):
         for retrieval in (True, False):
             torch.manual_seed(0)
             cfg.retrieval = retrieval
@@ -144,7 +154,11 @@ def train_check() -> list[str]:
             t = cfg.max_chunks * cfg.chunk_size
             x = torch.randint(2, cfg.vocab_size, (batch, t), device="cuda")
             y = torch.roll(x, -1, 1)
-            nb = torch.randint(2, cfg.vocab_size, (batch, cfg.max_chunks, 2, 2 * cfg.chunk_size), device="cuda") if retrieval else None
+            nb = (
+                torch.randint(2, cfg.vocab_size, (batch, cfg.max_chunks, 2, 2 * cfg.chunk_size), device="cuda")
+                if retrieval
+                else None
+            )
             losses = []
 
             def step():
@@ -164,9 +178,12 @@ def train_check() -> list[str]:
                 step()
             torch.cuda.synchronize()
             rate = batch * t * steps / (time.perf_counter() - t0)
-            lines.append(f"train {name} {'RETRO' if retrieval else 'baseline'} ({model.num_params() / 1e6:.0f}M params, batch {batch} x {t} tokens, "
-                         f"k=2): {rate:,.0f} tokens/s bf16; loss {losses[0]:.3f} -> {losses[-1]:.3f} on a fixed batch; "
-                         f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            lines.append(
+                f"train {name} {'RETRO' if retrieval else 'baseline'} ({model.num_params() / 1e6:.0f}M params, "
+                f"batch {batch} x {t} tokens, "
+                f"k=2): {rate:,.0f} tokens/s bf16; loss {losses[0]:.3f} -> {losses[-1]:.3f} on a fixed batch; "
+                f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            )
             model = opt = None  # free GPU memory before the next configuration
             torch.cuda.empty_cache()
     return lines
@@ -179,7 +196,11 @@ def main() -> None:
     parser.add_argument("--assets", default=".gpu")
     parser.add_argument("--embed-only", action="store_true")
     parser.add_argument("--index-only", action="store_true", help="only the faiss training and search check")
-    parser.add_argument("--scaling", action="store_true", help="only the embedding rates docs/SCALING.md uses (MiniLM and BERT-base, batch 512)")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="only the embedding rates docs/SCALING.md uses (MiniLM and BERT-base, batch 512)",
+    )
     args = parser.parse_args()
     if args.prepare:
         prepare(args.prepare, args.db)

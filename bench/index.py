@@ -36,17 +36,30 @@ def main() -> None:
     index = RetrievalIndex(args.db, threads=args.threads)
     queries = heldout_queries(args.db, args.queries, seed=7)
     _, exact_ids, exact_qps = exact_top_k([indexable_rows(f) for f in chunk_shard_files(args.db, "train")], queries, 10)
-    print(f"{index.ntotal} vectors, {len(queries)} held-out queries, {args.threads} threads; exact IndexFlatL2: {exact_qps:,.0f} queries/s")
-    print(f"{'nprobe':>6s} {'recall@10 PQ':>13s} {'q/s PQ':>9s} {'recall@10 +rerank':>18s} {'q/s +rerank':>12s} {'x exact':>8s}")
+    print(
+        f"{index.ntotal} vectors, {len(queries)} held-out queries, {args.threads} threads; "
+        f"exact IndexFlatL2: {exact_qps:,.0f} queries/s"
+    )
+    print(
+        f"{'nprobe':>6s} {'recall@10 PQ':>13s} {'q/s PQ':>9s} "
+        f"{'recall@10 +rerank':>18s} {'q/s +rerank':>12s} {'x exact':>8s}"
+    )
     for row in measure_recall(index, queries, exact_ids):
-        print(f"{row['nprobe']:6d} {row['recall@10_pq']:13.3f} {row['qps_pq']:9,.0f} {row['recall@10_reranked']:18.3f} "
-              f"{row['qps_reranked']:12,.0f} {row['qps_reranked'] / exact_qps:8.2f}")
+        print(
+            f"{row['nprobe']:6d} {row['recall@10_pq']:13.3f} {row['qps_pq']:9,.0f} {row['recall@10_reranked']:18.3f} "
+            f"{row['qps_reranked']:12,.0f} {row['qps_reranked'] / exact_qps:8.2f}"
+        )
     store = TokenStore(args.db)
     t0 = time.perf_counter()
-    ids, _ = neighbours_of(index, queries, np.full(len(queries), -1), store.doc_of, k=2, candidates=32, max_candidates=1024)
+    ids, _ = neighbours_of(
+        index, queries, np.full(len(queries), -1), store.doc_of, k=2, candidates=32, max_candidates=1024
+    )
     seconds = time.perf_counter() - t0
-    print(f"neighbour search (k=2, K=32, nprobe {index.nprobe}, same-document filter): {len(queries) / seconds:,.0f} queries/s, "
-          f"{(ids >= 0).all(axis=1).mean():.3f} with k neighbours")
+    print(
+        f"neighbour search (k=2, K=32, nprobe {index.nprobe}, same-document filter): "
+        f"{len(queries) / seconds:,.0f} queries/s, "
+        f"{(ids >= 0).all(axis=1).mean():.3f} with k neighbours"
+    )
 
 
 if __name__ == "__main__":

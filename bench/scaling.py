@@ -42,7 +42,12 @@ from retro_db.search import load_embedding_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("chunks", "embed", "index", "neighbours")
-OUTPUTS = {"chunks": (), "embed": (layout.EMBEDDINGS, layout.TOKENS), "index": (layout.INDEX,), "neighbours": (layout.NEIGHBOURS,)}
+OUTPUTS = {
+    "chunks": (),
+    "embed": (layout.EMBEDDINGS, layout.TOKENS),
+    "index": (layout.INDEX,),
+    "neighbours": (layout.NEIGHBOURS,),
+}
 TOLERANCE = 0.2
 
 log = logging.getLogger("bench.scaling")
@@ -68,15 +73,19 @@ def dir_bytes(path: str) -> int:
 
 
 # The stages' own timings in the manifest, taken at their fastest over the repeats like the wall time.
-OWN_SECONDS = {"index": {"index_train_s": "train_seconds", "index_add_s": "add_seconds", "index_recall_s": "recall_seconds"},
-               "neighbours": {"neighbour_actor_s": "actor_seconds_this_run"}}
+OWN_SECONDS = {
+    "index": {"index_train_s": "train_seconds", "index_add_s": "add_seconds", "index_recall_s": "recall_seconds"},
+    "neighbours": {"neighbour_actor_s": "actor_seconds_this_run"},
+}
 RECORD = {"chunks": "chunks", "embed": "embeddings", "index": "index", "neighbours": "neighbours"}
 
 
 def time_stage(stage: str, db: str, *, corpus: str, repeats: int, extra: list[str] = ()) -> dict:
     """The fastest wall seconds of `repeats` runs of one stage CLI (its outputs deleted before
     each run), and the fastest of each of the stage's own timings."""
-    cmd = [sys.executable, "-m", "pipeline", stage, "--db", db, *extra] + (["--corpus", corpus] if stage == "chunks" else [])
+    cmd = [sys.executable, "-m", "pipeline", stage, "--db", db, *extra] + (
+        ["--corpus", corpus] if stage == "chunks" else []
+    )
     best = {"seconds": float("inf")}
     for _ in range(repeats):
         if stage == "chunks":
@@ -99,14 +108,28 @@ def time_stage(stage: str, db: str, *, corpus: str, repeats: int, extra: list[st
 def manifest_figures(db: str) -> dict:
     stages = read_manifest(db)["stages"]
     index, neighbours = stages["index"], stages["neighbours"]
-    return {"tokens": stages["chunks"]["counts"]["tokens"], "chunks": stages["chunks"]["counts"]["chunks"],
-            "factory": index["config"]["factory"], "nprobe": neighbours["config"]["nprobe_used"],
-            "index_train_points": index["train_points"], "index_vectors": index["vectors"], "recall_at_10": index["recall_at_10"],
-            "embed_chunks_per_s": stages["embeddings"]["counts"]["chunks_per_s_this_run"]}
+    return {
+        "tokens": stages["chunks"]["counts"]["tokens"],
+        "chunks": stages["chunks"]["counts"]["chunks"],
+        "factory": index["config"]["factory"],
+        "nprobe": neighbours["config"]["nprobe_used"],
+        "index_train_points": index["train_points"],
+        "index_vectors": index["vectors"],
+        "recall_at_10": index["recall_at_10"],
+        "embed_chunks_per_s": stages["embeddings"]["counts"]["chunks_per_s_this_run"],
+    }
 
 
-def build_and_time(lines: list[str], fraction: float, root: str, *, stages: tuple[str, ...], repeats: int, largest: bool,
-                   earlier: dict | None) -> dict:
+def build_and_time(
+    lines: list[str],
+    fraction: float,
+    root: str,
+    *,
+    stages: tuple[str, ...],
+    repeats: int,
+    largest: bool,
+    earlier: dict | None,
+) -> dict:
     """Builds (or, for stages not in `stages`, reuses with its earlier timing) one size's DB."""
     os.makedirs(root, exist_ok=True)
     corpus = os.path.join(root, "corpus.jsonl")
@@ -116,8 +139,13 @@ def build_and_time(lines: list[str], fraction: float, root: str, *, stages: tupl
     for stage in STAGES:
         if stage in stages:
             # --overwrite: the last run may have left the 10x configuration in this DB (time_fixed_index)
-            timed = time_stage(stage, db, corpus=corpus, repeats=1 if largest and stage == "embed" else repeats,
-                               extra=["--overwrite"] if stage in ("index", "neighbours") else [])
+            timed = time_stage(
+                stage,
+                db,
+                corpus=corpus,
+                repeats=1 if largest and stage == "embed" else repeats,
+                extra=["--overwrite"] if stage in ("index", "neighbours") else [],
+            )
             seconds[stage] = timed.pop("seconds")
             own.update(timed)
         elif earlier is None:
@@ -128,14 +156,25 @@ def build_and_time(lines: list[str], fraction: float, root: str, *, stages: tupl
     figures = manifest_figures(db)
     kinds = (layout.CHUNKS, layout.DOCUMENTS, layout.TOKENS, layout.EMBEDDINGS, layout.INDEX, layout.NEIGHBOURS)
     sizes = {kind: dir_bytes(os.path.join(db, kind)) for kind in kinds}
-    return {"fraction": fraction, "db": db, "documents": docs, "seconds": seconds, **own, **figures,
-            "bytes_per_chunk": {k: round(v / figures["chunks"], 1) for k, v in sizes.items()}}
+    return {
+        "fraction": fraction,
+        "db": db,
+        "documents": docs,
+        "seconds": seconds,
+        **own,
+        **figures,
+        "bytes_per_chunk": {k: round(v / figures["chunks"], 1) for k, v in sizes.items()},
+    }
 
 
 def time_fixed_index(row: dict, *, factory: str, nprobe: int, repeats: int) -> dict:
     """Reruns a DB's index and neighbour stages with another DB's factory and nprobe."""
-    index = time_stage("index", row["db"], corpus="", repeats=repeats, extra=["--overwrite", "--index-factory", factory])
-    neighbours = time_stage("neighbours", row["db"], corpus="", repeats=repeats, extra=["--overwrite", "--nprobe", str(nprobe)])
+    index = time_stage(
+        "index", row["db"], corpus="", repeats=repeats, extra=["--overwrite", "--index-factory", factory]
+    )
+    neighbours = time_stage(
+        "neighbours", row["db"], corpus="", repeats=repeats, extra=["--overwrite", "--nprobe", str(nprobe)]
+    )
     seconds = {"index": index.pop("seconds"), "neighbours": neighbours.pop("seconds")}
     return {**row, "seconds": {**row["seconds"], **seconds}, **index, **neighbours, **manifest_figures(row["db"])}
 
@@ -147,7 +186,9 @@ def per_token_us(row: dict, base: dict, stage: str) -> tuple[float, float]:
     return wall, net
 
 
-def pq_scan_rate(n: int = 400_000, d: int = 384, nlist: int = 256, nprobe: int = 16, queries: int = 500, threads: int = 1) -> dict:
+def pq_scan_rate(
+    n: int = 400_000, d: int = 384, nlist: int = 256, nprobe: int = 16, queries: int = 500, threads: int = 1
+) -> dict:
     """PQ codes scanned per second per thread in IVF lists of thousands of codes (synthetic
     vectors): the unit of neighbour-search cost at scale, where lists hold n/nlist codes."""
     import faiss
@@ -166,11 +207,22 @@ def pq_scan_rate(n: int = 400_000, d: int = 384, nlist: int = 256, nprobe: int =
     index.search(q, 32, params=params)
     seconds = time.perf_counter() - t0
     codes = queries * nprobe * n / nlist
-    return {"codes_per_query": codes / queries, "queries_per_s": queries / seconds, "codes_per_s_per_thread": codes / seconds / threads}
+    return {
+        "codes_per_query": codes / queries,
+        "queries_per_s": queries / seconds,
+        "codes_per_s_per_thread": codes / seconds / threads,
+    }
 
 
-def assign_rate(db: str, *, nlists=(1 << 12, 1 << 14, 1 << 15), nprobe: int = 16, queries: int = 2000,
-                efs=(16, 32, 64), threads: int = 1) -> list[dict]:
+def assign_rate(
+    db: str,
+    *,
+    nlists=(1 << 12, 1 << 14, 1 << 15),
+    nprobe: int = 16,
+    queries: int = 2000,
+    efs=(16, 32, 64),
+    threads: int = 1,
+) -> list[dict]:
     """Vectors assigned to their nprobe nearest IVF lists per second per thread, by a flat
     quantizer (nlist * d flops each) and by an HNSW32 graph over the same centroids at several
     efSearch, with the share of the flat quantizer's lists the graph finds. Every added vector and
@@ -200,7 +252,9 @@ def assign_rate(db: str, *, nlists=(1 << 12, 1 << 14, 1 << 15), nprobe: int = 16
             t0 = time.perf_counter()
             _, found = hnsw.search(q, nprobe)
             row[f"hnsw32_ef{ef}_per_s_per_thread"] = round(queries / (time.perf_counter() - t0))
-            row[f"hnsw32_ef{ef}_lists_found"] = round(float(np.mean([len(np.intersect1d(a, b)) / nprobe for a, b in zip(exact, found)])), 3)
+            row[f"hnsw32_ef{ef}_lists_found"] = round(
+                float(np.mean([len(np.intersect1d(a, b)) / nprobe for a, b in zip(exact, found)])), 3
+            )
         log.info("%s", row)
         out.append(row)
     return out
@@ -212,53 +266,92 @@ def flatness(a: float, b: float) -> str:
 
 def report(rows: list[dict], fixed: dict) -> None:
     base, small, large = rows[0], rows[-2], rows[-1]
-    print(f"base {base['tokens']:,} tokens, 1x {small['tokens']:,}, 10x {large['tokens']:,} "
-          f"({large['tokens'] / small['tokens']:.1f}x); stage seconds are the fastest of the repeats")
-    print(f"{'stage':>11s} {'base s':>7s} {'1x s':>7s} {'10x s':>7s} | {'us/token wall':>17s} | "
-          f"{'us/token without start-up':>25s} {'10x/1x':>7s}")
+    print(
+        f"base {base['tokens']:,} tokens, 1x {small['tokens']:,}, 10x {large['tokens']:,} "
+        f"({large['tokens'] / small['tokens']:.1f}x); stage seconds are the fastest of the repeats"
+    )
+    print(
+        f"{'stage':>11s} {'base s':>7s} {'1x s':>7s} {'10x s':>7s} | {'us/token wall':>17s} | "
+        f"{'us/token without start-up':>25s} {'10x/1x':>7s}"
+    )
     for stage in STAGES:
         (wall_a, net_a), (wall_b, net_b) = per_token_us(small, base, stage), per_token_us(large, base, stage)
-        print(f"{stage:>11s} {base['seconds'][stage]:7.1f} {small['seconds'][stage]:7.1f} {large['seconds'][stage]:7.1f} | "
-              f"{wall_a:8.1f} {wall_b:8.1f} | {net_a:12.1f} {net_b:12.1f} {flatness(net_a, net_b)}")
-    print(f"index factory / nprobe: 1x {small['factory']} / {small['nprobe']}, 10x {large['factory']} / {large['nprobe']}")
+        print(
+            f"{stage:>11s} {base['seconds'][stage]:7.1f} "
+            f"{small['seconds'][stage]:7.1f} {large['seconds'][stage]:7.1f} | "
+            f"{wall_a:8.1f} {wall_b:8.1f} | {net_a:12.1f} {net_b:12.1f} {flatness(net_a, net_b)}"
+        )
+    print(
+        f"index factory / nprobe: 1x {small['factory']} / {small['nprobe']}, 10x {large['factory']} / {large['nprobe']}"
+    )
     points = ", ".join(f"{r['index_train_points']:,}" for r in rows)
-    print(f"index steps done once per DB, seconds at base, 1x, 10x: training on a sample ({points} points) "
-          f"{' '.join(str(r['index_train_s']) for r in rows)}; recall measurement "
-          f"{' '.join(str(r['index_recall_s']) for r in rows)}")
-    rest = [{**r, "seconds": {"index": r["seconds"]["index"] - r["index_train_s"] - r["index_recall_s"]}} for r in (base, small, large)]
+    print(
+        f"index steps done once per DB, seconds at base, 1x, 10x: training on a sample ({points} points) "
+        f"{' '.join(str(r['index_train_s']) for r in rows)}; recall measurement "
+        f"{' '.join(str(r['index_recall_s']) for r in rows)}"
+    )
+    rest = [
+        {**r, "seconds": {"index": r["seconds"]["index"] - r["index_train_s"] - r["index_recall_s"]}}
+        for r in (base, small, large)
+    ]
     (_, net_a), (_, net_b) = per_token_us(rest[1], rest[0], "index"), per_token_us(rest[2], rest[0], "index")
-    print(f"{'index without them':>18s} {rest[0]['seconds']['index']:7.1f} {rest[1]['seconds']['index']:7.1f} "
-          f"{rest[2]['seconds']['index']:7.1f} | {net_a:12.2f} {net_b:12.2f} {flatness(net_a, net_b)}")
+    print(
+        f"{'index without them':>18s} {rest[0]['seconds']['index']:7.1f} {rest[1]['seconds']['index']:7.1f} "
+        f"{rest[2]['seconds']['index']:7.1f} | {net_a:12.2f} {net_b:12.2f} {flatness(net_a, net_b)}"
+    )
     print(f"the 10x configuration ({large['factory']}, nprobe {large['nprobe']}) at 1x:")
     for stage in ("index", "neighbours"):
         (_, net_a), (_, net_b) = per_token_us(fixed, base, stage), per_token_us(large, base, stage)
-        print(f"{stage:>11s} {fixed['seconds'][stage]:7.1f} s at 1x | {net_a:12.1f} {net_b:12.1f} {flatness(net_a, net_b)}")
-    print("per-token work inside the stage (index: adding vectors to the shards; neighbours: actor-seconds "
-          "searching, re-ranking and writing, actor start-up excluded), us/token:")
+        print(
+            f"{stage:>11s} {fixed['seconds'][stage]:7.1f} s at 1x | "
+            f"{net_a:12.1f} {net_b:12.1f} {flatness(net_a, net_b)}"
+        )
+    print(
+        "per-token work inside the stage (index: adding vectors to the shards; neighbours: actor-seconds "
+        "searching, re-ranking and writing, actor start-up excluded), us/token:"
+    )
     print(f"{'':>22s} {'1x':>8s} {'1x, 10x config':>15s} {'10x':>8s} {'10x/1x':>7s}")
     for key, name in (("index_add_s", "index add"), ("neighbour_actor_s", "neighbour search")):
         a, f, b = (r[key] / r["tokens"] * 1e6 for r in (small, fixed, large))
         print(f"{name:>22s} {a:8.3f} {f:15.3f} {b:8.3f} {flatness(a, b)} (same config: {flatness(f, b).strip()})")
-    print(f"embedding chunks/s (manifest, actor start-up included): 1x {small['embed_chunks_per_s']}, "
-          f"10x {large['embed_chunks_per_s']}")
+    print(
+        f"embedding chunks/s (manifest, actor start-up included): 1x {small['embed_chunks_per_s']}, "
+        f"10x {large['embed_chunks_per_s']}"
+    )
     print("bytes per chunk (10x):", large["bytes_per_chunk"])
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default=os.path.join(REPO, "data", "python-docs-3.11.jsonl.zst"),
-                        help="JSONL(.zst) of the largest size (default: the bundled corpus)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
-                        help="base, 1x, ..., 10x as fractions of the corpus's documents")
+    parser.add_argument(
+        "--corpus",
+        default=os.path.join(REPO, "data", "python-docs-3.11.jsonl.zst"),
+        help="JSONL(.zst) of the largest size (default: the bundled corpus)",
+    )
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.1, 1.0],
+        help="base, 1x, ..., 10x as fractions of the corpus's documents",
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                        help="stages to time; the others keep the DBs and timings of the last run in --out")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=list(STAGES),
+        help="stages to time; the others keep the DBs and timings of the last run in --out",
+    )
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "out", "scaling"))
     parser.add_argument("--pq-scan", action="store_true", help="only measure the IVF-PQ scan rate")
     parser.add_argument("--assign", action="store_true", help="only measure IVF list assignment rates, flat vs HNSW")
-    parser.add_argument("--db", default=os.path.join(REPO, "bench", "out", "scaling", "f1.0", "db"),
-                        help="for --assign: a DB whose embeddings serve as centroids and queries")
+    parser.add_argument(
+        "--db",
+        default=os.path.join(REPO, "bench", "out", "scaling", "f1.0", "db"),
+        help="for --assign: a DB whose embeddings serve as centroids and queries",
+    )
     args = parser.parse_args()
     if args.pq_scan:
         print(pq_scan_rate())
@@ -277,10 +370,22 @@ def main() -> None:
     if len(args.stages) < len(STAGES) and last["corpus"] != args.corpus:
         parser.error(f"the last run in {args.out} was on {last['corpus']}, not {args.corpus}: time every stage")
     earlier = {r["fraction"]: r for r in last["rows"]}
-    rows = [build_and_time(lines, f, os.path.join(args.out, f"f{f}"), stages=tuple(args.stages), repeats=args.repeats,
-                           largest=f == fractions[-1], earlier=earlier.get(f)) for f in fractions]
+    rows = [
+        build_and_time(
+            lines,
+            f,
+            os.path.join(args.out, f"f{f}"),
+            stages=tuple(args.stages),
+            repeats=args.repeats,
+            largest=f == fractions[-1],
+            earlier=earlier.get(f),
+        )
+        for f in fractions
+    ]
     fixed = time_fixed_index(rows[-2], factory=rows[-1]["factory"], nprobe=rows[-1]["nprobe"], repeats=args.repeats)
-    json.dump({"corpus": args.corpus, "rows": rows, "small_with_large_index_config": fixed}, open(results, "w"), indent=1)
+    json.dump(
+        {"corpus": args.corpus, "rows": rows, "small_with_large_index_config": fixed}, open(results, "w"), indent=1
+    )
     report(rows, fixed)
 
 

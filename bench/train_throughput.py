@@ -22,14 +22,18 @@ import subprocess
 import sys
 import time
 
-SHAPE = dict(batch=8, chunks=4, chunk=64, k=2, vocab=8192, layers=6, width=256, heads=8, enc_layers=2, cca=[3, 6])  # heads: 8 (see above)
+SHAPE = dict(
+    batch=8, chunks=4, chunk=64, k=2, vocab=8192, layers=6, width=256, heads=8, enc_layers=2, cca=[3, 6]
+)  # heads: 8 (see above)
 
-THEIRS = r"""
+THEIRS = (
+    r"""
 import json, sys, time, torch
 from retro_pytorch import RETRO
 s, steps, threads = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads); torch.manual_seed(0)
-model = RETRO(num_tokens=s["vocab"], max_seq_len=s["chunks"] * s["chunk"], enc_dim=s["width"], enc_depth=s["enc_layers"],
+model = RETRO(num_tokens=s["vocab"], max_seq_len=s["chunks"] * s["chunk"], enc_dim=s["width"], """
+    r"""enc_depth=s["enc_layers"],
               dec_dim=s["width"], dec_depth=s["layers"], dec_cross_attn_layers=tuple(s["cca"]), heads=s["heads"],
               dim_head=s["width"] // s["heads"], chunk_size=s["chunk"])
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -42,6 +46,7 @@ t0 = time.perf_counter()
 for _ in range(steps): step()
 print(json.dumps({"seconds": time.perf_counter() - t0, "params": sum(p.numel() for p in model.parameters())}))
 """
+)
 
 
 def ours(steps: int, threads: int) -> dict:
@@ -52,8 +57,19 @@ def ours(steps: int, threads: int) -> dict:
     s = SHAPE
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Retro(tiny_config(vocab_size=s["vocab"], n_layer=s["layers"], n_embd=s["width"], n_head=s["heads"],
-                              enc_n_layer=s["enc_layers"], cca_layers=s["cca"], chunk_size=s["chunk"], max_chunks=s["chunks"], pad_id=0))
+    model = Retro(
+        tiny_config(
+            vocab_size=s["vocab"],
+            n_layer=s["layers"],
+            n_embd=s["width"],
+            n_head=s["heads"],
+            enc_n_layer=s["enc_layers"],
+            cca_layers=s["cca"],
+            chunk_size=s["chunk"],
+            max_chunks=s["chunks"],
+            pad_id=0,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(1, s["vocab"], (s["batch"], s["chunks"] * s["chunk"]))
     y = torch.randint(1, s["vocab"], (s["batch"], s["chunks"] * s["chunk"]))
@@ -81,8 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     tokens = SHAPE["batch"] * SHAPE["chunks"] * SHAPE["chunk"] * args.steps
     mine = ours(args.steps, args.threads)
-    done = subprocess.run([args.theirs_python, "-c", THEIRS, json.dumps(SHAPE), str(args.steps), str(args.threads)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [args.theirs_python, "-c", THEIRS, json.dumps(SHAPE), str(args.steps), str(args.threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"shape {SHAPE}, {args.steps} timed steps, {args.threads} threads")
     for name, r in (("ours (model.model.Retro)", mine), ("lucidrains retro-pytorch 0.3.9", theirs)):

@@ -20,13 +20,19 @@ from retro_db.ray_cluster import connect_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m index_service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m index_service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=True,
-                        help="Ray Serve's HAProxy ingress (index_service.app.HAPROXY_ENV) rather than its Python proxy: 64-query requests "
-                             "0.52 -> 0.72 of in-process search, texts 0.60 -> 0.97 here (docs/BENCHMARKS.md). For the Ray this starts; "
-                             "a cluster at RAY_ADDRESS uses what its `ray start` environment set")
+    parser.add_argument(
+        "--haproxy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Ray Serve's HAProxy ingress (index_service.app.HAPROXY_ENV) rather than its Python proxy, which is "
+        "slower (docs/BENCHMARKS.md, Stage 5). For the Ray this starts; a cluster at RAY_ADDRESS uses what its "
+        "`ray start` environment set",
+    )
     cli.add_config_flags(parser, ServiceConfig)
     return parser
 

@@ -10,7 +10,6 @@ count) are in the schema the service publishes for its DB
 ``MAX_QUERIES * MAX_K`` results, re-ranked in blocks of bounded memory.
 """
 
-
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
@@ -31,6 +30,7 @@ MAX_NEW_TOKENS = 256
 MAX_GENERATE_K = 16
 QUERY_KINDS = ("texts", "token_ids", "embeddings")
 
+
 def json_integer(value):
     """JSON Schema's integer: 3 and 3.0 are one; the models are strict otherwise (no "3", no true)."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -48,7 +48,9 @@ Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 def vector(min_length: int, max_length: int):
     """A query vector of finite numbers, ``min_length`` to ``max_length`` of them."""
-    return Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=min_length, max_length=max_length)]
+    return Annotated[
+        list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=min_length, max_length=max_length)
+    ]
 
 
 def token_list(max_token_id: int):
@@ -59,19 +61,35 @@ class SearchRequest(BaseModel):
     """Exactly one of ``texts``, ``token_ids`` (LM tokens) or ``embeddings`` (frozen-BERT vectors)."""
 
     # "exactly one" is in the schema too (the fields are not nullable: absent is how one leaves them out)
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "oneOf": [{"required": [q]} for q in QUERY_KINDS],
-        "anyOf": [{"required": ["token_ids"]}, {"properties": {"align": {"const": False}}}],  # align needs token queries
-    })
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "oneOf": [{"required": [q]} for q in QUERY_KINDS],
+            "anyOf": [
+                {"required": ["token_ids"]},
+                {"properties": {"align": {"const": False}}},
+            ],  # align needs token queries
+        },
+    )
 
     texts: list[Text] = Field(None, min_length=1, max_length=MAX_QUERIES, description="query texts")
-    token_ids: list[token_list(MAX_TOKEN_ID)] = Field(None, min_length=1, max_length=MAX_QUERIES, description="LM token ids per query")
-    embeddings: list[vector(1, MAX_DIM)] = Field(None, min_length=1, max_length=MAX_QUERIES, description="query vectors, one per query")
+    token_ids: list[token_list(MAX_TOKEN_ID)] = Field(
+        None, min_length=1, max_length=MAX_QUERIES, description="LM token ids per query"
+    )
+    embeddings: list[vector(1, MAX_DIM)] = Field(
+        None, min_length=1, max_length=MAX_QUERIES, description="query vectors, one per query"
+    )
     k: integer(ge=1, le=MAX_K) = Field(10, description="results per query")
-    nprobe: integer(ge=1, le=1 << 16) | None = Field(None, description="IVF lists visited per shard (default: the DB's measured one)")
+    nprobe: integer(ge=1, le=1 << 16) | None = Field(
+        None, description="IVF lists visited per shard (default: the DB's measured one)"
+    )
     return_tokens: bool = Field(False, description="also return the LM tokens of each chunk and continuation")
-    align: bool = Field(False, description="token_ids queries only: each result's chunk and continuation moved along its document to line "
-                                           "up with the query's tokens (what a RETRO model with align_neighbours reads); see Neighbour.shift")
+    align: bool = Field(
+        False,
+        description="token_ids queries only: each result's chunk and continuation moved along its document to line "
+        "up with the query's tokens (what a RETRO model with align_neighbours reads); see Neighbour.shift",
+    )
 
     @model_validator(mode="after")
     def one_kind_of_query(self):
@@ -88,10 +106,23 @@ def search_request_model(*, dim: int, vocab_size: int, nlist: int) -> type[Searc
     below ``vocab_size``, nprobe up to ``nlist``."""
     fields = SearchRequest.model_fields
     return create_model(
-        "SearchRequest", __base__=SearchRequest, __doc__=SearchRequest.__doc__,
-        token_ids=(list[token_list(vocab_size - 1)], Field(None, min_length=1, max_length=MAX_QUERIES, description=fields["token_ids"].description)),
-        embeddings=(list[vector(dim, dim)], Field(None, min_length=1, max_length=MAX_QUERIES, description=f"query vectors of {dim} values, one per query")),
-        nprobe=(integer(ge=1, le=nlist) | None, Field(None, description=f"IVF lists visited per shard, up to {nlist} (default: the DB's measured one)")),
+        "SearchRequest",
+        __base__=SearchRequest,
+        __doc__=SearchRequest.__doc__,
+        token_ids=(
+            list[token_list(vocab_size - 1)],
+            Field(None, min_length=1, max_length=MAX_QUERIES, description=fields["token_ids"].description),
+        ),
+        embeddings=(
+            list[vector(dim, dim)],
+            Field(
+                None, min_length=1, max_length=MAX_QUERIES, description=f"query vectors of {dim} values, one per query"
+            ),
+        ),
+        nprobe=(
+            integer(ge=1, le=nlist) | None,
+            Field(None, description=f"IVF lists visited per shard, up to {nlist} (default: the DB's measured one)"),
+        ),
     )
 
 
@@ -103,12 +134,17 @@ class Neighbour(BaseModel):
     continuation: str = Field(description="the next chunk of the same document ('' at a document's end)")
     tokens: list[int] | None = None
     continuation_tokens: list[int] | None = None
-    shift: int = Field(0, description="with align: tokens the window was moved along the document (negative: back); text and "
-                                      "continuation (and tokens) are then the moved window's first and second m tokens")
+    shift: int = Field(
+        0,
+        description="with align: tokens the window was moved along the document (negative: back); text and "
+        "continuation (and tokens) are then the moved window's first and second m tokens",
+    )
 
 
 class SearchResponse(BaseModel):
-    results: list[list[Neighbour]] = Field(description="one list per query, nearest first (shorter than k when fewer chunks exist)")
+    results: list[list[Neighbour]] = Field(
+        description="one list per query, nearest first (shorter than k when fewer chunks exist)"
+    )
 
 
 class Chunk(BaseModel):
@@ -126,12 +162,16 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Prompt = Field(description="the text to continue")
-    max_new_tokens: integer(ge=1, le=MAX_NEW_TOKENS) = Field(64, description="tokens to generate (fewer if <|endoftext|> comes first)")
+    max_new_tokens: integer(ge=1, le=MAX_NEW_TOKENS) = Field(
+        64, description="tokens to generate (fewer if <|endoftext|> comes first)"
+    )
     temperature: Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)] = Field(0.0, description="0: greedy")
     top_k: integer(ge=0, le=1 << 20) = Field(0, description="sample among the k most likely tokens (0: all)")
     seed: integer(ge=0, le=MAX_ID) = Field(0, description="the same seed gives the same text")
     retrieval: bool = Field(True, description="false: the decoder alone (no neighbours), to compare")
-    k: integer(ge=1, le=MAX_GENERATE_K) | None = Field(None, description="neighbours per chunk (default: the k the model was trained with)")
+    k: integer(ge=1, le=MAX_GENERATE_K) | None = Field(
+        None, description="neighbours per chunk (default: the k the model was trained with)"
+    )
     explain: bool = Field(False, description="also return every token's log-probability with and without retrieval")
 
 
@@ -141,7 +181,9 @@ class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     text: Prompt = Field(description="the text to explain")
-    k: integer(ge=1, le=MAX_GENERATE_K) | None = Field(None, description="neighbours per chunk (default: the k the model was trained with)")
+    k: integer(ge=1, le=MAX_GENERATE_K) | None = Field(
+        None, description="neighbours per chunk (default: the k the model was trained with)"
+    )
 
 
 class Source(BaseModel):
@@ -158,15 +200,20 @@ class RetrievedNeighbour(BaseModel):
     distance: float = Field(description="squared L2 between the retrieving chunk's embedding and this one's")
     text: str
     continuation: str
-    shift: int = Field(0, description="tokens the [chunk, continuation] window the model read was moved along the document to line up "
-                                      "with the retrieving chunk (models with align_neighbours); text and continuation are that window's")
+    shift: int = Field(
+        0,
+        description="tokens the [chunk, continuation] window the model read was moved along the document to line up "
+        "with the retrieving chunk (models with align_neighbours); text and continuation are that window's",
+    )
 
 
 class TextChunk(BaseModel):
     index: int = Field(description="the chunk's position in the sequence, from 0")
     start: int = Field(description="its first token (an index into tokens)")
     text: str
-    neighbours: list[RetrievedNeighbour] = Field(description="retrieved by the chunk before this one; they condition this chunk's tokens")
+    neighbours: list[RetrievedNeighbour] = Field(
+        description="retrieved by the chunk before this one; they condition this chunk's tokens"
+    )
 
 
 class TokenScore(BaseModel):
@@ -204,7 +251,9 @@ class Info(BaseModel):
     db: str
     chunks: int = Field(description="chunks the DB holds (every split, increments included)")
     model: ModelInfo | None = Field(description="the served model; null when the service serves the index alone")
-    admin: bool = Field(description="whether deleting and restoring documents is enabled (an admin token is configured)")
+    admin: bool = Field(
+        description="whether deleting and restoring documents is enabled (an admin token is configured)"
+    )
 
 
 class DocumentsRequest(BaseModel):
@@ -213,7 +262,12 @@ class DocumentsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     doc_ids: list[Id] = Field(min_length=1, max_length=MAX_DELETE, description="document ids")
-    reason: str = Field(min_length=1, max_length=MAX_REASON_CHARS, pattern=r"[^ \t\n\r\f\v]", description="why: recorded in the audit log (not blank)")
+    reason: str = Field(
+        min_length=1,
+        max_length=MAX_REASON_CHARS,
+        pattern=r"[^ \t\n\r\f\v]",
+        description="why: recorded in the audit log (not blank)",
+    )
 
 
 class AuditEntry(BaseModel):
@@ -223,7 +277,9 @@ class AuditEntry(BaseModel):
     actor: str = Field(description="the name of the token used (token:<name>), or cli:<user>@<host>")
     reason: str
     doc_ids: list[int] = Field(description="the documents named")
-    copies: list[int] = Field(default=[], description="their exact copies (the same normalised text), changed with them")
+    copies: list[int] = Field(
+        default=[], description="their exact copies (the same normalised text), changed with them"
+    )
     documents: int = Field(description="documents this entry changed (already deleted ones are not counted again)")
     chunks: int = Field(description="their chunks")
 
@@ -245,9 +301,15 @@ class Error(BaseModel):
 
 def errors(*statuses: int) -> dict:
     """OpenAPI ``responses`` for the error statuses a route can answer."""
-    said = {401: "Missing or wrong bearer token", 403: "Not enabled on this deployment", 404: "Not found (or no model served)",
-            409: "Conflicts with the DB's state",
-            413: "Request body too large", 422: "Validation error", 503: "A part of the service is restarting; retry"}
+    said = {
+        401: "Missing or wrong bearer token",
+        403: "Not enabled on this deployment",
+        404: "Not found (or no model served)",
+        409: "Conflicts with the DB's state",
+        413: "Request body too large",
+        422: "Validation error",
+        503: "A part of the service is restarting; retry",
+    }
     return {s: {"model": Error, "description": said[s]} for s in statuses}
 
 

@@ -9,6 +9,8 @@ compared in constant time, and every configured token is compared, so timing tel
     no admin token configured   mutating endpoints answer 403, saying how to enable them
     missing or wrong token      401 with ``WWW-Authenticate: Bearer``
     read token configured       reads need it (or an admin token); /healthz and /metrics stay open
+
+``admin`` and ``reader`` are the routes' FastAPI dependencies; they check the replica's ``Tokens``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass
+
+from fastapi import HTTPException, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from index_service.deployments import replica_object
 
 ADMIN_ENV, READ_ENV = "RETRO_ADMIN_TOKEN", "RETRO_READ_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -70,3 +77,42 @@ def match(presented: str | None, tokens: dict[str, str]) -> str | None:
         if hmac.compare_digest(presented.encode("utf-8"), token.encode("utf-8")):
             found = name
     return found
+
+
+bearer = HTTPBearer(
+    auto_error=False, description="the admin token (RETRO_ADMIN_TOKEN); for reads, a read token where one is configured"
+)
+
+
+def _presented(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
+
+
+async def admin(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> str:
+    """The audit log's name for the caller of a mutating endpoint: 403 where none is configured, 401
+    without a valid one."""
+    tokens = replica_object().tokens
+    if not tokens.admin:
+        raise HTTPException(
+            403,
+            f"deleting and restoring documents is disabled on this service: start it with {ADMIN_ENV} set "
+            "or --admin-token-file (see README, Serving the index)",
+        )
+    name = match(_presented(credentials), tokens.admin)
+    if name is None:
+        raise HTTPException(
+            401, "this needs the admin token: Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return f"token:{name}"
+
+
+async def reader(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+    """Reads are open unless read tokens are configured; then a read or an admin token is needed."""
+    tokens = replica_object().tokens
+    presented = _presented(credentials)
+    if tokens.read and match(presented, tokens.read) is None and match(presented, tokens.admin) is None:
+        raise HTTPException(
+            401,
+            "this service needs a read token: Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -55,8 +55,11 @@ class RetroSequences(torch.utils.data.Dataset):
         self.neighbour_files = [layout.aligned_path(f, layout.NEIGHBOURS) for f in files]
         missing = [f for f in self.neighbour_files if not os.path.exists(f)]
         if missing:
-            raise DBNotReady(f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage (make build-db DB={db})")
-        self.neighbour_starts = np.array([first_chunk_id(f) for f in files], dtype=np.int64)  # aligned with the chunk shards
+            raise DBNotReady(
+                f"neighbour shards missing ({missing[0]}, ...); run the neighbours stage (make build-db DB={db})"
+            )
+        # aligned with the chunk shards
+        self.neighbour_starts = np.array([first_chunk_id(f) for f in files], dtype=np.int64)
         self.deleted = deleted_chunk_ids(db)  # documents removed after the tables were built
         inside = self.deleted[(self.deleted >= self.first) & (self.deleted < self.first + self.n_chunks)] - self.first
         # the j-th live chunk is first + j + (deleted chunks before it): a binary search over
@@ -125,8 +128,18 @@ class CorpusSequences(torch.utils.data.Dataset):
     Items are ``RetroSequences``' items; ids are positions in this corpus's chunk list.
     """
 
-    def __init__(self, db: str, corpus: list[str], *, chunks_per_seq: int = 4, k: int = 2, nprobe: int | None = None,
-                 device: str | None = None, text_field: str = "text", align: bool = False):
+    def __init__(
+        self,
+        db: str,
+        corpus: list[str],
+        *,
+        chunks_per_seq: int = 4,
+        k: int = 2,
+        nprobe: int | None = None,
+        device: str | None = None,
+        text_field: str = "text",
+        align: bool = False,
+    ):
         from model.retrieval import LocalRetriever
         from retro_db.documents import DocumentCatalog
 
@@ -143,7 +156,12 @@ class CorpusSequences(torch.utils.data.Dataset):
                 text = corpus_format.normalize_text(record.text) if isinstance(record, corpus_format.Record) else ""
                 if not text:
                     reason = record.reason if isinstance(record, corpus_format.Rejected) else "empty"
-                    log.warning("%s:%s not evaluated (%s)", record.source, record.position, getattr(record, "detail", "no text after normalisation"))
+                    log.warning(
+                        "%s:%s not evaluated (%s)",
+                        record.source,
+                        record.position,
+                        getattr(record, "detail", "no text after normalisation"),
+                    )
                     self.rejected[reason] = self.rejected.get(reason, 0) + 1
                     continue
                 texts.append(text)
@@ -151,7 +169,10 @@ class CorpusSequences(torch.utils.data.Dataset):
         if not texts:
             raise ValueError(f"{' '.join(corpus)}: no document to evaluate (rejected: {self.rejected or 'none'})")
         eos = special_id(tokenizer, EOS)
-        docs = [corpus_format.document_tokens(e.ids, eos) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        docs = [
+            corpus_format.document_tokens(e.ids, eos)
+            for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        ]
         m = self.m
         counts = np.array([corpus_format.chunk_count(len(d), m) for d in docs])
         self.tokens = np.full((counts.sum(), m), self.pad_id, dtype=np.int64)  # (n, m)
@@ -181,7 +202,9 @@ class CorpusSequences(torch.utils.data.Dataset):
         self.shifts = None  # (n, k) with align: each neighbour's window moved to line up with its chunk
         if align:
             queries = [t[:n] for t, n in zip(self.tokens, self.lengths) for _ in range(k)]
-            self.shifts = self.store.alignment_shifts(self.neighbours.reshape(-1), queries).reshape(self.neighbours.shape)
+            self.shifts = self.store.alignment_shifts(self.neighbours.reshape(-1), queries).reshape(
+                self.neighbours.shape
+            )
         self.copies_dropped = sum(len(v) for v in copies.values())
 
     def __len__(self) -> int:
@@ -193,7 +216,11 @@ class CorpusSequences(torch.utils.data.Dataset):
         tokens = np.full((self.l, self.m), self.pad_id, dtype=np.int64)
         lengths = np.zeros(self.l, dtype=np.int64)
         neighbours = np.full((self.l, self.k), -1, dtype=np.int64)
-        tokens[inside], lengths[inside], neighbours[inside] = self.tokens[rows[inside]], self.lengths[rows[inside]], self.neighbours[rows[inside]]
+        tokens[inside], lengths[inside], neighbours[inside] = (
+            self.tokens[rows[inside]],
+            self.lengths[rows[inside]],
+            self.neighbours[rows[inside]],
+        )
         nxt = (i + 1) * self.l
         tail = int(self.tokens[nxt, 0]) if nxt < self.n_live else self.pad_id
         if self.shifts is None:
@@ -203,7 +230,9 @@ class CorpusSequences(torch.utils.data.Dataset):
             shifts[inside] = self.shifts[rows[inside]]
             retrieved = self.store.shifted_neighbour_tokens(neighbours.reshape(-1), shifts.reshape(-1), self.pad_id)
         retrieved = retrieved.reshape(self.l, self.k, 2 * self.m)
-        return sequence_item(tokens, lengths, tail, retrieved, np.where(inside, rows, -1), self.byte_lengths, self.pad_id)
+        return sequence_item(
+            tokens, lengths, tail, retrieved, np.where(inside, rows, -1), self.byte_lengths, self.pad_id
+        )
 
 
 def evaluation_byte_lengths(tokenizer) -> np.ndarray:
@@ -227,5 +256,10 @@ def sequence_item(tokens, lengths, tail: int, retrieved, ids, byte_lengths, pad_
     target_real = np.append(flat_real[1:], tail != pad_id)
     targets = np.where(target_real, targets, -100)
     target_bytes = np.where(target_real, byte_lengths[np.where(target_real, targets, 0)], 0)
-    return (torch.from_numpy(flat), torch.from_numpy(targets), torch.from_numpy(np.asarray(retrieved, dtype=np.int64)),
-            torch.from_numpy(target_bytes.astype(np.int64)), torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+    return (
+        torch.from_numpy(flat),
+        torch.from_numpy(targets),
+        torch.from_numpy(np.asarray(retrieved, dtype=np.int64)),
+        torch.from_numpy(target_bytes.astype(np.int64)),
+        torch.from_numpy(np.asarray(ids, dtype=np.int64)),
+    )

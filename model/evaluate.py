@@ -34,8 +34,8 @@ import os
 import numpy as np
 import torch
 
+from model import checkpoint
 from model.data import CorpusSequences, RetroSequences
-from model.train import load_model
 from retro_db import cli
 from retro_db.manifest import require_stages
 
@@ -76,7 +76,9 @@ def chunk_leakage(data, k: int = K_LEAKAGE) -> np.ndarray:
 
 
 @torch.no_grad()
-def chunk_scores(model, data, *, retrieval: bool, k: int, batch_size: int = 8, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def chunk_scores(
+    model, data, *, retrieval: bool, k: int, batch_size: int = 8, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Per evaluation chunk (sequence order, l per sequence): the losses in nats of the tokens
     predicted at its positions and their bytes. (n,), (n,)"""
     model.eval().to(device)
@@ -102,11 +104,21 @@ def summary(nats: np.ndarray, bytes_: np.ndarray, leakage: np.ndarray) -> dict:
     by_alpha = {}
     for alpha in ALPHAS:
         sel = scored & (leakage <= alpha + 1e-9)
-        by_alpha[f"{alpha:g}"] = {"bpb": round(bpb(nats[sel], bytes_[sel]), 5) if sel.any() else None, "chunks": int(sel.sum())}
-    return {"bpb": round(bpb(nats, bytes_), 5), "bytes": int(bytes_.sum()), "chunks": int(scored.sum()), "bpb_by_alpha": by_alpha}
+        by_alpha[f"{alpha:g}"] = {
+            "bpb": round(bpb(nats[sel], bytes_[sel]), 5) if sel.any() else None,
+            "chunks": int(sel.sum()),
+        }
+    return {
+        "bpb": round(bpb(nats, bytes_), 5),
+        "bytes": int(bytes_.sum()),
+        "chunks": int(scored.sum()),
+        "bpb_by_alpha": by_alpha,
+    }
 
 
-def paired_difference(nats_a: np.ndarray, nats_b: np.ndarray, bytes_: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dict:
+def paired_difference(
+    nats_a: np.ndarray, nats_b: np.ndarray, bytes_: np.ndarray, *, resamples: int = 2000, seed: int = 0
+) -> dict:
     """bpb(a) - bpb(b) on the same chunks, with its 95% paired bootstrap interval over chunks."""
     scored = bytes_ > 0
     diff, weight = (nats_a - nats_b)[scored] / math.log(2), bytes_[scored]
@@ -115,8 +127,12 @@ def paired_difference(nats_a: np.ndarray, nats_b: np.ndarray, bytes_: np.ndarray
         idx = rng.integers(0, len(diff), (min(200, resamples - block), len(diff)))
         stats.append(diff[idx].sum(1) / weight[idx].sum(1))
     lo, hi = np.percentile(np.concatenate(stats), [2.5, 97.5])
-    return {"bpb": round(float(diff.sum() / weight.sum()), 6), "ci95": [round(float(lo), 6), round(float(hi), 6)],
-            "chunks": int(scored.sum()), "resamples": resamples}
+    return {
+        "bpb": round(float(diff.sum() / weight.sum()), 6),
+        "ci95": [round(float(lo), 6), round(float(hi), 6)],
+        "chunks": int(scored.sum()),
+        "resamples": resamples,
+    }
 
 
 def evaluate(model, data, *, retrieval: bool, k: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
@@ -130,29 +146,46 @@ def evaluate_sets(retro, baseline, sets: dict, *, k: int, device: str, resamples
     results = {"retro_on": {}, "retro_off": {}, "baseline": {}, "differences": {f"{a}-{b}": {} for a, b in DIFFERENCES}}
     for name, data in sets.items():
         leakage = chunk_leakage(data)
-        scores = {"retro_on": chunk_scores(retro, data, retrieval=True, k=k, device=device),
-                  "retro_off": chunk_scores(retro, data, retrieval=False, k=k, device=device),
-                  "baseline": chunk_scores(baseline, data, retrieval=False, k=k, device=device)}
+        scores = {
+            "retro_on": chunk_scores(retro, data, retrieval=True, k=k, device=device),
+            "retro_off": chunk_scores(retro, data, retrieval=False, k=k, device=device),
+            "baseline": chunk_scores(baseline, data, retrieval=False, k=k, device=device),
+        }
         for model_name, (nats, bytes_) in scores.items():
             results[model_name][name] = summary(nats, bytes_, leakage)
         for a, b in DIFFERENCES:
-            results["differences"][f"{a}-{b}"][name] = paired_difference(scores[a][0], scores[b][0], scores[a][1], resamples=resamples)
+            results["differences"][f"{a}-{b}"][name] = paired_difference(
+                scores[a][0], scores[b][0], scores[a][1], resamples=resamples
+            )
         log.info("%s: %s", name, ", ".join(f"{m} {results[m][name]['bpb']:.4f}" for m in scores))
     return results
 
 
 def load_run(run: str, db: str) -> tuple:
-    missing = [name for name in ("retro", "baseline") if not os.path.exists(os.path.join(run, name, "ckpt.pt"))]
+    paths = {name: os.path.join(run, name, checkpoint.CHECKPOINT) for name in ("retro", "baseline")}
+    missing = [name for name, path in paths.items() if not os.path.exists(path)]
     if missing:
-        raise FileNotFoundError(f"{run}: no {' or '.join(missing)} checkpoint ({os.path.join(run, missing[0], 'ckpt.pt')}); "
-                                f"train the run first (make train DB={db} RUN={run})")
-    retro, ckpt = load_model(os.path.join(run, "retro", "ckpt.pt"))
-    baseline, _ = load_model(os.path.join(run, "baseline", "ckpt.pt"))
-    return retro, baseline, ckpt["train_config"].get("k", 2)
+        raise FileNotFoundError(
+            f"{run}: no {' or '.join(missing)} checkpoint ({paths[missing[0]]}); "
+            f"train the run first (make train DB={db} RUN={run})"
+        )
+    retro, ckpt = checkpoint.load(paths["retro"])
+    baseline, _ = checkpoint.load(paths["baseline"])
+    return retro, baseline, checkpoint.trained_k(ckpt)
 
 
-def evaluate_run(db: str, run: str, *, corpus: list[str] | None = None, out: str | None = None, k: int | None = None,
-                 splits=("valid", "test"), device: str | None = None, resamples: int = 2000, nprobe: int | None = None) -> dict:
+def evaluate_run(
+    db: str,
+    run: str,
+    *,
+    corpus: list[str] | None = None,
+    out: str | None = None,
+    k: int | None = None,
+    splits=("valid", "test"),
+    device: str | None = None,
+    resamples: int = 2000,
+    nprobe: int | None = None,
+) -> dict:
     """Evaluates the run's two models on the DB's valid/test splits (stored neighbours) or on
     ``corpus`` (live retrieval), into ``out`` (default ``run``/eval.json). Top-level ``bpb`` of each
     model: the test split's, or the corpus's."""
@@ -163,21 +196,35 @@ def evaluate_run(db: str, run: str, *, corpus: list[str] | None = None, out: str
         raise ValueError(f"k must be at least 1; got {k}")
     l, width = retro.config.max_chunks, max(k, K_LEAKAGE)
     if corpus:
-        sets = {"corpus": CorpusSequences(db, corpus, chunks_per_seq=l, k=width, nprobe=nprobe, device=device,
-                                                 align=retro.config.align_neighbours)}
+        sets = {
+            "corpus": CorpusSequences(
+                db, corpus, chunks_per_seq=l, k=width, nprobe=nprobe, device=device, align=retro.config.align_neighbours
+            )
+        }
         top = "corpus"
     else:
         stored = require_stages(db)["stages"]["neighbours"]["config"].get("k_eval", width)
         if k > stored:
             raise ValueError(f"k = {k} but {db}'s tables hold {stored} neighbours per evaluation chunk")
-        sets = {split: RetroSequences(db, split, chunks_per_seq=l, k=width, align=retro.config.align_neighbours) for split in splits}
+        sets = {
+            split: RetroSequences(db, split, chunks_per_seq=l, k=width, align=retro.config.align_neighbours)
+            for split in splits
+        }
         top = "test" if "test" in sets else splits[-1]
     results = evaluate_sets(retro, baseline, sets, k=k, device=device, resamples=resamples)
     for name in ("retro_on", "retro_off", "baseline"):  # the contract: each holds its headline bpb at top level
         results[name]["bpb"] = results[name][top]["bpb"]
-    results["config"] = {"db": db, "run": run, "corpus": corpus or None, "k": k, "k_leakage": K_LEAKAGE, "alphas": list(ALPHAS),
-                         "resamples": resamples, "eos_bytes": 1,
-                         "align_neighbours": retro.config.align_neighbours}
+    results["config"] = {
+        "db": db,
+        "run": run,
+        "corpus": corpus or None,
+        "k": k,
+        "k_leakage": K_LEAKAGE,
+        "alphas": list(ALPHAS),
+        "resamples": resamples,
+        "eos_bytes": 1,
+        "align_neighbours": retro.config.align_neighbours,
+    }
     if corpus:
         data = sets["corpus"]
         results["config"].update(documents=data.documents, rejected=data.rejected, copies_excluded=data.copies_dropped)
@@ -191,18 +238,30 @@ def evaluate_run(db: str, run: str, *, corpus: list[str] | None = None, out: str
 
 def table(results: dict) -> str:
     names = [n for n in results["retro_on"] if n != "bpb"]
-    lines = [f"{'model':12s} " + " ".join(f"{n + ' bpb':>12s}" for n in names) + f"   {names[-1]} bpb(alpha), alpha = " + ", ".join(f"{a:g}" for a in ALPHAS)]
+    lines = [
+        f"{'model':12s} "
+        + " ".join(f"{n + ' bpb':>12s}" for n in names)
+        + f"   {names[-1]} bpb(alpha), alpha = "
+        + ", ".join(f"{a:g}" for a in ALPHAS)
+    ]
     for model in ("retro_on", "retro_off", "baseline"):
         r = results[model]
-        alphas = "  ".join("   -  " if r[names[-1]]["bpb_by_alpha"][f"{a:g}"]["bpb"] is None else f"{r[names[-1]]['bpb_by_alpha'][f'{a:g}']['bpb']:.3f}"
-                           for a in ALPHAS)
+        alphas = "  ".join(
+            "   -  "
+            if r[names[-1]]["bpb_by_alpha"][f"{a:g}"]["bpb"] is None
+            else f"{r[names[-1]]['bpb_by_alpha'][f'{a:g}']['bpb']:.3f}"
+            for a in ALPHAS
+        )
         lines.append(f"{model:12s} " + " ".join(f"{r[n]['bpb']:12.4f}" for n in names) + f"   {alphas}")
     counts = results["retro_on"][names[-1]]["bpb_by_alpha"]
     lines.append(f"chunks per alpha ({names[-1]}): " + ", ".join(f"{a}: {v['chunks']}" for a, v in counts.items()))
     for diff, per_set in results["differences"].items():
         for n, d in per_set.items():
             verdict = "no difference" if d["ci95"][0] <= 0 <= d["ci95"][1] else ("lower" if d["bpb"] < 0 else "higher")
-            lines.append(f"{diff} on {n}: {d['bpb']:+.4f} bpb, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] over {d['chunks']} chunks ({verdict})")
+            lines.append(
+                f"{diff} on {n}: {d['bpb']:+.4f} bpb, "
+                f"95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] over {d['chunks']} chunks ({verdict})"
+            )
     return "\n".join(lines)
 
 
@@ -211,7 +270,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", default="db")
     parser.add_argument("--run", default="runs/default")
-    parser.add_argument("--corpus", nargs="+", help="evaluate on these files/directories/globs instead of the DB's valid/test splits")
+    parser.add_argument(
+        "--corpus", nargs="+", help="evaluate on these files/directories/globs instead of the DB's valid/test splits"
+    )
     parser.add_argument("--out", help="where the JSON goes (default RUN/eval.json)")
     parser.add_argument("--k", type=int, help="neighbours per chunk given to RETRO (default: what it was trained with)")
     parser.add_argument("--nprobe", type=int, help="IVF lists searched for --corpus (default: the index's)")
@@ -219,8 +280,16 @@ def main() -> None:
     parser.add_argument("--device")
     args = parser.parse_args()
     out = args.out or os.path.join(args.run, "eval.json")
-    results = evaluate_run(args.db, args.run, corpus=args.corpus, out=out, k=args.k, device=args.device, resamples=args.resamples,
-                           nprobe=args.nprobe)
+    results = evaluate_run(
+        args.db,
+        args.run,
+        corpus=args.corpus,
+        out=out,
+        k=args.k,
+        device=args.device,
+        resamples=args.resamples,
+        nprobe=args.nprobe,
+    )
     print(table(results))
     print(f"written to {out}")
 

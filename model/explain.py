@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from model.generate import window_neighbours, window_start
 
 
+def conditioning_chunks(n_tokens: int, chunk_size: int) -> list[int]:
+    """The chunks whose neighbours condition some token of an ``n_tokens`` text: chunk u's condition
+    chunk u+1, so a chunk with no token after it retrieves nothing."""
+    return list(range((n_tokens - 1) // chunk_size))
+
+
 @torch.no_grad()
 def token_logprobs(model, tokens: list[int], retrieved: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """log p(token i | the tokens before it) in nats, with the [N, F] rows ``retrieved[u]`` (k, 2m) of
@@ -40,7 +46,9 @@ def token_logprobs(model, tokens: list[int], retrieved: dict[int, np.ndarray]) -
         idx[w, : len(window)] = torch.tensor(window, dtype=torch.long)
     rows = [window_neighbours(retrieved, w, l, pad) if cfg.retrieval else None for w in range(n_windows)]
     present = [r for r in rows if r is not None]
-    neighbours = torch.cat([r if r is not None else torch.full_like(present[0], pad) for r in rows]) if present else None
+    neighbours = (
+        torch.cat([r if r is not None else torch.full_like(present[0], pad) for r in rows]) if present else None
+    )
     # token i (i >= 1) is predicted in window w(i) = window_start(its chunk), at position i - 1 - w(i) * m
     positions = np.arange(1, t)
     window_of = np.array([window_start(u, L) for u in range(n_chunks)])[positions // m]

@@ -50,19 +50,27 @@ class RetroConfig:
 
 def tiny_config(**overrides) -> RetroConfig:
     """Trains on 2 CPU cores in minutes."""
-    return RetroConfig(**{**dict(n_layer=6, n_head=4, n_embd=128, enc_n_layer=2, max_chunks=4, cca_layers=[3, 6]), **overrides})
+    return RetroConfig(
+        **{**dict(n_layer=6, n_head=4, n_embd=128, enc_n_layer=2, max_chunks=4, cca_layers=[3, 6]), **overrides}
+    )
 
 
 def paper_172m_config(**overrides) -> RetroConfig:
     """The paper's 172M RETRO (Table 2 of the paper): 12 layers, d=896, 16 heads, CCA at 6, 9, 12."""
-    return RetroConfig(**{**dict(vocab_size=128_000, n_layer=12, n_head=16, n_embd=896, enc_n_layer=2, max_chunks=32), **overrides})
+    return RetroConfig(
+        **{**dict(vocab_size=128_000, n_layer=12, n_head=16, n_embd=896, enc_n_layer=2, max_chunks=32), **overrides}
+    )
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary position embedding over the time axis of (b, h, t, d_head), at ``positions`` (t,), default 0..t-1."""
     t, d = x.shape[-2], x.shape[-1]
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    pos = torch.arange(t, device=x.device, dtype=torch.float32) if positions is None else positions.to(x.device, torch.float32)
+    pos = (
+        torch.arange(t, device=x.device, dtype=torch.float32)
+        if positions is None
+        else positions.to(x.device, torch.float32)
+    )
     angles = pos[:, None] * inv[None, :]  # (t, d/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -89,8 +97,14 @@ class Attention(nn.Module):
         if self.use_rotary:
             q_pos, k_pos = positions or (None, None)
             q, k = rotary(q, q_pos), rotary(k, k_pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=self.causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -135,7 +149,8 @@ class ChunkedCrossAttention(nn.Module):
         # a chunk without neighbours attends to a dummy position and its output is zeroed below
         mask = keep | ~any_neighbour
         positions = (torch.arange(m - 1, 2 * m - 1), torch.arange(r).repeat(k))  # (m,), (k*r,)
-        out = self.attn(queries, memory, mask=mask, positions=positions) * any_neighbour.reshape(b * l, 1, 1).to(h.dtype)  # (b*l, m, c)
+        present = any_neighbour.reshape(b * l, 1, 1).to(h.dtype)
+        out = self.attn(queries, memory, mask=mask, positions=positions) * present  # (b*l, m, c)
         out = out.reshape(b, t, c)[:, : t - (m - 1)]
         return F.pad(out, (0, 0, m - 1, 0))  # tokens 0..m-2 attend to nothing
 
@@ -248,7 +263,9 @@ class Retro(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (b, t, vocab)
         if targets is None:
             return logits, None, None
-        token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none").view(b, t)
+        token_loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(b, t)
         n = (targets != -100).sum().clamp(min=1)
         return logits, token_loss.sum() / n, token_loss
 

@@ -12,18 +12,18 @@ loaded from a baseline checkpoint and frozen; only the encoder and CCA layers tr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from model import checkpoint
 from model.data import RetroSequences
 from model.model import Retro, RetroConfig, paper_172m_config, tiny_config
 from retro_db import cli
@@ -75,7 +75,7 @@ def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int, rank: int, wo
     """The dataset indices of one micro-batch: a pure function of (step, micro, rank), so resuming
     at a step reproduces the data order exactly and ranks never overlap."""
     per_step = cfg.batch_size * cfg.grad_accum * world
-    start = (step * per_step + (micro * world + rank) * cfg.batch_size)
+    start = step * per_step + (micro * world + rank) * cfg.batch_size
     positions = np.arange(start, start + cfg.batch_size)
     epochs, offsets = positions // n, positions % n
     return np.array([epoch_order(n, int(e), cfg.seed)[o] for e, o in zip(epochs, offsets)])
@@ -86,48 +86,23 @@ def collate(dataset, indices):
     return [torch.stack(x) for x in zip(*items)]
 
 
-def training_data_sha256(manifest: dict) -> str:
-    """What a run learns from: the train chunk shards and how their neighbour tables were built
-    (config and index shards; not the tables' bytes, which deletions refresh). A checkpoint resumes
-    only on the same: a DB rebuilt in place (other duplicates kept, another k) is other data."""
-    stages = manifest["stages"]
-    chunks = sorted(s["chunks_file"]["sha256"] for s in stages["chunks"]["shards"] if s["split"] == "train")
-    return hashlib.sha256(json.dumps([chunks, stages["neighbours"]["config"]], sort_keys=True).encode()).hexdigest()
-
-
-def save_checkpoint(path: str, model, optimizer, step: int, model_config: RetroConfig, train_config: TrainConfig, data_sha256: str) -> None:
-    state = {
-        "model": (model.module if hasattr(model, "module") else model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "model_config": model_config.to_dict(),
-        "train_config": asdict(train_config),
-        "data_sha256": data_sha256,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-    }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_model(path: str, map_location="cpu") -> tuple[Retro, dict]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one first (make train DB=<db> RUN=<run>)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    model = Retro(RetroConfig(**{"align_neighbours": False, **ckpt["model_config"]}))  # checkpoints from before alignment
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
-
-
 def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> RetroConfig:
     make = {"tiny": tiny_config, "paper-172m": paper_172m_config}[name]
     return make(vocab_size=vocab_size, pad_id=pad_id, retrieval=not baseline)
 
 
-def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = False, retrofit: str | None = None,
-          cfg: TrainConfig | None = None, device: str | None = None) -> dict:
+def train(
+    db: str,
+    out: str,
+    *,
+    config_name: str = "tiny",
+    baseline: bool = False,
+    retrofit: str | None = None,
+    cfg: TrainConfig | None = None,
+    device: str | None = None,
+) -> dict:
     """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present."""
-    data_sha256 = training_data_sha256(require_stages(db, ("chunks", "embeddings", "index", "neighbours")))
+    data_sha256 = checkpoint.data_fingerprint(require_stages(db, ("chunks", "embeddings", "index", "neighbours")))
     cfg = cfg or TrainConfig()
     rank, world = distributed()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,14 +110,16 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     torch.manual_seed(cfg.seed)
     os.makedirs(out, exist_ok=True)
-    ckpt_path = os.path.join(out, "ckpt.pt")
+    ckpt_path = os.path.join(out, checkpoint.CHECKPOINT)
     if retrofit:
         cfg = replace(cfg, retrofit=retrofit)
     if os.path.exists(ckpt_path):
-        model, ckpt = load_model(ckpt_path)
+        model, ckpt = checkpoint.load(ckpt_path)
         if ckpt.get("data_sha256", data_sha256) != data_sha256:
-            raise ValueError(f"{ckpt_path} was trained on other data than {db} holds now (its train chunks or neighbour tables "
-                             "were rebuilt): give another --out, or remove the checkpoint to start over")
+            raise ValueError(
+                f"{ckpt_path} was trained on other data than {db} holds now (its train chunks or neighbour tables "
+                "were rebuilt): give another --out, or remove the checkpoint to start over"
+            )
         start, cfg = ckpt["step"], replace(cfg, retrofit=ckpt["train_config"].get("retrofit", ""))
         log.info("resuming %s at step %d", ckpt_path, start)
     else:
@@ -150,12 +127,14 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
         tokenizer = db_tokenizer(db)
         model = Retro(build_model(config_name, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), baseline))
         if cfg.retrofit:
-            base, _ = load_model(cfg.retrofit)
+            base, _ = checkpoint.load(cfg.retrofit)
             _, unexpected = model.load_state_dict(base.state_dict(), strict=False)
             if unexpected:
                 raise ValueError(f"{cfg.retrofit} is not a baseline of this shape: unexpected {unexpected[:3]}")
     model_config = model.config
-    data = RetroSequences(db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k, align=model_config.align_neighbours)
+    data = RetroSequences(
+        db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k, align=model_config.align_neighbours
+    )
     if cfg.retrofit:
         retrieval = {id(p) for p in model.retrieval_parameters()}
         for p in model.parameters():
@@ -164,20 +143,37 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=device.startswith("cuda"),
+    )
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
     ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ.get("LOCAL_RANK", 0))] if device.startswith("cuda") else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[int(os.environ.get("LOCAL_RANK", 0))] if device.startswith("cuda") else None
+        )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
     use_neighbours = model_config.retrieval
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * model_config.max_chunks * model_config.chunk_size
     log_path = os.path.join(out, "log.jsonl")
-    bar = tqdm(total=cfg.steps, initial=start, desc=os.path.basename(out.rstrip("/")), unit="step", disable=rank != 0, mininterval=5)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=os.path.basename(out.rstrip("/")),
+        unit="step",
+        disable=rank != 0,
+        mininterval=5,
+    )
     t0, last = time.perf_counter(), {}
     model.train()
     for step in range(start, cfg.steps):
@@ -197,13 +193,18 @@ def train(db: str, out: str, *, config_name: str = "tiny", baseline: bool = Fals
         bar.update(1)
         if rank == 0 and ((step + 1) % 10 == 0 or step + 1 == cfg.steps):
             elapsed = time.perf_counter() - t0
-            last = {"step": step + 1, "loss": round(total, 4), "lr": lr_at(step, cfg), "grad_norm": round(float(norm), 3),
-                    "tokens_per_s": round(tokens_per_step * (step + 1 - start) / elapsed, 1)}
+            last = {
+                "step": step + 1,
+                "loss": round(total, 4),
+                "lr": lr_at(step, cfg),
+                "grad_norm": round(float(norm), 3),
+                "tokens_per_s": round(tokens_per_step * (step + 1 - start) / elapsed, 1),
+            }
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
         if rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(ckpt_path, model, optimizer, step + 1, model_config, cfg, data_sha256)
+            checkpoint.save(ckpt_path, model, optimizer, step + 1, model_config, cfg, data_sha256)
     bar.close()
     if world > 1:
         torch.distributed.barrier()
@@ -226,7 +227,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = build_parser().parse_args()
     cfg = cli.config_from_args(TrainConfig, args)
-    last = train(args.db, args.out, config_name=args.config, baseline=args.baseline, retrofit=args.retrofit, cfg=cfg, device=args.device)
+    last = train(
+        args.db,
+        args.out,
+        config_name=args.config,
+        baseline=args.baseline,
+        retrofit=args.retrofit,
+        cfg=cfg,
+        device=args.device,
+    )
     log.info("done: %s", last)
 
 

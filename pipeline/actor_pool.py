@@ -34,4 +34,3 @@ def node_cpus() -> list[float]:
     from ray._private.state import available_resources_per_node  # Ray's DeveloperAPI: no public equivalent
 
     return [r.get("CPU", 0.0) for r in available_resources_per_node().values()]
-

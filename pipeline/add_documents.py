@@ -46,11 +46,18 @@ log = logging.getLogger(__name__)
 
 
 def next_ids(manifest: dict) -> tuple[int, int]:
-    """(first free document id, first free chunk id) after the DB, its increments and the ranges reserved by running ones."""
+    """(first free document id, first free chunk id) after the DB, its increments and the ranges reserved by
+    running ones."""
     counts = manifest["stages"]["chunks"]["counts"]
     ends = [(counts["documents_kept"], counts["chunks"])]
-    ends += [(inc["first_doc_id"] + inc["documents"], inc["first_chunk_id"] + inc["chunks"]) for inc in manifest.get("increments", [])]
-    ends += [(r["first_doc_id"] + r["max_documents"], r["first_chunk_id"] + r["max_chunks"]) for r in manifest.get("reservations", [])]
+    ends += [
+        (inc["first_doc_id"] + inc["documents"], inc["first_chunk_id"] + inc["chunks"])
+        for inc in manifest.get("increments", [])
+    ]
+    ends += [
+        (r["first_doc_id"] + r["max_documents"], r["first_chunk_id"] + r["max_chunks"])
+        for r in manifest.get("reservations", [])
+    ]
     return max(d for d, _ in ends), max(c for _, c in ends)
 
 
@@ -77,31 +84,50 @@ def reserve(db: str, name: str, corpus: list[str], config: ChunkConfig) -> dict:
             return done
         if mine := next((r for r in manifest.get("reservations", []) if r["name"] == name), None):
             if mine["inputs"] != inputs:
-                raise ValueError(f"increment {name!r} is being added from other inputs ({mine['inputs'][:2]}...); give another --name")
+                raise ValueError(
+                    f"increment {name!r} is being added from other inputs "
+                    f"({mine['inputs'][:2]}...); give another --name"
+                )
             log.info("add-documents: resuming increment %r with its reserved ids", name)
         return mine
 
     with mf.locked(db):
         manifest = mf.read_manifest(db)
         reservations = manifest.get("reservations", [])
-        name = name or next((r["name"] for r in reservations if r["inputs"] == inputs),
-                            f"{len(manifest.get('increments', [])) + len(reservations):05d}")
+        name = name or next(
+            (r["name"] for r in reservations if r["inputs"] == inputs),
+            f"{len(manifest.get('increments', [])) + len(reservations):05d}",
+        )
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"increment name {name!r}: use letters, digits, '-' and '_'")
         if found := taken(manifest):
             return found
-    max_documents, max_chunks = id_bounds(inputs, config.text_field, config.max_record_bytes)  # outside the lock: it reads the corpus
+    # outside the lock: it reads the corpus
+    max_documents, max_chunks = id_bounds(inputs, config.text_field, config.max_record_bytes)
     with mf.locked(db):
         manifest = mf.read_manifest(db)
         if found := taken(manifest):  # a run of the same name reserved meanwhile (the run lock decides)
             return found
         first_doc, first_chunk = next_ids(manifest)
-        mine = {"name": name, "inputs": inputs, "first_doc_id": first_doc, "first_chunk_id": first_chunk,
-                "max_documents": max_documents, "max_chunks": max_chunks, "pid": os.getpid()}
+        mine = {
+            "name": name,
+            "inputs": inputs,
+            "first_doc_id": first_doc,
+            "first_chunk_id": first_chunk,
+            "max_documents": max_documents,
+            "max_chunks": max_chunks,
+            "pid": os.getpid(),
+        }
         manifest.setdefault("reservations", []).append(mine)
         mf.write_manifest(db, manifest)
-    log.info("add-documents: reserved document ids %d.. and chunk ids %d.. (%d, %d) for %r", first_doc, first_chunk,
-             max_documents, max_chunks, name)
+    log.info(
+        "add-documents: reserved document ids %d.. and chunk ids %d.. (%d, %d) for %r",
+        first_doc,
+        first_chunk,
+        max_documents,
+        max_chunks,
+        name,
+    )
     return mine
 
 
@@ -114,7 +140,9 @@ def run_lock(db: str, name: str):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"increment {name!r} is being added by another run right now; wait for it, or give another --name") from None
+            raise ValueError(
+                f"increment {name!r} is being added by another run right now; wait for it, or give another --name"
+            ) from None
         yield
 
 
@@ -133,14 +161,24 @@ def add_documents(corpus: list[str], db: str, *, name: str = "", beam_args: list
         return _add_increment(db, corpus, reservation, stages, base, beam_args=beam_args, actors=actors)
 
 
-def _add_increment(db: str, corpus: list[str], reservation: dict, stages: dict, base: ChunkConfig, *, beam_args, actors: int) -> dict:
+def _add_increment(
+    db: str, corpus: list[str], reservation: dict, stages: dict, base: ChunkConfig, *, beam_args, actors: int
+) -> dict:
     name, first_doc, first_chunk = reservation["name"], reservation["first_doc_id"], reservation["first_chunk_id"]
     root = layout.increment_root(db, name)
     failpoint("add-documents:reserved")
 
-    config = dataclasses.replace(base, valid_fraction=0.0, test_fraction=0.0, first_doc_id=first_doc, first_chunk_id=first_chunk)
-    chunks = write_chunk_shards(corpus, root, config=config, tokenizer_path=layout.tokenizer_path(db), beam_args=beam_args,
-                                existing_documents=db)
+    config = dataclasses.replace(
+        base, valid_fraction=0.0, test_fraction=0.0, first_doc_id=first_doc, first_chunk_id=first_chunk
+    )
+    chunks = write_chunk_shards(
+        corpus,
+        root,
+        config=config,
+        tokenizer_path=layout.tokenizer_path(db),
+        beam_args=beam_args,
+        existing_documents=db,
+    )
     failpoint("add-documents:chunks")
     write_embeddings(root, config=config_of(EmbedConfig, stages["embeddings"]), actors=actors)
     failpoint("add-documents:embeddings")
@@ -152,21 +190,42 @@ def _add_increment(db: str, corpus: list[str], reservation: dict, stages: dict, 
         path = layout.aligned_path(f, layout.INDEX)
         if not os.path.exists(path):
             write_index_shard(trained, f, path, skip_textless=skip_textless)
-        shards.append({"path": os.path.relpath(path, db), "sha256": sha256_file(path), "vectors": faiss.read_index(path).ntotal})
+        shards.append(
+            {"path": os.path.relpath(path, db), "sha256": sha256_file(path), "vectors": faiss.read_index(path).ntotal}
+        )
 
-    entry = {"name": name, "path": os.path.relpath(root, db), "inputs": chunks["config"]["inputs"],
-             "first_doc_id": first_doc, "first_chunk_id": first_chunk, "documents": chunks["counts"]["documents_kept"],
-             "chunks": chunks["counts"]["chunks"], "rejected": {k: v for k, v in chunks["counts"].items() if k.startswith("rejected_")},
-             "index_shards": shards, "vectors": sum(s["vectors"] for s in shards)}
+    entry = {
+        "name": name,
+        "path": os.path.relpath(root, db),
+        "inputs": chunks["config"]["inputs"],
+        "first_doc_id": first_doc,
+        "first_chunk_id": first_chunk,
+        "documents": chunks["counts"]["documents_kept"],
+        "chunks": chunks["counts"]["chunks"],
+        "rejected": {k: v for k, v in chunks["counts"].items() if k.startswith("rejected_")},
+        "index_shards": shards,
+        "vectors": sum(s["vectors"] for s in shards),
+    }
     if entry["documents"] > reservation["max_documents"] or entry["chunks"] > reservation["max_chunks"]:
-        raise RuntimeError(f"increment {name!r} outgrew its reserved ids ({entry['documents']} documents, {entry['chunks']} chunks for "
-                           f"{reservation['max_documents']}, {reservation['max_chunks']}): not registered")
+        raise RuntimeError(
+            f"increment {name!r} outgrew its reserved ids "
+            f"({entry['documents']} documents, {entry['chunks']} chunks for "
+            f"{reservation['max_documents']}, {reservation['max_chunks']}): not registered"
+        )
     failpoint("add-documents:index")
     with mf.locked(db):  # the increment replaces its reservation in one write
         manifest = mf.read_manifest(db)
         manifest["reservations"] = [r for r in manifest.get("reservations", []) if r["name"] != name]
         manifest.setdefault("increments", []).append(entry)
         mf.write_manifest(db, manifest)
-    log.info("add-documents: increment %r: %d documents, %d chunks (ids %d..%d), %d vectors in %d index shards",
-             name, entry["documents"], entry["chunks"], first_chunk, first_chunk + entry["chunks"] - 1, entry["vectors"], len(shards))
+    log.info(
+        "add-documents: increment %r: %d documents, %d chunks (ids %d..%d), %d vectors in %d index shards",
+        name,
+        entry["documents"],
+        entry["chunks"],
+        first_chunk,
+        first_chunk + entry["chunks"] - 1,
+        entry["vectors"],
+        len(shards),
+    )
     return entry

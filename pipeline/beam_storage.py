@@ -35,7 +35,7 @@ class BeamStorage:
             results = FileSystems.match([prefix + "**"])
         except Exception:  # nothing there yet
             return {}
-        return {m.path[len(prefix):]: m.size_in_bytes for r in results for m in r.metadata_list}
+        return {m.path[len(prefix) :]: m.size_in_bytes for r in results for m in r.metadata_list}
 
 
 def use_beam_filesystems(beam_args: list[str]) -> None:

@@ -13,9 +13,22 @@ indexed and retrievable, never trained on, never a query of the neighbour tables
 ``retro_db.layout.INDEXED_SPLITS`` for why). Duplicates of valid/test documents, and anything
 that leaks into valid/test, are rejected.
 
-Ids: documents are ordered by (split, shard, document hash, source, position); chunk ids are dense over that order,
-so the continuation of chunk i is chunk i+1 exactly when both belong to the same document, and the
-same input and config give the same ids and bytes on any runner.
+Ids: documents are ordered by (split, shard, document hash, source, position); chunk ids are dense
+over that order, so the continuation of chunk i is chunk i+1 exactly when both belong to the same
+document, and the same input and config give the same ids and bytes on any runner.
+
+Records between the steps are plain dicts (any runner's coder carries them), each field made here:
+
+    made by           fields it adds (the record keeps those before it unless said)
+    ReadRecordsFn     retro_db.corpus.Record: source str, position int, text str, meta str (JSON)
+    NormalizeFn       a dict: source, position, meta, text str (normalised), key bytes (blake2b-128 of text)
+    KeepFirstFn       copies [(source, position, meta)]: its exact copies (with retrieval duplicates)
+    TokenizeFn        tokens bytes (uint32 LM ids + <|endoftext|>), split str; text dropped
+    MinHashFn         dedup_sig, leakage_sig bytes (uint32 MinHash of dedup_ngram / leakage_ngram shingles)
+    FindNearDuplicates  (band key bytes, (key, split, signature bytes)) per LSH band, then
+                      (key, the smallest key it matches) per verified pair
+    ApplyDropsFn      key, split, source, position, meta, tokens only; split "retrieval" for copies kept
+    any step          retro_db.corpus.Rejected (source, position, reason, detail) for what it drops
 """
 
 from __future__ import annotations
@@ -63,17 +76,26 @@ class ChunkConfig:
     max_record_bytes: int = field(default=8 << 20, metadata={"help": "larger records are rejected"})
     valid_fraction: float = 0.03
     test_fraction: float = 0.03
-    num_shards: int = field(default=4, metadata={"help": "train shards (valid/test get a proportional share, at least one)"})
+    num_shards: int = field(
+        default=4, metadata={"help": "train shards (valid/test get a proportional share, at least one)"}
+    )
     num_perm: int = 128
     lsh_bands: int = 16
     lsh_rows: int = 8
     dedup_ngram: int = 5
     dedup_threshold: float = field(default=0.8, metadata={"help": "MinHash Jaccard for near-duplicates"})
     leakage_ngram: int = 13
-    leakage_threshold: float = field(default=0.8, metadata={"help": "MinHash Jaccard of a train document to a valid/test one that drops it"})
+    leakage_threshold: float = field(
+        default=0.8, metadata={"help": "MinHash Jaccard of a train document to a valid/test one that drops it"}
+    )
     max_bucket_compare: int = 64  # pairs checked per document in one LSH bucket
-    retrieval_duplicates: bool = field(default=True, metadata={
-        "help": "exact and near duplicates of train documents stay retrievable (split 'retrieval'), never trained on"})
+    retrieval_duplicates: bool = field(
+        default=True,
+        metadata={
+            "help": "exact and near duplicates of train documents stay retrievable (split 'retrieval'), "
+            "never trained on"
+        },
+    )
     rejected_shards: int = 1
     first_doc_id: int = 0  # ids start here: an increment's ids follow its DB's (add-documents)
     first_chunk_id: int = 0
@@ -127,7 +149,9 @@ class ReadRecordsFn(beam.DoFn):
 
     def process(self, path_size):
         path, size = path_size
-        for item in corpus_io.read_records(path, size, text_field=self.text_field, max_record_bytes=self.max_record_bytes):
+        for item in corpus_io.read_records(
+            path, size, text_field=self.text_field, max_record_bytes=self.max_record_bytes
+        ):
             _count("records_read")
             if isinstance(item, Rejected):
                 _count(f"rejected_{item.reason}")
@@ -192,7 +216,9 @@ class TokenizeFn(beam.DoFn):
         self.eos = special_id(self.tokenizer, EOS)
 
     def process(self, doc):
-        tokens = document_tokens(self.tokenizer.encode_batch_fast([doc["text"]], add_special_tokens=False)[0].ids, self.eos)
+        tokens = document_tokens(
+            self.tokenizer.encode_batch_fast([doc["text"]], add_special_tokens=False)[0].ids, self.eos
+        )
         _count("tokens", len(tokens))
         out = {k: v for k, v in doc.items() if k != "text"}
         out["tokens"] = tokens.tobytes()  # bytes: Beam's coder copies them without pickling
@@ -232,7 +258,9 @@ class VerifyBucketFn(beam.DoFn):
         _, members = bucket
         if len(members) < 2:
             return
-        members = sorted(((key, split, np.frombuffer(sig, dtype=np.uint32)) for key, split, sig in members), key=lambda m: m[:2])
+        members = sorted(
+            ((key, split, np.frombuffer(sig, dtype=np.uint32)) for key, split, sig in members), key=lambda m: m[:2]
+        )
         if self.mode == "dedup":
             for i, (key, _, sig) in enumerate(members[1:], start=1):
                 for other, _, other_sig in members[max(0, i - self.max_compare) : i]:
@@ -259,6 +287,9 @@ class ApplyDropsFn(beam.DoFn):
     - otherwise it is kept, and its copies become retrieval-only (train) or are rejected (valid/test).
     """
 
+    def __init__(self, leakage_ngram: int):
+        self.leakage_ngram = leakage_ngram
+
     def process(self, joined):
         _, groups = joined
         for doc in groups["doc"]:
@@ -266,7 +297,8 @@ class ApplyDropsFn(beam.DoFn):
             doc = {k: doc[k] for k in ("key", "split", "source", "position", "meta", "tokens")}
             copies = [{**doc, "source": s, "position": p, "meta": m} for s, p, m in copies]
             if groups["leak"]:
-                detail = f"13-gram Jaccard >= threshold with held-out document {min(groups['leak']).hex()}"
+                leak = min(groups["leak"]).hex()
+                detail = f"{self.leakage_ngram}-gram Jaccard >= threshold with held-out document {leak}"
                 for d in (doc, *copies):
                     _count(f"rejected_{LEAKAGE}")
                     yield _rejected(d, LEAKAGE, detail)
@@ -336,9 +368,17 @@ class WriteChunkShardFn(beam.DoFn):
         for doc in docs:
             tokens = doc_tokens(doc)
             n = chunk_count(len(tokens), m)
-            for name, value in (("doc_id", doc_id), ("doc_hash", doc["key"].hex()), ("first_chunk_id", chunk_id), ("n_chunks", n),
-                                ("n_tokens", len(tokens)), ("n_bytes", int(self.byte_lengths[tokens].sum())),
-                                ("source", doc["source"]), ("position", doc["position"]), ("meta", doc["meta"])):
+            for name, value in (
+                ("doc_id", doc_id),
+                ("doc_hash", doc["key"].hex()),
+                ("first_chunk_id", chunk_id),
+                ("n_chunks", n),
+                ("n_tokens", len(tokens)),
+                ("n_bytes", int(self.byte_lengths[tokens].sum())),
+                ("source", doc["source"]),
+                ("position", doc["position"]),
+                ("meta", doc["meta"]),
+            ):
                 doc_cols[name].append(value)
             for i in range(n):
                 piece = tokens[i * m : (i + 1) * m]
@@ -349,12 +389,19 @@ class WriteChunkShardFn(beam.DoFn):
                 chunk_cols["n_bytes"].append(int(self.byte_lengths[piece].sum()))
             doc_id += 1
             chunk_id += n
-        chunks = pa.Table.from_pydict({**chunk_cols, "tokens": [t.tolist() for t in chunk_cols["tokens"]]}, schema=self.chunk_schema)
+        chunks = pa.Table.from_pydict(
+            {**chunk_cols, "tokens": [t.tolist() for t in chunk_cols["tokens"]]}, schema=self.chunk_schema
+        )
         documents = pa.Table.from_pydict(doc_cols, schema=layout.DOCUMENT_SCHEMA)
         n_shards = self.config.shards_of(split)
-        status = {"split": split, "shard": shard, "documents": len(docs), "chunks": chunks.num_rows,
-                  "tokens": int(sum(len(doc_tokens(d)) for d in docs)),
-                  "first_chunk_id": chunk_cols["chunk_id"][0] if docs else None}
+        status = {
+            "split": split,
+            "shard": shard,
+            "documents": len(docs),
+            "chunks": chunks.num_rows,
+            "tokens": int(sum(len(doc_tokens(d)) for d in docs)),
+            "first_chunk_id": chunk_cols["chunk_id"][0] if docs else None,
+        }
         for kind, table in ((layout.CHUNKS, chunks), (layout.DOCUMENTS, documents)):
             relative = layout.shard_relpath(split, shard, n_shards, kind)
             size, digest = _write_parquet_atomically(table, FileSystems.join(self.db, relative))
@@ -409,8 +456,10 @@ class DeadLettered(beam.PTransform):
 
     def expand(self, pcoll):
         both = pcoll | "Apply" >> beam.ParDo(self.fn)
-        return {"kept": both | "Kept" >> beam.Filter(lambda x: not isinstance(x, Rejected)),
-                "rejected": both | "Rejected" >> beam.Filter(lambda x: isinstance(x, Rejected))}
+        return {
+            "kept": both | "Kept" >> beam.Filter(lambda x: not isinstance(x, Rejected)),
+            "rejected": both | "Rejected" >> beam.Filter(lambda x: isinstance(x, Rejected)),
+        }
 
 
 class ReadCorpus(beam.PTransform):
@@ -451,7 +500,8 @@ class HeldOutSignaturesFn(beam.DoFn):
             table = pq.read_table(f, columns=["doc_id", "chunk_index", "tokens"])
         if not table.num_rows:
             return
-        order = np.lexsort((table["chunk_index"].to_numpy(), table["doc_id"].to_numpy()))  # a document's chunks are in one shard
+        # a document's chunks are in one shard
+        order = np.lexsort((table["chunk_index"].to_numpy(), table["doc_id"].to_numpy()))
         docs, tokens = table["doc_id"].to_numpy()[order], table["tokens"].to_pylist()
         starts = np.flatnonzero(np.r_[True, np.diff(docs) != 0])  # each document's first row in ``order``
         for start, end in zip(starts, np.r_[starts[1:], len(order)]):
@@ -478,12 +528,14 @@ class ExactDedup(beam.PTransform):
             # files listed here and read by a ParDo: Beam's Parquet source is a splittable DoFn,
             # which not every runner executes (the Dask runner does not)
             files = sorted(m.path for result in FileSystems.match(self.existing) for m in result.metadata_list)
-            known = docs.pipeline | "ExistingFiles" >> beam.Create(files) | "ExistingHashes" >> beam.FlatMap(_existing_hashes)
+            known = (
+                docs.pipeline
+                | "ExistingFiles" >> beam.Create(files)
+                | "ExistingHashes" >> beam.FlatMap(_existing_hashes)
+            )
             keyed = (keyed, known) | "WithExisting" >> beam.Flatten()
         return (
-            keyed
-            | "GroupByTextHash" >> beam.GroupByKey()
-            | "KeepFirst" >> DeadLettered(KeepFirstFn(self.keep_copies))
+            keyed | "GroupByTextHash" >> beam.GroupByKey() | "KeepFirst" >> DeadLettered(KeepFirstFn(self.keep_copies))
         )
 
 
@@ -534,15 +586,18 @@ class Deduplicate(beam.PTransform):
         near = signed | "NearDuplicates" >> FindNearDuplicates(self.config, "dedup")
         candidates = signed
         if self.held_out:
-            existing = (docs.pipeline | "HeldOutShards" >> beam.Create(self.held_out)
-                        | "HeldOutSignatures" >> beam.ParDo(HeldOutSignaturesFn(self.config)))
+            existing = (
+                docs.pipeline
+                | "HeldOutShards" >> beam.Create(self.held_out)
+                | "HeldOutSignatures" >> beam.ParDo(HeldOutSignaturesFn(self.config))
+            )
             candidates = (signed, existing) | "WithHeldOut" >> beam.Flatten()
         leak = candidates | "Leakage" >> FindNearDuplicates(self.config, "leakage")
         keyed = signed | "ByKey" >> beam.Map(lambda d: (d["key"], d))
         return (
             {"doc": keyed, "near": near, "leak": leak}
             | "Join" >> beam.CoGroupByKey()
-            | "ApplyDrops" >> DeadLettered(ApplyDropsFn())
+            | "ApplyDrops" >> DeadLettered(ApplyDropsFn(self.config.leakage_ngram))
         )
 
 
@@ -591,28 +646,54 @@ class WriteRejected(beam.PTransform):
         )
 
 
-def build_chunk_pipeline(p: beam.Pipeline, *, inputs: list, db: str, config: ChunkConfig, tokenizer_json: str, staging: str,
-                         existing_documents: list[str] = (), held_out: list[str] = ()) -> None:
+def build_chunk_pipeline(
+    p: beam.Pipeline,
+    *,
+    inputs: list,
+    db: str,
+    config: ChunkConfig,
+    tokenizer_json: str,
+    staging: str,
+    existing_documents: list[str] = (),
+    held_out: list[str] = (),
+) -> None:
     """Adds stage 1 over ``inputs`` [(path, size)] to ``p``. Its statistics land in ``staging``/stats.json and
-    shards.json. ``existing_documents``/``held_out``: a grown DB's document shards (exact duplicates) and valid/test chunk
-    shards (leakage)."""
+    shards.json. ``existing_documents``/``held_out``: a grown DB's document shards (exact duplicates) and valid/test
+    chunk shards (leakage)."""
     read = p | "ReadCorpus" >> ReadCorpus(inputs, config)
     normalized = read["kept"] | "Normalize" >> DeadLettered(NormalizeFn())
-    unique = normalized["kept"] | "ExactDedup" >> ExactDedup(existing_documents, keep_copies=config.retrieval_duplicates)
+    unique = normalized["kept"] | "ExactDedup" >> ExactDedup(
+        existing_documents, keep_copies=config.retrieval_duplicates
+    )
     tokenized = unique["kept"] | "Tokenize" >> beam.ParDo(TokenizeFn(tokenizer_json, config))
     kept = tokenized | "Deduplicate" >> Deduplicate(config, held_out)
     statuses = kept["kept"] | "WriteChunkShards" >> WriteChunkShards(db, config, tokenizer_json)
-    rejected = (read["rejected"], normalized["rejected"], unique["rejected"], kept["rejected"]) | "AllRejected" >> beam.Flatten()
+    rejected = (
+        read["rejected"],
+        normalized["rejected"],
+        unique["rejected"],
+        kept["rejected"],
+    ) | "AllRejected" >> beam.Flatten()
     rejected_counts = rejected | "WriteRejected" >> WriteRejected(db, config.rejected_shards)
     records_read = (
-        ((read["kept"], read["rejected"]) | "AllRead" >> beam.Flatten() | "OnePerRecord" >> beam.Map(lambda _: ("records_read", 1)),
-         p | "NoneRead" >> beam.Create([("records_read", 0)]))  # so that an empty corpus still reports 0
+        (
+            (read["kept"], read["rejected"])
+            | "AllRead" >> beam.Flatten()
+            | "OnePerRecord" >> beam.Map(lambda _: ("records_read", 1)),
+            p | "NoneRead" >> beam.Create([("records_read", 0)]),
+        )  # so that an empty corpus still reports 0
         | "ReadMarks" >> beam.Flatten()
         | "CountRead" >> beam.CombinePerKey(sum)
     )
-    stats = (records_read, rejected_counts | "RejectedKeys" >> beam.Map(lambda kv: (f"rejected_{kv[0]}", kv[1]))) | "AllCounts" >> beam.Flatten()
+    stats = (
+        records_read,
+        rejected_counts | "RejectedKeys" >> beam.Map(lambda kv: (f"rejected_{kv[0]}", kv[1])),
+    ) | "AllCounts" >> beam.Flatten()
     (
-        {"stats": stats | "StatsOnOneKey" >> beam.Map(lambda kv: (None, kv)), "shards": statuses | "ShardsOnOneKey" >> beam.Map(lambda x: (None, x))}
+        {
+            "stats": stats | "StatsOnOneKey" >> beam.Map(lambda kv: (None, kv)),
+            "shards": statuses | "ShardsOnOneKey" >> beam.Map(lambda x: (None, x)),
+        }
         | "Summary" >> beam.CoGroupByKey()
         | "WriteSummary" >> beam.ParDo(WriteSummaryFn(staging))
     )
@@ -635,7 +716,11 @@ def local_beam_options(beam_args: list[str]):
         name, _, runner = arg.partition("=")
         args.append(f"--runner={RUNNER_PATHS[runner]}" if name == "--runner" and runner in RUNNER_PATHS else arg)
     if not any(a.startswith("--runner") for a in args):
-        args += ["--runner=FnApiRunner", f"--direct_num_workers={os.cpu_count() or 1}", "--direct_running_mode=multi_processing"]
+        args += [
+            "--runner=FnApiRunner",
+            f"--direct_num_workers={os.cpu_count() or 1}",
+            "--direct_running_mode=multi_processing",
+        ]
     return PipelineOptions(args)
 
 
@@ -643,7 +728,9 @@ def sample_texts(files: list, config: ChunkConfig, sample_bytes: int):
     """The first ``sample_bytes`` of normalised text in sorted file order (deterministic)."""
     seen = 0
     for path, size in files:
-        for item in corpus_io.read_records(path, size, text_field=config.text_field, max_record_bytes=config.max_record_bytes):
+        for item in corpus_io.read_records(
+            path, size, text_field=config.text_field, max_record_bytes=config.max_record_bytes
+        ):
             if isinstance(item, Record) and (text := normalize_text(item.text)):
                 yield text
                 seen += len(text)
@@ -677,18 +764,34 @@ def write_chunk_shards(
     else:
         tokenizer_fingerprint = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"
     # sizes and modification times: an input edited in place, even to the same size, is a new corpus
-    fingerprints = {"inputs": inputs, "inputs_modified": [modified for _, _, modified in files],
-                    "tokenizer_sha256": tokenizer_fingerprint}
+    fingerprints = {
+        "inputs": inputs,
+        "inputs_modified": [modified for _, _, modified in files],
+        "tokenizer_sha256": tokenizer_fingerprint,
+    }
     stage = Stage(db, "chunks", config, fingerprints=fingerprints, overwrite=overwrite)
     if stage.state == "complete":
         shards = stage.previous["shards"]
-        if done := stage.finished([storage.join(db, s[k]["path"]) for s in shards for k in ("chunks_file", "documents_file")]):
+        if done := stage.finished(
+            [storage.join(db, s[k]["path"]) for s in shards for k in ("chunks_file", "documents_file")]
+        ):
             return done
-    stage.start(wipe=[storage.join(db, kind) for kind in (layout.CHUNKS, layout.DOCUMENTS, layout.REJECTED, layout.DELETED, layout.INCREMENTS)])
+    stage.start(
+        wipe=[
+            storage.join(db, kind)
+            for kind in (layout.CHUNKS, layout.DOCUMENTS, layout.REJECTED, layout.DELETED, layout.INCREMENTS)
+        ]
+    )
 
     if not tokenizer_path:
-        log.info("training the LM tokenizer (vocab %d) on up to %d MB of the corpus", vocab_size, tokenizer_sample_bytes >> 20)
-        tokenizer_json = train_lm_tokenizer(sample_texts(inputs, config, tokenizer_sample_bytes), vocab_size=vocab_size).to_str()
+        log.info(
+            "training the LM tokenizer (vocab %d) on up to %d MB of the corpus",
+            vocab_size,
+            tokenizer_sample_bytes >> 20,
+        )
+        tokenizer_json = train_lm_tokenizer(
+            sample_texts(inputs, config, tokenizer_sample_bytes), vocab_size=vocab_size
+        ).to_str()
     storage.write_atomically(layout.tokenizer_path(db), tokenizer_json.encode("utf-8"))
 
     staging = storage.join(db, layout.STAGING_CHUNKS)
@@ -696,11 +799,20 @@ def write_chunk_shards(
     log.info("chunks: %d files, %.1f MB -> %s", len(inputs), total_bytes / 1e6, db)
     options = local_beam_options(list(beam_args))
     with beam.Pipeline(options=options) as p:
-        existing = [layout.documents_glob(root) for root in mf.db_roots(existing_documents)] if existing_documents else []
-        held_out = layout.chunk_shard_files(existing_documents, layout.HELD_OUT_SPLITS) \
-            if existing_documents else []
-        build_chunk_pipeline(p, inputs=inputs, db=db, config=config, tokenizer_json=tokenizer_json, staging=staging,
-                             existing_documents=existing, held_out=held_out)
+        existing = (
+            [layout.documents_glob(root) for root in mf.db_roots(existing_documents)] if existing_documents else []
+        )
+        held_out = layout.chunk_shard_files(existing_documents, layout.HELD_OUT_SPLITS) if existing_documents else []
+        build_chunk_pipeline(
+            p,
+            inputs=inputs,
+            db=db,
+            config=config,
+            tokenizer_json=tokenizer_json,
+            staging=staging,
+            existing_documents=existing,
+            held_out=held_out,
+        )
     if options.view_as(StandardOptions).runner == RUNNER_PATHS["DaskRunner"]:
         # the runner leaves its distributed Client open, reconnecting (and logging) once the cluster goes
         import distributed
@@ -721,6 +833,12 @@ def write_chunk_shards(
     if not counts["balanced"]:
         raise RuntimeError(f"chunks: counts do not add up: {counts}")
     if counts["chunks"] == 0:
-        log.warning("chunks: the corpus produced no chunks (%s)", {k: v for k, v in counts.items() if k.startswith("rejected_")})
-    return stage.complete(counts=counts, shards=shards, tokenizer_sha256=storage.sha256_file(layout.tokenizer_path(db)),
-                          versions=mf.package_versions("apache-beam", "pyarrow", "tokenizers", "numpy"))
+        log.warning(
+            "chunks: the corpus produced no chunks (%s)", {k: v for k, v in counts.items() if k.startswith("rejected_")}
+        )
+    return stage.complete(
+        counts=counts,
+        shards=shards,
+        tokenizer_sha256=storage.sha256_file(layout.tokenizer_path(db)),
+        versions=mf.package_versions("apache-beam", "pyarrow", "tokenizers", "numpy"),
+    )

@@ -48,9 +48,13 @@ def _match(pattern: str) -> list:
 
 
 def open_beam(path: str, decompress: bool):
-    return FileSystems.open(path, compression_type=CompressionTypes.AUTO if decompress else CompressionTypes.UNCOMPRESSED)
+    return FileSystems.open(
+        path, compression_type=CompressionTypes.AUTO if decompress else CompressionTypes.UNCOMPRESSED
+    )
 
 
-def read_records(path: str, size: int, *, text_field: str = "text", max_record_bytes: int = 8 << 20) -> Iterator[Record | Rejected]:
+def read_records(
+    path: str, size: int, *, text_field: str = "text", max_record_bytes: int = 8 << 20
+) -> Iterator[Record | Rejected]:
     """``retro_db.corpus.read_records`` through Beam's filesystems."""
     return _read_records(path, size, text_field=text_field, max_record_bytes=max_record_bytes, open_file=open_beam)

@@ -121,9 +121,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", type=Path, required=True, help="the _sources folder of python3.11-doc")
     parser.add_argument("--out", type=Path, default=Path("data/python-docs-3.11.jsonl.zst"))
-    parser.add_argument("--all-sections", action="store_true",
-                        help="every section of the package (library, c-api, whatsnew, ...), ~7x the default "
-                             "corpus: the 10x corpus of bench.scaling")
+    parser.add_argument(
+        "--all-sections",
+        action="store_true",
+        help="every section of the package (library, c-api, whatsnew, ...), ~7x the default "
+        "corpus: the 10x corpus of bench.scaling",
+    )
     args = parser.parse_args()
     write_default_corpus(args.sources, args.out, sections=("",) if args.all_sections else SOURCE_DIRS)
 

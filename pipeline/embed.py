@@ -38,11 +38,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EmbedConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "frozen BERT: an HF path or name (default: the packaged all-MiniLM-L6-v2)"})
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "frozen BERT: an HF path or name (default: the packaged all-MiniLM-L6-v2)"},
+    )
     max_length: int = 256  # wordpieces; a 64-token chunk rarely needs more than ~150
     batch_size: int = 128
-    precision: str = field(default="fp32", metadata={"help": "CPU embedding precision: int8 quantises Linear layers dynamically (GPUs use bf16 autocast)", "choices": ("fp32", "int8")})
-    block_rows: int = field(default=4096, metadata={"help": "chunks per resumable work unit, length-sorted within a shard"})
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "CPU embedding precision: int8 quantises Linear layers dynamically (GPUs use bf16 autocast)",
+            "choices": ("fp32", "int8"),
+        },
+    )
+    block_rows: int = field(
+        default=4096, metadata={"help": "chunks per resumable work unit, length-sorted within a shard"}
+    )
 
 
 class EmbedActor(ReportsNode):
@@ -51,8 +62,14 @@ class EmbedActor(ReportsNode):
     def __init__(self, config: dict, lm_tokenizer_json: str, threads: int):
         os.environ["OMP_NUM_THREADS"] = str(threads)
         cfg = EmbedConfig(**config)
-        self.embedder = ChunkEmbedder(cfg.model, lm_tokenizer_json=lm_tokenizer_json, precision=cfg.precision,
-                                      max_length=cfg.max_length, batch_size=cfg.batch_size, threads=threads)
+        self.embedder = ChunkEmbedder(
+            cfg.model,
+            lm_tokenizer_json=lm_tokenizer_json,
+            precision=cfg.precision,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            threads=threads,
+        )
         self._shard_path, self._tokens = None, None
 
     def embed_block(self, chunk_file: str, rows: np.ndarray, out_path: str) -> tuple[str, int, float]:
@@ -77,7 +94,7 @@ def length_sorted_blocks(chunk_file: str, block_rows: int) -> list[np.ndarray]:
 
     Padding waste dominates CPU embedding time when lengths vary (code next to prose): sorting a
     whole shard by byte length before cutting blocks, then by wordpiece count inside each batch,
-    embeds 1.35x faster than sorting each contiguous block alone (measured, docs/BENCHMARKS.md).
+    embeds faster than sorting each contiguous block alone (docs/BENCHMARKS.md, Stage 2).
     """
     n_bytes = pq.read_table(chunk_file, columns=["n_bytes"])["n_bytes"].to_numpy()
     order = np.argsort(n_bytes, kind="stable")
@@ -99,13 +116,15 @@ def _assemble_shard(chunk_file: str, blocks: list[str], rows: int) -> str:
     return out
 
 
-def actor_layout(node_cpus: list[float], gpus: float, *, actors: int = 0, max_threads: int = 8) -> tuple[int, int, dict]:
+def actor_layout(
+    node_cpus: list[float], gpus: float, *, actors: int = 0, max_threads: int = 8
+) -> tuple[int, int, dict]:
     """(actors, intra-op threads per actor, Ray resources per actor) for nodes with ``node_cpus`` free.
 
     GPUs: one actor per GPU. CPUs: actors of up to ``max_threads`` threads, no more than the
     smallest node holds, so every actor fits on a node (N nodes of C CPUs: N actors of C threads);
-    on this 2-core machine one 2-thread actor embeds 1.8x faster than two 1-thread actors
-    (docs/BENCHMARKS.md). Each actor reserves one CPU less than it uses (at least half a CPU), so
+    on a small machine one actor of all its threads embeds faster than one actor per core
+    (docs/BENCHMARKS.md, Stage 2). Each actor reserves one CPU less than it uses (at least half a CPU), so
     Ray's own tasks always find a CPU and a small machine cannot deadlock.
     """
     if gpus:
@@ -120,9 +139,17 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
     """Runs stage 2 over every chunk shard of ``db``; returns its manifest record."""
     config = config or EmbedConfig()
     chunks = completed(db, "chunks")
-    stage = Stage(db, "embeddings", config, overwrite=overwrite, fingerprints={
-        "model_sha256": model_fingerprint(config.model), "chunks_tokenizer_sha256": chunks["tokenizer_sha256"],
-        "chunk_size": chunks["config"]["chunk_size"]})
+    stage = Stage(
+        db,
+        "embeddings",
+        config,
+        overwrite=overwrite,
+        fingerprints={
+            "model_sha256": model_fingerprint(config.model),
+            "chunks_tokenizer_sha256": chunks["tokenizer_sha256"],
+            "chunk_size": chunks["config"]["chunk_size"],
+        },
+    )
     files = layout.chunk_shard_files(db)
     if not files:
         raise ValueError(f"{db}: no chunk shards to embed (the corpus produced no chunks)")
@@ -152,8 +179,13 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
     connect_ray()
     n_actors, threads, resources = actor_layout(node_cpus(), cluster_cpus_gpus()[1], actors=actors)
     n_actors = max(1, min(n_actors, len(todo)))
-    log.info("embeddings: %d blocks to embed (%d chunks) on %d actors (%s)", len(todo), sum(len(t[1]) for t in todo),
-             n_actors, "1 GPU each" if "num_gpus" in resources else f"{threads} CPU thread(s) each")
+    log.info(
+        "embeddings: %d blocks to embed (%d chunks) on %d actors (%s)",
+        len(todo),
+        sum(len(t[1]) for t in todo),
+        n_actors,
+        "1 GPU each" if "num_gpus" in resources else f"{threads} CPU thread(s) each",
+    )
     t0, done_chunks, nodes = time.perf_counter(), 0, 0
     if todo:
         pool, nodes = spread_actor_pool(EmbedActor, n_actors, resources, asdict(config), lm_json, threads)
@@ -175,8 +207,13 @@ def write_embeddings(db: str, *, config: EmbedConfig | None = None, actors: int 
         shards.append(stage.shard(out, rows=rows[f]))
     dim = int(np.load(embedding_path(files[0]), mmap_mode="r").shape[1])
     return stage.complete(
-        shards=shards, dim=dim,
-        counts={"chunks": sum(rows.values()), "embedded_this_run": done_chunks, "ray_nodes_this_run": nodes,
-                "chunks_per_s_this_run": round(done_chunks / seconds, 1) if done_chunks else None},
+        shards=shards,
+        dim=dim,
+        counts={
+            "chunks": sum(rows.values()),
+            "embedded_this_run": done_chunks,
+            "ray_nodes_this_run": nodes,
+            "chunks_per_s_this_run": round(done_chunks / seconds, 1) if done_chunks else None,
+        },
         versions=mf.package_versions("torch", "transformers", "ray", "numpy"),
     )

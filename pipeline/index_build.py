@@ -24,7 +24,7 @@ from pipeline.index_recall import exact_top_k, heldout_queries, measure_recall
 from pipeline.stage import Stage, completed
 from retro_db import layout
 from retro_db import manifest as mf
-from retro_db.search import RetrievalIndex, load_embedding_rows, resolve_device
+from retro_db.search import DEFAULT_RERANK_FACTOR, RetrievalIndex, load_embedding_rows, resolve_device
 from retro_db.token_store import first_chunk_id
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class IndexConfig:
     factory: str = field(default="", metadata={"help": "faiss index_factory string (default: IVF-PQ scaled to the DB)"})
-    rerank_factor: int = field(default=4, metadata={"help": "exact re-ranking of k*factor candidates; 0 disables it"})
-    skip_textless_chunks: bool = field(default=True, metadata={"help": "leave chunks holding only <|endoftext|> out of the index"})
+    rerank_factor: int = field(
+        default=DEFAULT_RERANK_FACTOR, metadata={"help": "exact re-ranking of k*factor candidates; 0 disables it"}
+    )
+    skip_textless_chunks: bool = field(
+        default=True, metadata={"help": "leave chunks holding only <|endoftext|> out of the index"}
+    )
     min_points_per_list: int = 39
     max_points_per_list: int = 256
     target_recall: float = 0.9
@@ -108,8 +112,14 @@ def write_index_shard(trained, chunk_file: str, path: str, *, skip_textless: boo
     return path
 
 
-def write_index(db: str, *, config: IndexConfig | None = None, threads: int | None = None, overwrite: bool = False,
-                device: str = "auto") -> dict:
+def write_index(
+    db: str,
+    *,
+    config: IndexConfig | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+) -> dict:
     """Runs stage 3: trains once (on a GPU when ``device`` resolves to one), writes one index shard
     per train embedding shard, measures recall."""
     config = config or IndexConfig()
@@ -117,10 +127,19 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
     embeddings = completed(db, "embeddings")
     rows = load_embedding_rows(db, layout.INDEXED_SPLITS)
-    n, d = sum(len(a) for a in rows.arrays), rows.arrays[0].shape[1]  # ids need not be contiguous (retrieval follows test)
-    stage = Stage(db, "index", config, overwrite=overwrite, fingerprints={
-        "factory": config.factory or default_factory(n, d, min_points_per_list=config.min_points_per_list),
-        "embeddings_model_sha256": embeddings["config"]["model_sha256"], "embedding_shards": [s["sha256"] for s in embeddings["shards"]]})
+    # ids need not be contiguous (retrieval follows test)
+    n, d = sum(len(a) for a in rows.arrays), rows.arrays[0].shape[1]
+    stage = Stage(
+        db,
+        "index",
+        config,
+        overwrite=overwrite,
+        fingerprints={
+            "factory": config.factory or default_factory(n, d, min_points_per_list=config.min_points_per_list),
+            "embeddings_model_sha256": embeddings["config"]["model_sha256"],
+            "embedding_shards": [s["sha256"] for s in embeddings["shards"]],
+        },
+    )
     factory = stage.record["factory"]
     indexed_files = layout.chunk_shard_files(db, layout.INDEXED_SPLITS)
     shard_paths = [layout.aligned_path(f, layout.INDEX) for f in indexed_files]
@@ -168,13 +187,33 @@ def write_index(db: str, *, config: IndexConfig | None = None, threads: int | No
     good = [g["nprobe"] for g in grid if g[key] >= config.target_recall]
     default_nprobe = good[0] if good else grid[-1]["nprobe"]
     if not good:
-        log.warning("index: no nprobe reaches recall@10 %.2f (best %.3f); defaulting to %d", config.target_recall, max(g[key] for g in grid), default_nprobe)
+        log.warning(
+            "index: no nprobe reaches recall@10 %.2f (best %.3f); defaulting to %d",
+            config.target_recall,
+            max(g[key] for g in grid),
+            default_nprobe,
+        )
     recall = next(g[key] for g in grid if g["nprobe"] == default_nprobe)
     recall_s = time.perf_counter() - t0
-    log.info("index: %s, %d vectors in %d shards; recall@10 %.3f at default nprobe %d", factory, index.ntotal, len(shards), recall, default_nprobe)
+    log.info(
+        "index: %s, %d vectors in %d shards; recall@10 %.3f at default nprobe %d",
+        factory,
+        index.ntotal,
+        len(shards),
+        recall,
+        default_nprobe,
+    )
     return stage.complete(
-        shards=shards, vectors=index.ntotal, dim=d,
-        bytes=sum(s["bytes"] for s in shards), add_seconds=round(add_s, 2), recall_seconds=round(recall_s, 2), default_nprobe=default_nprobe,
-        recall_at_10=recall, recall_grid=grid, exact_qps=round(exact_qps, 1), recall_queries=len(queries),
+        shards=shards,
+        vectors=index.ntotal,
+        dim=d,
+        bytes=sum(s["bytes"] for s in shards),
+        add_seconds=round(add_s, 2),
+        recall_seconds=round(recall_s, 2),
+        default_nprobe=default_nprobe,
+        recall_at_10=recall,
+        recall_grid=grid,
+        exact_qps=round(exact_qps, 1),
+        recall_queries=len(queries),
         versions=mf.package_versions("faiss-cpu", "faiss-gpu", "numpy"),
     )

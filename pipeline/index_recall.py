@@ -37,7 +37,9 @@ def heldout_queries(db: str, n: int, seed: int) -> np.ndarray:
     return np.asarray(pool[np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))], dtype=np.float32)
 
 
-def measure_recall(index: RetrievalIndex, queries: np.ndarray, exact_ids: np.ndarray, k: int = 10, grid=NPROBE_GRID) -> list[dict]:
+def measure_recall(
+    index: RetrievalIndex, queries: np.ndarray, exact_ids: np.ndarray, k: int = 10, grid=NPROBE_GRID
+) -> list[dict]:
     """recall@k and queries/s per nprobe, with and without re-ranking."""
     rows = []
     factor = index.rerank_factor
@@ -57,7 +59,9 @@ def measure_recall(index: RetrievalIndex, queries: np.ndarray, exact_ids: np.nda
     return rows
 
 
-def exact_top_k(shards: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+def exact_top_k(
+    shards: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Brute force (IndexFlatL2) over every indexed vector, given per shard as (vectors (n, d), chunk ids (n,));
     returns (D, I, queries/s)."""
     flat = faiss.IndexIDMap2(faiss.IndexFlatL2(shards[0][0].shape[1]))

@@ -29,7 +29,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def permutation_seeds(num_perm: int, seed: int = 1) -> np.ndarray:
     """(2, num_perm) uint32 multipliers (odd) and increments of the multiply-add family."""
-    raw = (_splitmix64(np.arange(2 * num_perm, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 32)) >> np.uint64(32)).astype(np.uint32)
+    raw = (
+        _splitmix64(np.arange(2 * num_perm, dtype=np.uint64) + np.uint64(seed) * np.uint64(1 << 32)) >> np.uint64(32)
+    ).astype(np.uint32)
     return np.stack([raw[:num_perm] | np.uint32(1), raw[num_perm:]])
 
 
@@ -69,7 +71,8 @@ def band_keys(sig: np.ndarray, *, bands: int, rows: int) -> list[bytes]:
     if bands * rows > len(sig):
         raise ValueError(f"bands*rows = {bands * rows} exceeds the signature length {len(sig)}")
     return [
-        band.to_bytes(2, "big") + hashlib.blake2b(sig[band * rows : (band + 1) * rows].tobytes(), digest_size=8).digest()
+        band.to_bytes(2, "big")
+        + hashlib.blake2b(sig[band * rows : (band + 1) * rows].tobytes(), digest_size=8).digest()
         for band in range(bands)
     ]
 

@@ -42,8 +42,17 @@ class NeighbourConfig:
     batch: int = 1024
 
 
-def neighbours_of(index, queries: np.ndarray, query_docs: np.ndarray, doc_of, *, k: int, candidates: int,
-                  max_candidates: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def neighbours_of(
+    index,
+    queries: np.ndarray,
+    query_docs: np.ndarray,
+    doc_of,
+    *,
+    k: int,
+    candidates: int,
+    max_candidates: int,
+    nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """k nearest chunks from other documents. (n, k) ids (-1 padded), (n, k) distances (+inf padded).
 
     ``doc_of(ids) -> doc ids`` maps candidate chunk ids to their documents.
@@ -79,11 +88,16 @@ def neighbour_index_shards(db: str, include_increments: bool) -> list[str]:
 def write_neighbour_shard(path: str, chunk_ids: pa.Array, ids: np.ndarray, dists: np.ndarray) -> None:
     """One neighbour shard (rows aligned with its chunk shard), replaced atomically."""
     k = ids.shape[1]
-    table = pa.Table.from_arrays([
-        chunk_ids,
-        pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
-        pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(pa.list_(pa.float32())),
-    ], schema=layout.NEIGHBOUR_SCHEMA)
+    table = pa.Table.from_arrays(
+        [
+            chunk_ids,
+            pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int64()), k).cast(pa.list_(pa.int64())),
+            pa.FixedSizeListArray.from_arrays(pa.array(dists.reshape(-1), pa.float32()), k).cast(
+                pa.list_(pa.float32())
+            ),
+        ],
+        schema=layout.NEIGHBOUR_SCHEMA,
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(table, path + ".tmp", compression="zstd")
     os.replace(path + ".tmp", path)
@@ -95,7 +109,9 @@ class NeighbourActor(ReportsNode):
     def __init__(self, db: str, threads: int, device: str, include_increments: bool = False):
         os.environ["OMP_NUM_THREADS"] = str(threads)
         self.db = db
-        self.index = RetrievalIndex(db, shard_paths=neighbour_index_shards(db, include_increments), threads=threads, device=device)
+        self.index = RetrievalIndex(
+            db, shard_paths=neighbour_index_shards(db, include_increments), threads=threads, device=device
+        )
         self.store = TokenStore(db)
 
     def write_shard(self, chunk_file: str, out_path: str, config: dict) -> tuple[str, int, int, float]:
@@ -107,9 +123,16 @@ class NeighbourActor(ReportsNode):
         query_docs = table["doc_id"].to_numpy()
         ids, dists = [], []
         for s in range(0, len(queries), cfg.batch):
-            i, d = neighbours_of(self.index, np.asarray(queries[s : s + cfg.batch], dtype=np.float32), query_docs[s : s + cfg.batch],
-                                 self.store.doc_of, k=k, candidates=cfg.candidates, max_candidates=cfg.max_candidates,
-                                 nprobe=cfg.nprobe or None)
+            i, d = neighbours_of(
+                self.index,
+                np.asarray(queries[s : s + cfg.batch], dtype=np.float32),
+                query_docs[s : s + cfg.batch],
+                self.store.doc_of,
+                k=k,
+                candidates=cfg.candidates,
+                max_candidates=cfg.max_candidates,
+                nprobe=cfg.nprobe or None,
+            )
             ids.append(i)
             dists.append(d)
         ids = np.concatenate(ids) if ids else np.zeros((0, k), np.int64)
@@ -118,15 +141,27 @@ class NeighbourActor(ReportsNode):
         return out_path, len(ids), int((ids >= 0).all(axis=1).sum()), time.perf_counter() - t0
 
 
-def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: int = 0, overwrite: bool = False,
-                     device: str = "auto", include_increments: bool = False) -> dict:
+def write_neighbours(
+    db: str,
+    *,
+    config: NeighbourConfig | None = None,
+    actors: int = 0,
+    overwrite: bool = False,
+    device: str = "auto",
+    include_increments: bool = False,
+) -> dict:
     """Runs stage 4 over every chunk shard (searching on GPUs when ``device`` resolves to them);
     returns its manifest record. ``include_increments``: neighbours may come from added documents too."""
     config = config or NeighbourConfig()
     index = completed(db, "index")
-    fingerprints = {"index_shards": [s["sha256"] for s in index["shards"]], "nprobe_used": config.nprobe or index["default_nprobe"]}
+    fingerprints = {
+        "index_shards": [s["sha256"] for s in index["shards"]],
+        "nprobe_used": config.nprobe or index["default_nprobe"],
+    }
     if include_increments:
-        fingerprints["increment_index_shards"] = [s["sha256"] for inc in mf.read_manifest(db).get("increments", []) for s in inc["index_shards"]]
+        fingerprints["increment_index_shards"] = [
+            s["sha256"] for inc in mf.read_manifest(db).get("increments", []) for s in inc["index_shards"]
+        ]
     stage = Stage(db, "neighbours", config, overwrite=overwrite, fingerprints=fingerprints)
     files = layout.chunk_shard_files(db, layout.SEQUENCE_SPLITS)  # retrieval-only chunks are never a query
     outs = {f: layout.aligned_path(f, layout.NEIGHBOURS) for f in files}
@@ -152,7 +187,9 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
         rows = {f: pq.ParquetFile(f).metadata.num_rows for f in todo}
         log.info("neighbours: %d shards (%d chunks) on %d actors (%s)", len(todo), sum(rows.values()), n_actors, device)
         with tqdm(total=sum(rows.values()), unit="chunk", desc="neighbours", mininterval=2) as bar:
-            for _, n, _, shard_s in pool.map_unordered(lambda a, f: a.write_shard.remote(f, outs[f], asdict(config)), todo):
+            for _, n, _, shard_s in pool.map_unordered(
+                lambda a, f: a.write_shard.remote(f, outs[f], asdict(config)), todo
+            ):
                 bar.update(n)
                 searched += n
                 actor_s += shard_s
@@ -165,14 +202,19 @@ def write_neighbours(db: str, *, config: NeighbourConfig | None = None, actors: 
         full = int((ids >= 0).all(axis=1).sum()) if ids.size else 0
         counts["chunks"] += table.num_rows
         counts["full"] += full
-        counts.setdefault("by_split", {}).setdefault(split, {"chunks": 0, "full": 0, "k": ids.shape[1] if ids.ndim == 2 else 0})
+        counts.setdefault("by_split", {}).setdefault(
+            split, {"chunks": 0, "full": 0, "k": ids.shape[1] if ids.ndim == 2 else 0}
+        )
         counts["by_split"][split]["chunks"] += table.num_rows
         counts["by_split"][split]["full"] += full
         shards.append(stage.shard(outs[f], rows=table.num_rows))
     counts["coverage"] = round(counts["full"] / counts["chunks"], 4) if counts["chunks"] else 0.0
     return stage.complete(
-        shards=shards, counts=counts,
-        queries_per_s_this_run=round(searched / seconds, 1) if searched else None, ray_nodes_this_run=nodes, search_device=device,
+        shards=shards,
+        counts=counts,
+        queries_per_s_this_run=round(searched / seconds, 1) if searched else None,
+        ray_nodes_this_run=nodes,
+        search_device=device,
         # summed over actors, without their start-up: the per-query cost a cluster scales
         actor_seconds_this_run=round(actor_s, 2),
         versions=mf.package_versions("faiss-cpu", "ray", "pyarrow"),
@@ -189,7 +231,12 @@ def refresh_neighbours(db: str) -> dict:
     index = RetrievalIndex(db, shard_paths=neighbour_index_shards(db, "increment_index_shards" in record["config"]))
     store = TokenStore(db)
     rows_done, rewritten = 0, {}
-    for f in tqdm(layout.chunk_shard_files(db, layout.SEQUENCE_SPLITS) if len(deleted) else [], unit="shard", desc="refresh neighbours", mininterval=2):
+    for f in tqdm(
+        layout.chunk_shard_files(db, layout.SEQUENCE_SPLITS) if len(deleted) else [],
+        unit="shard",
+        desc="refresh neighbours",
+        mininterval=2,
+    ):
         out = layout.aligned_path(f, layout.NEIGHBOURS)
         table = pq.read_table(out)
         k = len(table["neighbour_ids"][0]) if table.num_rows else 0
@@ -200,10 +247,19 @@ def refresh_neighbours(db: str) -> dict:
         stale = np.flatnonzero(np.isin(ids, deleted).any(axis=1))
         if not len(stale):
             continue
-        queries = np.asarray(load_embedding_rows(db, layout.split_of(f)).get(table["chunk_id"].to_numpy()[stale]), dtype=np.float32)
-        ids[stale], dists[stale] = neighbours_of(index, queries, store.doc_of(table["chunk_id"].to_numpy()[stale]), store.doc_of, k=k,
-                                                 candidates=config.candidates, max_candidates=config.max_candidates,
-                                                 nprobe=config.nprobe or None)
+        queries = np.asarray(
+            load_embedding_rows(db, layout.split_of(f)).get(table["chunk_id"].to_numpy()[stale]), dtype=np.float32
+        )
+        ids[stale], dists[stale] = neighbours_of(
+            index,
+            queries,
+            store.doc_of(table["chunk_id"].to_numpy()[stale]),
+            store.doc_of,
+            k=k,
+            candidates=config.candidates,
+            max_candidates=config.max_candidates,
+            nprobe=config.nprobe or None,
+        )
         write_neighbour_shard(out, table["chunk_id"], ids, dists)
         rows_done += len(stale)
         rewritten[os.path.relpath(out, db)] = sha256_file(out)
@@ -217,4 +273,3 @@ def refresh_neighbours(db: str) -> dict:
         stage["refreshed"] = counts
         mf.write_manifest(db, manifest)
     return counts
-

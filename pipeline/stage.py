@@ -66,10 +66,11 @@ class Stage:
                 f"{layout.manifest_path(self.db)}: stage {self.name!r} was built with a different config "
                 f"(differs in: {', '.join(diff)}). Use another DB, or pass --overwrite to rebuild it."
             )
-        later = mf.STAGES[mf.STAGES.index(self.name):] if self.name in mf.STAGES else (self.name,)
+        later = mf.STAGES[mf.STAGES.index(self.name) :] if self.name in mf.STAGES else (self.name,)
         for name in later:
             manifest["stages"].pop(name, None)
-        if self.name == mf.STAGES[0]:  # new chunk ids: increments (and deletions, wiped by the stage) refer to the old ones
+        # new chunk ids: increments (and deletions, wiped by the stage) refer to the old ones
+        if self.name == mf.STAGES[0]:
             manifest.pop("increments", None)
         mf.write_manifest(self.db, manifest)
         log.warning("stage %r: config changed, rebuilding it and the stages after it", self.name)
@@ -100,7 +101,7 @@ class Stage:
 
     def shard(self, path: str, **fields) -> dict:
         """A shard's manifest entry: its path relative to the DB and its sha256."""
-        relative = path[len(self.db.rstrip("/")) + 1:] if storage.is_remote(path) else os.path.relpath(path, self.db)
+        relative = path[len(self.db.rstrip("/")) + 1 :] if storage.is_remote(path) else os.path.relpath(path, self.db)
         return {"path": relative, **fields, "sha256": storage.sha256_file(path), "status": "complete"}
 
     def complete(self, **fields) -> dict:
@@ -120,4 +121,3 @@ def config_of(cls, record: dict):
     """A stage's config dataclass from its manifest record (the record's fingerprints left out)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in record["config"].items() if k in fields})
-

@@ -25,9 +25,19 @@ USER_ERRORS: tuple[type[BaseException], ...] = (DBNotReady, FileNotFoundError, V
 def _fields(cls) -> list[tuple[str, object, str, tuple | None]]:
     """(name, default, help, choices) of each field of a dataclass or a pydantic model."""
     if dataclasses.is_dataclass(cls):
-        return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(), f.metadata.get("help", ""),
-                 f.metadata.get("choices")) for f in dataclasses.fields(cls)]
-    return [(name, f.get_default(call_default_factory=True), f.description or "", None) for name, f in cls.model_fields.items()]
+        return [
+            (
+                f.name,
+                f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                f.metadata.get("help", ""),
+                f.metadata.get("choices"),
+            )
+            for f in dataclasses.fields(cls)
+        ]
+    return [
+        (name, f.get_default(call_default_factory=True), f.description or "", None)
+        for name, f in cls.model_fields.items()
+    ]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, *, flags: dict[str, str] | None = None, skip=()) -> None:
@@ -39,8 +49,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, flags: dict[str, s
             continue
         kind = type(default)
         help_text = help_text.replace("%", "%%")
-        options = {"dest": f"{cls.__name__}.{name}", "default": default,
-                   "help": f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"}
+        options = {
+            "dest": f"{cls.__name__}.{name}",
+            "default": default,
+            "help": f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s",
+        }
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
@@ -50,7 +63,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, flags: dict[str, s
 
 def config_from_args(cls, args: argparse.Namespace, **overrides):
     """``cls`` built from the flags ``add_config_flags`` added (skipped fields keep their defaults)."""
-    values = {name: getattr(args, f"{cls.__name__}.{name}") for name, *_ in _fields(cls) if hasattr(args, f"{cls.__name__}.{name}")}
+    values = {
+        name: getattr(args, f"{cls.__name__}.{name}")
+        for name, *_ in _fields(cls)
+        if hasattr(args, f"{cls.__name__}.{name}")
+    }
     return cls(**{**values, **overrides})
 
 

@@ -162,7 +162,9 @@ def parse_json_line(source: str, lineno: int, line: bytes, text_field: str) -> R
         return Rejected(source, lineno, MISSING_TEXT, f"no {text_field!r} field", _excerpt(decoded))
     text = obj[text_field]
     if not isinstance(text, str):
-        return Rejected(source, lineno, TEXT_NOT_STRING, f"{text_field!r} is a {type(text).__name__}", _excerpt(decoded))
+        return Rejected(
+            source, lineno, TEXT_NOT_STRING, f"{text_field!r} is a {type(text).__name__}", _excerpt(decoded)
+        )
     meta = obj.get("meta")
     return Record(source, lineno, text, "" if meta is None else json.dumps(meta, sort_keys=True, ensure_ascii=False))
 
@@ -175,14 +177,21 @@ def read_jsonl(path: str, *, text_field: str, max_record_bytes: int, open_file: 
             for lineno, line, size in iter_lines(blocks, max_record_bytes):
                 last = lineno
                 if line is None:
-                    yield Rejected(path, lineno, RECORD_TOO_LARGE, f"line of {size} bytes exceeds max_record_bytes={max_record_bytes}")
+                    yield Rejected(
+                        path,
+                        lineno,
+                        RECORD_TOO_LARGE,
+                        f"line of {size} bytes exceeds max_record_bytes={max_record_bytes}",
+                    )
                 elif line.strip():
                     yield parse_json_line(path, lineno, line, text_field)
         except TruncatedStream as e:
             yield Rejected(path, last + 1, TRUNCATED_STREAM, f"{e}; lines 1..{last} were read, the rest is lost")
 
 
-def read_parquet(path: str, *, text_field: str, max_record_bytes: int, open_file: Opener) -> Iterator[Record | Rejected]:
+def read_parquet(
+    path: str, *, text_field: str, max_record_bytes: int, open_file: Opener
+) -> Iterator[Record | Rejected]:
     with open_file(path, False) as f:
         pf = pq.ParquetFile(f)
         if text_field not in pf.schema_arrow.names:
@@ -199,9 +208,19 @@ def read_parquet(path: str, *, text_field: str, max_record_bytes: int, open_file
                 elif not isinstance(text, str):
                     yield Rejected(path, row, TEXT_NOT_STRING, f"{text_field!r} is a {type(text).__name__}")
                 elif len(text) > max_record_bytes:
-                    yield Rejected(path, row, RECORD_TOO_LARGE, f"text of {len(text)} characters exceeds max_record_bytes={max_record_bytes}")
+                    yield Rejected(
+                        path,
+                        row,
+                        RECORD_TOO_LARGE,
+                        f"text of {len(text)} characters exceeds max_record_bytes={max_record_bytes}",
+                    )
                 else:
-                    yield Record(path, row, text, "" if meta is None else json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str))
+                    yield Record(
+                        path,
+                        row,
+                        text,
+                        "" if meta is None else json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str),
+                    )
                 row += 1
 
 
@@ -217,8 +236,9 @@ def read_text(path: str, *, max_record_bytes: int, size: int, open_file: Opener)
         yield Rejected(path, 0, INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", _excerpt(raw))
 
 
-def read_records(path: str, size: int, *, text_field: str = "text", max_record_bytes: int = 8 << 20,
-                 open_file: Opener | None = None) -> Iterator[Record | Rejected]:
+def read_records(
+    path: str, size: int, *, text_field: str = "text", max_record_bytes: int = 8 << 20, open_file: Opener | None = None
+) -> Iterator[Record | Rejected]:
     """Every record of one file, or a Rejected for each record (or the file) that is unusable.
     ``open_file``: how to open it (default: a local file)."""
     open_file = open_file or open_local
@@ -246,8 +266,13 @@ def match_local(patterns: list[str]) -> list[tuple[str, int]]:
     Raises FileNotFoundError naming every pattern that matched nothing."""
     found, missing = {}, []
     for pattern in patterns:
-        paths = [p for p in (glob.glob(os.path.join(pattern, "**"), recursive=True) if os.path.isdir(pattern) else glob.glob(pattern))
-                 if os.path.isfile(p) and not is_hidden(p)]
+        paths = [
+            p
+            for p in (
+                glob.glob(os.path.join(pattern, "**"), recursive=True) if os.path.isdir(pattern) else glob.glob(pattern)
+            )
+            if os.path.isfile(p) and not is_hidden(p)
+        ]
         if not paths:
             missing.append(pattern)
         found.update((p, os.path.getsize(p)) for p in paths)

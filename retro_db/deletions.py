@@ -145,12 +145,19 @@ def _locked_log(db: str, store):
         fcntl.flock(lock, fcntl.LOCK_EX)
         entries, end = _read_log(audit)
         if os.path.exists(audit) and os.path.getsize(audit) != end:
-            log.warning("%s: cutting a torn last line (a writer was killed mid-append; that change was never acknowledged)", audit)
+            log.warning(
+                "%s: cutting a torn last line (a writer was killed mid-append; that change was never acknowledged)",
+                audit,
+            )
             os.truncate(audit, end)
         seq = entries[-1]["seq"] if entries else 0
         if _state(db)[2] != seq:
             docs = _replay(entries)
-            log.warning("%s: the deleted list lags the log (a writer was killed between them); replayed %d entries", directory, len(entries))
+            log.warning(
+                "%s: the deleted list lags the log (a writer was killed between them); replayed %d entries",
+                directory,
+                len(entries),
+            )
             _write_state(db, docs, store.chunks_of_documents(docs)[0], seq)
         yield entries
 
@@ -190,18 +197,34 @@ def change(db: str, doc_ids, store, *, action: str, reason: str, actor: str) -> 
             copies = np.intersect1d(copies, before)
             changed = np.union1d(ids, copies)
             after = np.setdiff1d(before, changed)
-        entry = {"seq": (entries[-1]["seq"] if entries else 0) + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "action": action, "actor": actor, "reason": reason, "doc_ids": ids.tolist(), "copies": copies.tolist(),
-                 "documents": int(len(changed)), "chunks": int(len(store.chunks_of_documents(changed)[0]))}
-        with open(layout.deleted_path(db, layout.DELETIONS_AUDIT), "ab") as f:  # the log first: it is the record of truth
+        entry = {
+            "seq": (entries[-1]["seq"] if entries else 0) + 1,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "action": action,
+            "actor": actor,
+            "reason": reason,
+            "doc_ids": ids.tolist(),
+            "copies": copies.tolist(),
+            "documents": int(len(changed)),
+            "chunks": int(len(store.chunks_of_documents(changed)[0])),
+        }
+        # the log first: it is the record of truth
+        with open(layout.deleted_path(db, layout.DELETIONS_AUDIT), "ab") as f:
             f.write((json.dumps(entry, sort_keys=True) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         failpoint("deletion-logged")
         chunks = store.chunks_of_documents(after)[0]
         _write_state(db, after, chunks, entry["seq"])
-    log.info("%s #%d by %s: %d documents (%d chunks); %d documents deleted now", action, entry["seq"], actor, entry["documents"],
-             entry["chunks"], len(after))
+    log.info(
+        "%s #%d by %s: %d documents (%d chunks); %d documents deleted now",
+        action,
+        entry["seq"],
+        actor,
+        entry["documents"],
+        entry["chunks"],
+        len(after),
+    )
     return {**entry, "total_documents_deleted": int(len(after)), "total_chunks_deleted": int(len(chunks))}
 
 

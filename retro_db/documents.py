@@ -69,7 +69,12 @@ class DocumentCatalog:
                 meta = json.loads(row["meta"]) if row["meta"] else {}
             except ValueError:  # the record's meta is kept as it came; a non-JSON one is shown as text
                 meta = {"text": row["meta"]}
-            out[doc] = {"doc_id": doc, "source": row["source"], "position": row["position"], "meta": meta if isinstance(meta, dict) else {"value": meta}}
+            out[doc] = {
+                "doc_id": doc,
+                "source": row["source"],
+                "position": row["position"],
+                "meta": meta if isinstance(meta, dict) else {"value": meta},
+            }
         return out
 
     def with_hashes(self, doc_hashes) -> dict[str, list[int]]:

@@ -30,7 +30,11 @@ def resolve_model(model: str) -> str:
 def model_fingerprint(model: str) -> str:
     """sha256 of the weights when they are local files, else the name (a hub revision is the user's)."""
     path = resolve_model(model)
-    weights = [os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, f))]
+    weights = [
+        os.path.join(path, f)
+        for f in ("model.safetensors", "pytorch_model.bin")
+        if os.path.exists(os.path.join(path, f))
+    ]
     if not weights:
         return f"name:{model}"
     digest = hashlib.sha256()
@@ -43,9 +47,18 @@ def model_fingerprint(model: str) -> str:
 class ChunkEmbedder:
     """A frozen BERT that embeds LM-token chunks or texts. Output (n, d) float32."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, lm_tokenizer_json: str | None = None, device: str | None = None,
-                 precision: str = "fp32", max_length: int = 256, batch_size: int = 128, threads: int | None = None,
-                 tokenizer_threads: int | None = None):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        lm_tokenizer_json: str | None = None,
+        device: str | None = None,
+        precision: str = "fp32",
+        max_length: int = 256,
+        batch_size: int = 128,
+        threads: int | None = None,
+        tokenizer_threads: int | None = None,
+    ):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -72,6 +85,7 @@ class ChunkEmbedder:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """BERT wordpiece ids per text, on ``tokenizer_threads`` threads (the same ids as one thread)."""
+
         def encode(part):
             return self.bert_tokenizer(part, truncation=True, max_length=self.max_length)["input_ids"] if part else []
 
@@ -79,7 +93,11 @@ class ChunkEmbedder:
             return encode(texts)
         step = -(-len(texts) // self.tokenizer_threads)
         with ThreadPoolExecutor(self.tokenizer_threads) as pool:
-            return [ids for part in pool.map(encode, [texts[i : i + step] for i in range(0, len(texts), step)]) for ids in part]
+            return [
+                ids
+                for part in pool.map(encode, [texts[i : i + step] for i in range(0, len(texts), step)])
+                for ids in part
+            ]
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Mean-pooled BERT embeddings. Batches are length-sorted so padding is minimal. (n, d)"""
@@ -89,7 +107,11 @@ class ChunkEmbedder:
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         pad = self.bert_tokenizer.pad_token_id
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.startswith("cuda")
+            else torch.autocast("cpu", enabled=False)
+        )
         with torch.inference_mode(), autocast:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start : start + self.batch_size]
@@ -117,4 +139,3 @@ def chunk_texts(lm_tokenizer, chunks) -> list[str]:
     The DB's embeddings and the service's token queries both go through here, so a chunk's own
     tokens retrieve the chunk itself at distance 0."""
     return lm_tokenizer.decode_batch([list(map(int, c)) for c in chunks], skip_special_tokens=True)
-

@@ -62,20 +62,45 @@ DELETIONS_AUDIT = "audit.jsonl"
 DELETIONS_STATE = "state.npz"
 DELETIONS_LOCK = ".lock"
 
-_SUFFIX = {CHUNKS: ".parquet", DOCUMENTS: ".parquet", NEIGHBOURS: ".parquet", EMBEDDINGS: ".npy", INDEX: ".faissindex", TOKENS: ""}
+_SUFFIX = {
+    CHUNKS: ".parquet",
+    DOCUMENTS: ".parquet",
+    NEIGHBOURS: ".parquet",
+    EMBEDDINGS: ".npy",
+    INDEX: ".faissindex",
+    TOKENS: "",
+}
 
 
 def chunk_schema(token_type: pa.DataType) -> pa.Schema:
     """Chunk shards; ``token_type`` is uint16 for vocabularies up to 2^16, else uint32."""
-    return pa.schema([("chunk_id", pa.int64()), ("doc_id", pa.int64()), ("chunk_index", pa.int32()),
-                      ("tokens", pa.list_(token_type)), ("n_bytes", pa.int32())])
+    return pa.schema(
+        [
+            ("chunk_id", pa.int64()),
+            ("doc_id", pa.int64()),
+            ("chunk_index", pa.int32()),
+            ("tokens", pa.list_(token_type)),
+            ("n_bytes", pa.int32()),
+        ]
+    )
 
 
-DOCUMENT_SCHEMA = pa.schema([
-    ("doc_id", pa.int64()), ("doc_hash", pa.string()), ("first_chunk_id", pa.int64()), ("n_chunks", pa.int32()),
-    ("n_tokens", pa.int32()), ("n_bytes", pa.int64()), ("source", pa.string()), ("position", pa.int64()), ("meta", pa.string()),
-])
-NEIGHBOUR_SCHEMA = pa.schema([("chunk_id", pa.int64()), ("neighbour_ids", pa.list_(pa.int64())), ("distances", pa.list_(pa.float32()))])
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.int64()),
+        ("doc_hash", pa.string()),
+        ("first_chunk_id", pa.int64()),
+        ("n_chunks", pa.int32()),
+        ("n_tokens", pa.int32()),
+        ("n_bytes", pa.int64()),
+        ("source", pa.string()),
+        ("position", pa.int64()),
+        ("meta", pa.string()),
+    ]
+)
+NEIGHBOUR_SCHEMA = pa.schema(
+    [("chunk_id", pa.int64()), ("neighbour_ids", pa.list_(pa.int64())), ("distances", pa.list_(pa.float32()))]
+)
 
 
 def shard_relpath(split: str, shard: int, n_shards: int, kind: str = CHUNKS) -> str:
@@ -91,7 +116,9 @@ def chunk_shard_files(db: str, split: str | tuple[str, ...] | None = None) -> li
 
 def document_shard_files(db: str) -> list[str]:
     """Document shard files of a local DB, every split."""
-    return [f for s in SPLITS for f in sorted(glob.glob(os.path.join(db, DOCUMENTS, s, f"shard-*{_SUFFIX[DOCUMENTS]}")))]
+    return [
+        f for s in SPLITS for f in sorted(glob.glob(os.path.join(db, DOCUMENTS, s, f"shard-*{_SUFFIX[DOCUMENTS]}")))
+    ]
 
 
 def aligned_path(chunk_file: str, kind: str) -> str:
@@ -108,12 +135,16 @@ def split_of(chunk_file: str) -> str:
 
 def token_shard_dirs(db: str) -> list[str]:
     """Finished token shard directories of a local DB, in chunk id order."""
-    return [d for s in SPLITS for d in sorted(glob.glob(os.path.join(db, TOKENS, s, "shard-*"))) if not d.endswith(".tmp")]
+    return [
+        d for s in SPLITS for d in sorted(glob.glob(os.path.join(db, TOKENS, s, "shard-*"))) if not d.endswith(".tmp")
+    ]
 
 
 def index_shard_files(db: str) -> list[str]:
     """A DB's index shards in chunk id order (train, then retrieval)."""
-    return [f for s in INDEXED_SPLITS for f in sorted(glob.glob(os.path.join(db, INDEX, s, f"shard-*{_SUFFIX[INDEX]}")))]
+    return [
+        f for s in INDEXED_SPLITS for f in sorted(glob.glob(os.path.join(db, INDEX, s, f"shard-*{_SUFFIX[INDEX]}")))
+    ]
 
 
 def manifest_path(db: str) -> str:

@@ -38,8 +38,10 @@ def _read(db: str) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); restore it or rebuild with --overwrite") from e
     if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}; "
-                         "rebuild the DB with this version (make build-db)")
+        raise ValueError(
+            f"{path} has format {manifest.get('format')!r}, this code reads {FORMAT_VERSION}; "
+            "rebuild the DB with this version (make build-db)"
+        )
     return manifest
 
 
@@ -50,7 +52,9 @@ def read_manifest(db: str) -> dict:
 
 def write_manifest(db: str, manifest: dict) -> None:
     # atomic: a running index service never sees a half-written or missing manifest
-    storage.write_atomically(layout.manifest_path(db), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    storage.write_atomically(
+        layout.manifest_path(db), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    )
 
 
 def require_stages(db: str, stages=("chunks", "embeddings", "index"), *, hint: str = BUILD_HINT) -> dict:

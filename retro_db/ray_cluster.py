@@ -27,6 +27,12 @@ def connect_ray(address: str | None = None):
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=False)
     else:
         # address="local": a new single-node Ray, never one that `ray start` left running here
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env={"env_vars": env},
-                 logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
     return ray

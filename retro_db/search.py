@@ -78,12 +78,15 @@ def resolve_device(requested: str = "auto") -> str:
         raise ValueError(f"device {requested!r}: use auto, cpu or gpu")
     gpus = faiss_gpus()
     if requested == "gpu" and not gpus:
-        raise ValueError("device gpu: faiss sees no GPU (this is the faiss-cpu build, or no CUDA device is visible); use auto or cpu")
+        raise ValueError(
+            "device gpu: faiss sees no GPU (this is the faiss-cpu build, or no CUDA device is visible); use auto or cpu"
+        )
     return "gpu" if gpus and requested != "cpu" else "cpu"
 
 
 def drop_deleted(dists: np.ndarray, ids: np.ndarray, deleted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The candidates without deleted ids, nearest first, padded at the end: the filter for searches without a selector."""
+    """The candidates without deleted ids, nearest first, padded at the end: the filter for searches without a
+    selector."""
     return merge_top_k([(dists, np.where(np.isin(ids, deleted), -1, ids))], ids.shape[1])
 
 
@@ -102,7 +105,9 @@ class IndexShard:
         try:
             self.index = faiss.read_index(path, flags)
         except RuntimeError as e:
-            raise ValueError(f"index shard {path} is unreadable ({str(e).splitlines()[0]}); rebuild the index stage") from e
+            raise ValueError(
+                f"index shard {path} is unreadable ({str(e).splitlines()[0]}); rebuild the index stage"
+            ) from e
         self.path, self.dim, self.on_gpu = path, self.index.d, gpu_resources is not None
         if self.on_gpu:  # the codes move to GPU 0; the CPU copy is dropped
             self.index = faiss.index_cpu_to_gpu(gpu_resources, 0, self.index)
@@ -119,7 +124,26 @@ class IndexShard:
         return self.index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe, sel=selector))
 
 
-def search_shards(shards: list[IndexShard], queries: np.ndarray, k: int, *, nprobe: int, selector=None) -> tuple[np.ndarray, np.ndarray]:
+DEFAULT_RERANK_FACTOR = 4  # the index stage's default; an index whose manifest predates the setting was built with it
+FALLBACK_NPROBE = 8  # for an index whose manifest has no measured default_nprobe
+
+
+def search_defaults(manifest: dict) -> tuple[int, int]:
+    """(nprobe, rerank_factor) a built index is searched with unless a caller says otherwise."""
+    stage = manifest["stages"].get("index", {})
+    return stage.get("default_nprobe") or FALLBACK_NPROBE, stage.get("config", {}).get(
+        "rerank_factor", DEFAULT_RERANK_FACTOR
+    )
+
+
+def shortlist_size(k: int, rerank_factor: int) -> int:
+    """Approximate candidates asked of each shard (group) for a top k: ``k * rerank_factor`` (k without re-ranking)."""
+    return k * max(1, rerank_factor)
+
+
+def search_shards(
+    shards: list[IndexShard], queries: np.ndarray, k: int, *, nprobe: int, selector=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top k over several shards, merged. (n, k) distances, (n, k) ids."""
     return merge_top_k([s.search(queries, k, nprobe=nprobe, selector=selector) for s in shards], k)
 
@@ -142,8 +166,7 @@ def rerank(vectors: ShardedRows, queries: np.ndarray, ids: np.ndarray, k: int) -
     valid = ids >= 0
     if not valid.any():
         return np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64)
-    # Padding (-1) reads some stored row and is dropped by merge_top_k: one gather, no masked copies
-    # (64 queries x 40 candidates: 8 -> 3 ms here).
+    # Padding (-1) reads some stored row and is dropped by merge_top_k: one gather, no masked copies.
     gather = np.where(valid, ids, ids.max())
     block = max(1, RERANK_BLOCK_BYTES // max(1, c * queries.shape[1] * 4))
     parts = []
@@ -158,26 +181,45 @@ def rerank(vectors: ShardedRows, queries: np.ndarray, ids: np.ndarray, k: int) -
     return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
+def top_k(
+    vectors: ShardedRows, queries: np.ndarray, dists: np.ndarray, ids: np.ndarray, k: int, rerank_factor: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The final top k of merged candidates (n, c): re-ranked exactly on the stored vectors, or as they are
+    without re-ranking."""
+    return rerank(vectors, queries, ids, k) if rerank_factor else (dists[:, :k], ids[:, :k])
+
+
 class RetrievalIndex:
     """Searches every index shard for ``rerank_factor * k`` candidates, merges them and re-ranks
     them exactly on the stored vectors; deleted documents are excluded (inside faiss on the CPU).
     ``threads``: faiss's OpenMP threads for every search, whichever thread calls it (None: OpenMP's
     default of the calling thread, the node's cores unless OMP_NUM_THREADS says otherwise)."""
 
-    def __init__(self, db: str, *, shard_paths: list[str] | None = None, nprobe: int | None = None,
-                 rerank_factor: int | None = None, threads: int | None = None, mmap: bool = False, device: str = "cpu"):
+    def __init__(
+        self,
+        db: str,
+        *,
+        shard_paths: list[str] | None = None,
+        nprobe: int | None = None,
+        rerank_factor: int | None = None,
+        threads: int | None = None,
+        mmap: bool = False,
+        device: str = "cpu",
+    ):
         self.threads = threads
-        stage = mf.read_manifest(db)["stages"].get("index", {})
+        default_nprobe, default_rerank = search_defaults(mf.read_manifest(db))
         paths = shard_paths or index_shard_paths(db)
         if not paths:
-            raise mf.DBNotReady(f"{db}/{layout.INDEX} holds no index shards; run the index stage ({mf.BUILD_HINT.format(db=db)})")
+            raise mf.DBNotReady(
+                f"{db}/{layout.INDEX} holds no index shards; run the index stage ({mf.BUILD_HINT.format(db=db)})"
+            )
         self.device = resolve_device(device)
         resources = faiss.StandardGpuResources() if self.device == "gpu" else None
         self.shards = [IndexShard(p, mmap=mmap, gpu_resources=resources) for p in paths]
         self.dim = self.shards[0].dim
         self.vectors = load_indexed_vectors(db)
-        self.nprobe = nprobe or stage.get("default_nprobe") or 8
-        self.rerank_factor = stage.get("config", {}).get("rerank_factor", 4) if rerank_factor is None else rerank_factor
+        self.nprobe = nprobe or default_nprobe
+        self.rerank_factor = default_rerank if rerank_factor is None else rerank_factor
         self.deleted = deletions.deleted_chunk_ids(db)
         self.selector = deleted_selector(self.deleted) if self.device == "cpu" else None
 
@@ -190,12 +232,16 @@ class RetrievalIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (n, {self.dim}); got {queries.shape}")
-        if self.threads:  # OpenMP's count is per thread: a search from a thread pool would otherwise take the cores' count
+        # OpenMP's count is per thread: a search from a thread pool would otherwise take the cores' count
+        if self.threads:
             faiss.omp_set_num_threads(self.threads)
-        candidates = k * max(1, self.rerank_factor)
-        dists, ids = search_shards(self.shards, queries, candidates, nprobe=nprobe or self.nprobe, selector=self.selector)
+        dists, ids = search_shards(
+            self.shards,
+            queries,
+            shortlist_size(k, self.rerank_factor),
+            nprobe=nprobe or self.nprobe,
+            selector=self.selector,
+        )
         if self.device == "gpu" and len(self.deleted):
             dists, ids = drop_deleted(dists, ids, self.deleted)
-        return rerank(self.vectors, queries, ids, k) if self.rerank_factor else (dists[:, :k], ids[:, :k])
-
-
+        return top_k(self.vectors, queries, dists, ids, k, self.rerank_factor)

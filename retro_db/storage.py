@@ -119,7 +119,7 @@ class ArrowStorage:
             infos = fs.get_file_info(pyarrow.fs.FileSelector(p, recursive=True))
         except (FileNotFoundError, OSError):
             return {}
-        return {i.path[len(p) + 1:]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+        return {i.path[len(p) + 1 :]: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
 
 
 _LOCAL = LocalStorage()

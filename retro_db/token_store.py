@@ -34,7 +34,9 @@ def read_chunk_shard(path: str, columns=("chunk_id", "doc_id", "tokens")):
     try:
         return pq.read_table(path, columns=list(columns))
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise ValueError(f"chunk shard {path} is unreadable ({type(e).__name__}: {e}); rebuild the chunks stage with --overwrite") from e
+        raise ValueError(
+            f"chunk shard {path} is unreadable ({type(e).__name__}: {e}); rebuild the chunks stage with --overwrite"
+        ) from e
 
 
 class ShardedRows:
@@ -76,11 +78,16 @@ class TokenStore:
     def __init__(self, db: str):
         dirs = [d for root in db_roots(db) for d in layout.token_shard_dirs(root)]
         if not dirs:
-            raise DBNotReady(f"{db}/{layout.TOKENS} holds no token shards; run the embeddings stage first ({BUILD_HINT.format(db=db)})")
+            raise DBNotReady(
+                f"{db}/{layout.TOKENS} holds no token shards; "
+                f"run the embeddings stage first ({BUILD_HINT.format(db=db)})"
+            )
         metas = [_token_meta(d) for d in dirs]
         keep = [i for i, m in enumerate(metas) if m["rows"]]
         dirs, starts = [dirs[i] for i in keep], [metas[i]["first_chunk_id"] for i in keep]
-        tokens, lengths, doc_ids = ([np.load(os.path.join(d, name), mmap_mode="r") for d in dirs] for name in layout.TOKEN_ARRAYS)
+        tokens, lengths, doc_ids = (
+            [np.load(os.path.join(d, name), mmap_mode="r") for d in dirs] for name in layout.TOKEN_ARRAYS
+        )
         self.tokens = ShardedRows(tokens, starts)
         self.lengths = ShardedRows(lengths, starts)
         self.doc_ids = ShardedRows(doc_ids, starts)
@@ -151,8 +158,10 @@ class TokenStore:
             if here.any():
                 tokens[here], lengths[here] = self.chunks(ids[here] + offset)
             pieces[offset] = (tokens, lengths)
-        return [(np.concatenate([pieces[o][0][row, : pieces[o][1][row]] for o in (-1, 0, 1, 2)]), int(pieces[-1][1][row]))
-                for row in range(len(ids))]
+        return [
+            (np.concatenate([pieces[o][0][row, : pieces[o][1][row]] for o in (-1, 0, 1, 2)]), int(pieces[-1][1][row]))
+            for row in range(len(ids))
+        ]
 
     def shifted_neighbour_tokens(self, ids, shifts, pad_id: int) -> np.ndarray:
         """[N, F] moved by ``shifts`` tokens along its document: the 2m tokens from ``shift`` after chunk n's
@@ -161,7 +170,9 @@ class TokenStore:
         ``neighbour_tokens``; -1 ids give all padding. (n, 2m)"""
         ids = np.asarray(ids, dtype=np.int64)
         valid = np.flatnonzero(ids >= 0)
-        return self._windows_at(len(ids), valid, self._document_windows(ids[valid]), np.asarray(shifts, dtype=np.int64), pad_id)
+        return self._windows_at(
+            len(ids), valid, self._document_windows(ids[valid]), np.asarray(shifts, dtype=np.int64), pad_id
+        )
 
     def alignment_shifts(self, ids, queries: list[np.ndarray], *, min_match: int = MIN_MATCH) -> np.ndarray:
         """For each neighbour id and the chunk that retrieved it (its real tokens): the shift along the
@@ -191,7 +202,9 @@ class TokenStore:
                 out[j, lo - start : hi - start] = text[lo:hi]
         return out
 
-    def _best_shifts(self, n: int, valid: np.ndarray, windows: list, queries: list[np.ndarray], min_match: int) -> np.ndarray:
+    def _best_shifts(
+        self, n: int, valid: np.ndarray, windows: list, queries: list[np.ndarray], min_match: int
+    ) -> np.ndarray:
         m = self.chunk_size
         out = np.zeros(n, dtype=np.int64)
         deltas = np.arange(-(m - 1), m)

@@ -58,7 +58,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _byte_of_char() -> dict[str, int]:
     """Byte-level BPE's alphabet (GPT-2's ``bytes_to_unicode``) read backwards: vocabulary character -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -72,8 +74,9 @@ def _byte_of_char() -> dict[str, int]:
 class TokenDecoder:
     """``tokenizer.decode_batch(rows, skip_special_tokens=False)`` of (n, m) token rows, vectorised for
     byte-level BPE: each id's bytes are looked up in one table and each row's are decoded as UTF-8
-    (invalid sequences replaced, as ``tokenizers`` does). The service decodes every answer's chunks:
-    1,280 chunks took 17 ms through ``decode_batch`` and 2 ms here. Other tokenizers use ``decode_batch``."""
+    (invalid sequences replaced, as ``tokenizers`` does). The service decodes every answer's chunks,
+    several times faster than through ``decode_batch`` (docs/BENCHMARKS.md, Stage 5). Other
+    tokenizers use ``decode_batch``."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -81,8 +84,10 @@ class TokenDecoder:
         if self.byte_level:
             byte_of = _byte_of_char()
             added = {i: t.content.encode("utf-8") for i, t in tokenizer.get_added_tokens_decoder().items()}
-            pieces = [added[i] if i in added else bytes(byte_of[c] for c in tokenizer.id_to_token(i))
-                      for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
+            pieces = [
+                added[i] if i in added else bytes(byte_of[c] for c in tokenizer.id_to_token(i))
+                for i in range(tokenizer.get_vocab_size(with_added_tokens=True))
+            ]
             self.lengths = np.array([len(p) for p in pieces], dtype=np.int64)  # (vocab,)
             self.starts = np.cumsum(self.lengths) - self.lengths  # (vocab,) where each id's bytes begin in table
             self.table = np.frombuffer(b"".join(pieces), dtype=np.uint8)
@@ -91,12 +96,16 @@ class TokenDecoder:
         """The text of each row's first ``lengths[i]`` tokens. tokens (n, m), lengths (n,)"""
         tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
         if not self.byte_level:
-            return self.tokenizer.decode_batch([row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=False)
+            return self.tokenizer.decode_batch(
+                [row[:n].tolist() for row, n in zip(tokens, lengths)], skip_special_tokens=False
+            )
         ids = tokens[np.arange(tokens.shape[1]) < lengths[:, None]]  # row after row
         sizes = self.lengths[ids]  # bytes of each token
         ends = np.cumsum(sizes)
         # byte j of the output is table[start of its token + its offset within the token]
-        data = self.table[np.arange(ends[-1] if len(ends) else 0) + np.repeat(self.starts[ids] - (ends - sizes), sizes)].tobytes()
+        data = self.table[
+            np.arange(ends[-1] if len(ends) else 0) + np.repeat(self.starts[ids] - (ends - sizes), sizes)
+        ].tobytes()
         row_ends = np.concatenate([[0], ends])[np.cumsum(lengths)].tolist()
         return [data[a:b].decode("utf-8", errors="replace") for a, b in zip([0] + row_ends[:-1], row_ends)]
 

@@ -21,10 +21,14 @@ from conftest import BEAM_TEST_ARGS, REPO
 
 def _new_docs(tag: str) -> list[str]:
     """Documents about made-up things, so nothing in the DB resembles them."""
-    return [f"The {tag} transfer protocol moves quibbles between two {tag}-frobnicators. Each quibble carries a sixteen-byte "
-            f"glimmer header, and a frobnicator acknowledges every third quibble with a {tag}-snark. " * 3,
-            f"Configuring {tag}: set {tag.upper()}_HOME to the directory holding glimmer keys, then run {tag}-init --snark-interval 3 "
-            f"to create the frobnicator state files. The {tag} daemon rereads them on SIGHUP. " * 3]
+    return [
+        f"The {tag} transfer protocol moves quibbles between two {tag}-frobnicators. "
+        f"Each quibble carries a sixteen-byte "
+        f"glimmer header, and a frobnicator acknowledges every third quibble with a {tag}-snark. " * 3,
+        f"Configuring {tag}: set {tag.upper()}_HOME to the directory holding glimmer keys, "
+        f"then run {tag}-init --snark-interval 3 "
+        f"to create the frobnicator state files. The {tag} daemon rereads them on SIGHUP. " * 3,
+    ]
 
 
 def _write_corpus(path, texts: list[str]) -> str:
@@ -44,9 +48,28 @@ def _held_out_text(db: str) -> str:
 
 
 def _add(db: str, corpus: str, name: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "add-documents", "--db", db, "--corpus", corpus, "--name", name, *BEAM_TEST_ARGS],
-                            cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "add-documents",
+            "--db",
+            db,
+            "--corpus",
+            corpus,
+            "--name",
+            name,
+            *BEAM_TEST_ARGS,
+        ],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -80,19 +103,29 @@ def test_concurrent_runs_take_disjoint_ids_are_leakage_filtered_and_both_searcha
     manifest = read_manifest(grown)
     assert not manifest.get("reservations")
     incs = {inc["name"]: inc for inc in manifest["increments"]}
-    assert incs["a"]["documents"] == 2 and incs["a"]["rejected"] == {"rejected_leakage": 1}  # the near-copy of a test document
+    assert incs["a"]["documents"] == 2 and incs["a"]["rejected"] == {
+        "rejected_leakage": 1
+    }  # the near-copy of a test document
     assert incs["b"]["documents"] == 2
     docs = [set(range(incs[n]["first_doc_id"], incs[n]["first_doc_id"] + incs[n]["documents"])) for n in "ab"]
-    chunk_ranges = [set(range(incs[n]["first_chunk_id"], incs[n]["first_chunk_id"] + incs[n]["chunks"])) for n in "ab"]  # registered in either order
+    chunk_ranges = [
+        set(range(incs[n]["first_chunk_id"], incs[n]["first_chunk_id"] + incs[n]["chunks"])) for n in "ab"
+    ]  # registered in either order
     assert not docs[0] & docs[1] and not chunk_ranges[0] & chunk_ranges[1]
     for inc in incs.values():  # the ids written in the shards are the reserved ones
         table = pq.read_table(glob.glob(os.path.join(grown, inc["path"], "chunks", "train", "*.parquet")))
-        assert set(table["chunk_id"].to_pylist()) == set(range(inc["first_chunk_id"], inc["first_chunk_id"] + inc["chunks"]))
+        assert set(table["chunk_id"].to_pylist()) == set(
+            range(inc["first_chunk_id"], inc["first_chunk_id"] + inc["chunks"])
+        )
 
     index = RetrievalIndex(grown)
     nlist = faiss.extract_index_ivf(index.shards[0].index).nlist
-    for tag, chunks in zip(("zorblax", "quuxley"), chunk_ranges):  # every list probed: the increment's own text comes first
-        _, ids = index.search(ChunkEmbedder(threads=1).embed_texts([f"Configuring {tag}: set {tag.upper()}_HOME"]), 3, nprobe=nlist)
+    for tag, chunks in zip(
+        ("zorblax", "quuxley"), chunk_ranges
+    ):  # every list probed: the increment's own text comes first
+        _, ids = index.search(
+            ChunkEmbedder(threads=1).embed_texts([f"Configuring {tag}: set {tag.upper()}_HOME"]), 3, nprobe=nlist
+        )
         assert int(ids[0, 0]) in chunks, (tag, ids)
 
     # neighbour tables leave increments out unless asked for
@@ -101,8 +134,12 @@ def test_concurrent_runs_take_disjoint_ids_are_leakage_filtered_and_both_searcha
     manifest["stages"].pop("neighbours")
     write_manifest(grown, manifest)
     write_neighbours(grown)
-    used = np.concatenate([t.column("neighbour_ids").combine_chunks().values.to_numpy()
-                           for t in (pq.read_table(f) for f in glob.glob(os.path.join(grown, "neighbours", "*", "*.parquet")))])
+    used = np.concatenate(
+        [
+            t.column("neighbour_ids").combine_chunks().values.to_numpy()
+            for t in (pq.read_table(f) for f in glob.glob(os.path.join(grown, "neighbours", "*", "*.parquet")))
+        ]
+    )
     assert used.max() < first_added
 
 
@@ -114,14 +151,19 @@ def test_a_second_run_of_the_same_increment_is_refused_while_the_first_holds_it(
     with run_lock(grown, "d"):  # as a running add-documents of "d" holds it
         with pytest.raises(ValueError, match="being added by another run"):
             add_documents([corpus], grown, name="d", beam_args=BEAM_TEST_ARGS)
-    assert [r["name"] for r in read_manifest(grown)["reservations"]] == ["d"] and not read_manifest(grown).get("increments")
+    assert [r["name"] for r in read_manifest(grown)["reservations"]] == ["d"] and not read_manifest(grown).get(
+        "increments"
+    )
 
 
 def _increment_bytes(db: str, name: str) -> dict:
     """Every data file of an increment (its manifest, which holds times, aside) by sha256."""
     root = os.path.join(db, "increments", name)
-    return {os.path.relpath(f, root): hashlib.sha256(open(f, "rb").read()).hexdigest()
-            for f in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(f) and not f.endswith("manifest.json")}
+    return {
+        os.path.relpath(f, root): hashlib.sha256(open(f, "rb").read()).hexdigest()
+        for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+        if os.path.isfile(f) and not f.endswith("manifest.json")
+    }
 
 
 def test_a_run_killed_in_each_step_resumes_to_the_bytes_of_an_uninterrupted_run(db, tmp_path):
@@ -141,13 +183,16 @@ def test_a_run_killed_in_each_step_resumes_to_the_bytes_of_an_uninterrupted_run(
         _reap(run)
         assert run.returncode == -signal.SIGKILL, (step, err[-3000:])
         assert not read_manifest(killed).get("increments")  # nothing half-registered
-        assert [r["name"] for r in read_manifest(killed)["reservations"]] == ["c"]  # the ids stay reserved for the rerun
+        assert [r["name"] for r in read_manifest(killed)["reservations"]] == [
+            "c"
+        ]  # the ids stay reserved for the rerun
     run = _add(killed, corpus, "c")
     _, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-3000:]
 
     (entry,) = read_manifest(killed)["increments"]
-    assert {k: entry[k] for k in ("first_doc_id", "first_chunk_id", "documents", "chunks", "vectors", "index_shards")} == \
-        {k: expected[k] for k in ("first_doc_id", "first_chunk_id", "documents", "chunks", "vectors", "index_shards")}
+    assert {
+        k: entry[k] for k in ("first_doc_id", "first_chunk_id", "documents", "chunks", "vectors", "index_shards")
+    } == {k: expected[k] for k in ("first_doc_id", "first_chunk_id", "documents", "chunks", "vectors", "index_shards")}
     assert _increment_bytes(killed, "c") == _increment_bytes(reference, "c") and len(_increment_bytes(killed, "c")) >= 8
     assert not read_manifest(killed)["reservations"]

@@ -39,7 +39,11 @@ def sha(path):
 
 
 def digests(db, kind):
-    return {os.path.relpath(p, db): sha(p) for p in sorted(glob.glob(os.path.join(db, kind, "*", "*.*"))) if not p.endswith(".tmp")}
+    return {
+        os.path.relpath(p, db): sha(p)
+        for p in sorted(glob.glob(os.path.join(db, kind, "*", "*.*")))
+        if not p.endswith(".tmp")
+    }
 
 
 def neighbour_table(db, split):
@@ -71,8 +75,13 @@ def test_recall_at_10_is_at_least_0_9_at_the_default_nprobe(db):
     vectors, ids = np.concatenate([v for v, _ in rows]), np.concatenate([i for _, i in rows])
     stored = load_embedding_rows(db, ("train", "retrieval"))
     assert len(ids) < sum(len(a) for a in stored.arrays)  # chunks holding only <|endoftext|> are left out
-    queries = np.concatenate([np.load(p).astype(np.float32) for p in glob.glob(os.path.join(db, "embeddings", "valid", "*.npy"))
-                              + glob.glob(os.path.join(db, "embeddings", "test", "*.npy"))])
+    queries = np.concatenate(
+        [
+            np.load(p).astype(np.float32)
+            for p in glob.glob(os.path.join(db, "embeddings", "valid", "*.npy"))
+            + glob.glob(os.path.join(db, "embeddings", "test", "*.npy"))
+        ]
+    )
     d = ((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1)
     exact = ids[np.argsort(d, axis=1)[:, :10]]
     _, found = index.search(queries, 10)
@@ -127,12 +136,20 @@ def test_copies_of_train_documents_are_retrieved_but_never_trained_on(db):
     copied_hashes = {hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in copied}  # the key, computed apart
     docs = {split: documents_of(db, split) for split in ("train", "valid", "test", "retrieval")}
     by_hash = {split: {d["doc_hash"]: d for d in rows} for split, rows in docs.items()}
-    assert {d["doc_hash"] for d in docs["retrieval"]} == copied_hashes & set(by_hash["train"]) and len(docs["retrieval"]) == 3
-    assert len(copied_hashes - set(by_hash["train"])) == 2 and copied_hashes - set(by_hash["train"]) <= set(by_hash["valid"]) | set(by_hash["test"])
-    rejected = [json.loads(line) for f in glob.glob(os.path.join(db, "rejected", "exact_duplicate-*.jsonl")) for line in open(f)]
+    assert {d["doc_hash"] for d in docs["retrieval"]} == copied_hashes & set(by_hash["train"]) and len(
+        docs["retrieval"]
+    ) == 3
+    assert len(copied_hashes - set(by_hash["train"])) == 2 and copied_hashes - set(by_hash["train"]) <= set(
+        by_hash["valid"]
+    ) | set(by_hash["test"])
+    rejected = [
+        json.loads(line) for f in glob.glob(os.path.join(db, "rejected", "exact_duplicate-*.jsonl")) for line in open(f)
+    ]
     assert len(rejected) == 2  # the copies of the valid and the test document
     # retrieval ids follow the test split's: every id the model trains or is evaluated on is what it was before
-    assert min(d["doc_id"] for d in docs["retrieval"]) > max(d["doc_id"] for split in ("train", "valid", "test") for d in docs[split])
+    assert min(d["doc_id"] for d in docs["retrieval"]) > max(
+        d["doc_id"] for split in ("train", "valid", "test") for d in docs[split]
+    )
 
     store = TokenStore(db)
     pad = special_id(load_lm_tokenizer(os.path.join(db, "tokenizer.json")), PAD)
@@ -140,7 +157,9 @@ def test_copies_of_train_documents_are_retrieved_but_never_trained_on(db):
     row_of = {int(c): i for i, c in enumerate(chunk_ids)}
     sequences = RetroSequences(db, "train", k=2)
     trained = set(range(sequences.first, sequences.first + sequences.n_chunks))
-    indexed = {int(i) for f in chunk_shard_files(db, "retrieval") for i in indexable_rows(f)[1]}  # not those holding only <|endoftext|>
+    indexed = {
+        int(i) for f in chunk_shard_files(db, "retrieval") for i in indexable_rows(f)[1]
+    }  # not those holding only <|endoftext|>
     for copy in docs["retrieval"]:
         original = by_hash["train"][copy["doc_hash"]]
         copy_chunks = set(range(copy["first_chunk_id"], copy["first_chunk_id"] + copy["n_chunks"]))
@@ -175,9 +194,16 @@ def test_deleting_a_document_deletes_its_copies_and_restoring_it_restores_them(d
     assert np.isin(RetrievalIndex(work).search(query, 10)[1], chunks).any()
 
     entry = delete_documents(work, [original["doc_id"]], store, reason="test: offending text", actor="test")
-    assert (entry["doc_ids"], entry["copies"], entry["documents"], entry["chunks"]) == ([original["doc_id"]], [copy["doc_id"]], 2, len(chunks))
+    assert (entry["doc_ids"], entry["copies"], entry["documents"], entry["chunks"]) == (
+        [original["doc_id"]],
+        [copy["doc_id"]],
+        2,
+        len(chunks),
+    )
     assert np.array_equal(deletions.deleted_chunk_ids(work), np.sort(chunks))
-    assert not np.isin(RetrievalIndex(work).search(query, 10)[1], chunks).any()  # neither the text nor its copy is served
+    assert not np.isin(
+        RetrievalIndex(work).search(query, 10)[1], chunks
+    ).any()  # neither the text nor its copy is served
     entry = deletions.change(work, [original["doc_id"]], store, action="restore", reason="test: back", actor="test")
     assert (entry["copies"], entry["documents"]) == ([copy["doc_id"]], 2) and not len(deletions.deleted_chunk_ids(work))
 
@@ -193,10 +219,13 @@ def test_padding_only_where_fewer_than_k_candidates_remain(db):
     lonely_chunks = int((store.doc_of(indexed) == lonely_doc).sum())
     k = lonely_chunks + 3
     nlist = faiss.extract_index_ivf(index.shards[0].index).nlist  # exhaustive: every chunk is reachable
-    ids, dists = neighbours_of(index, query, np.full(3, n_docs + 7), doc_of, k=k, candidates=8,
-                               max_candidates=index.ntotal, nprobe=nlist)
+    ids, dists = neighbours_of(
+        index, query, np.full(3, n_docs + 7), doc_of, k=k, candidates=8, max_candidates=index.ntotal, nprobe=nlist
+    )
     assert np.all(ids[:, :lonely_chunks] >= 0) and np.all(ids[:, lonely_chunks:] == -1)
-    assert np.all(np.isinf(dists[:, lonely_chunks:])) and np.all(store.doc_of(ids[:, :lonely_chunks].reshape(-1)) == lonely_doc)
+    assert np.all(np.isinf(dists[:, lonely_chunks:])) and np.all(
+        store.doc_of(ids[:, :lonely_chunks].reshape(-1)) == lonely_doc
+    )
 
 
 def test_sharded_rows_given_out_of_order_find_every_row():
@@ -231,11 +260,19 @@ def test_alignment_finds_how_far_a_query_is_moved_against_the_document_it_retrie
     chunks = next(v for v in by_doc.values() if len(v) >= 4 and all(len(t) == m for _, t in v[:3]))
     n = chunks[1][0]  # chunk 1: chunk 0 lies before it, chunks 2 and 3 after
     text = [t for _, tokens in chunks[:4] for t in tokens]  # chunks n-1 .. n+2
-    cases = {0: text[m : 2 * m], 17: text[m + 17 : 2 * m + 17], -23: text[m - 23 : 2 * m - 23], m - 1: text[2 * m - 1 : 3 * m - 1]}
+    cases = {
+        0: text[m : 2 * m],
+        17: text[m + 17 : 2 * m + 17],
+        -23: text[m - 23 : 2 * m - 23],
+        m - 1: text[2 * m - 1 : 3 * m - 1],
+    }
     cases[-3] = [7, 8, 9] + text[m : 2 * m - 3]  # an edit: three tokens inserted before the chunk's text
     queries = list(cases.values())
     unrelated = list(range(100, 100 + m))
-    shifts = store.alignment_shifts(np.array([n] * len(queries) + [n, -1]), [np.array(q) for q in queries] + [np.array(unrelated), np.array(queries[0])])
+    shifts = store.alignment_shifts(
+        np.array([n] * len(queries) + [n, -1]),
+        [np.array(q) for q in queries] + [np.array(unrelated), np.array(queries[0])],
+    )
     assert shifts.tolist() == list(cases) + [0, 0]
     rows = store.shifted_neighbour_tokens(np.array([n] * len(cases)), shifts[: len(cases)], pad_id=1)
     for (shift, query), row in zip(cases.items(), rows):  # the moved window holds the query's text, and what follows it
@@ -248,7 +285,9 @@ def run_cli(*args, kill_when=None):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     if kill_when is None:
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not kill_when():
         time.sleep(0.2)
@@ -326,7 +365,9 @@ def test_rerank_of_a_request_at_the_api_limits_stays_in_bounded_blocks_and_is_ex
     rng = np.random.default_rng(0)
     n, c, k = api.MAX_QUERIES, api.MAX_K * 4, api.MAX_K  # 256 queries, k = 100, re-rank factor 4
     queries = rng.standard_normal((n, 384)).astype(np.float32)
-    stored = np.concatenate([np.arange(a, b) for a, b in zip(vectors.starts, vectors.ends)])  # train, then retrieval ids
+    stored = np.concatenate(
+        [np.arange(a, b) for a, b in zip(vectors.starts, vectors.ends)]
+    )  # train, then retrieval ids
     ids = np.stack([rng.permutation(stored)[:c] for _ in range(n)])  # distinct candidates, as merged ones are
     ids[:, -5:] = -1  # padding, as from a shard with fewer candidates
     tracemalloc.start()

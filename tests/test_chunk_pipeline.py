@@ -38,8 +38,12 @@ def test_tokenizer_training_is_deterministic(corpus_docs, tokenizer):
 
 def tokenized_doc(tokenizer, text, split="train", source="s", position=0):
     return {
-        "key": hashlib.blake2b(text.encode(), digest_size=16).digest(), "split": split, "source": source,
-        "position": position, "meta": "", "tokens": np.array(tokenizer.encode(text).ids, dtype=np.uint32).tobytes(),
+        "key": hashlib.blake2b(text.encode(), digest_size=16).digest(),
+        "split": split,
+        "source": source,
+        "position": position,
+        "meta": "",
+        "tokens": np.array(tokenizer.encode(text).ids, dtype=np.uint32).tobytes(),
     }
 
 
@@ -51,13 +55,24 @@ def perturb(tokens, fraction, rng):
 
 
 def run_dedup(docs, config):
-    """(sources of the documents kept for training/evaluation, [(source, reason)] of the others: rejected, or "retrieval"
-    for duplicates of train documents kept as retrieval-only)."""
+    """(sources of the documents kept for training/evaluation, [(source, reason)] of the others: rejected, or
+    "retrieval" for duplicates of train documents kept as retrieval-only)."""
     with TestPipeline(argv=BEAM_TEST_ARGS) as p:
         out = p | beam.Create(docs) | cp.Deduplicate(config)
-        kept = out["kept"] | "Kept" >> beam.Filter(lambda d: d["split"] != "retrieval") | "KeptSources" >> beam.Map(lambda d: d["source"])
-        moved = out["kept"] | "Moved" >> beam.Filter(lambda d: d["split"] == "retrieval") | "MovedSources" >> beam.Map(lambda d: (d["source"], "retrieval"))
-        dropped = ((out["rejected"] | "DroppedSources" >> beam.Map(lambda r: (r.source, r.reason))), moved) | beam.Flatten()
+        kept = (
+            out["kept"]
+            | "Kept" >> beam.Filter(lambda d: d["split"] != "retrieval")
+            | "KeptSources" >> beam.Map(lambda d: d["source"])
+        )
+        moved = (
+            out["kept"]
+            | "Moved" >> beam.Filter(lambda d: d["split"] == "retrieval")
+            | "MovedSources" >> beam.Map(lambda d: (d["source"], "retrieval"))
+        )
+        dropped = (
+            (out["rejected"] | "DroppedSources" >> beam.Map(lambda r: (r.source, r.reason))),
+            moved,
+        ) | beam.Flatten()
         kept | "WriteKept" >> beam.io.WriteToText("/tmp/_dedup_kept", shard_name_template="")
         dropped | "WriteDropped" >> beam.io.WriteToText("/tmp/_dedup_dropped", shard_name_template="")
     kept = open("/tmp/_dedup_kept").read().split()
@@ -74,7 +89,15 @@ def test_minhash_lsh_removes_planted_near_duplicates_and_keeps_unrelated(corpus_
     for i, doc in enumerate(long_ones[:200]):
         tokens = perturb(doc["tokens"], 0.008, rng)
         if minhash.exact_jaccard(cp.doc_tokens(doc), np.frombuffer(tokens, dtype=np.uint32), 5) >= 0.9:
-            planted.append({**doc, "key": hashlib.blake2b(tokens, digest_size=16).digest(), "tokens": tokens, "source": f"copy-{i}", "of": doc["source"]})
+            planted.append(
+                {
+                    **doc,
+                    "key": hashlib.blake2b(tokens, digest_size=16).digest(),
+                    "tokens": tokens,
+                    "source": f"copy-{i}",
+                    "of": doc["source"],
+                }
+            )
     assert len(planted) >= 100
     kept, dropped = run_dedup(originals + planted, cp.ChunkConfig())
     kept_set = set(kept)
@@ -90,10 +113,22 @@ def test_minhash_lsh_removes_planted_near_duplicates_and_keeps_unrelated(corpus_
 
 def test_leakage_drops_train_documents_close_to_held_out_ones(corpus_docs, tokenizer):
     rng = np.random.default_rng(1)
-    base = [tokenized_doc(tokenizer, d["text"], source=f"doc-{i}") for i, d in enumerate(corpus_docs[:80]) if len(d["text"]) > 800]
+    base = [
+        tokenized_doc(tokenizer, d["text"], source=f"doc-{i}")
+        for i, d in enumerate(corpus_docs[:80])
+        if len(d["text"]) > 800
+    ]
     held_out = [dict(d, split="test") for d in base[:10]]
-    leaked = [dict(d, split="train", source=d["source"] + "-leak", tokens=perturb(d["tokens"], 0.004, rng),
-                   key=hashlib.blake2b(d["source"].encode(), digest_size=16).digest()) for d in held_out]
+    leaked = [
+        dict(
+            d,
+            split="train",
+            source=d["source"] + "-leak",
+            tokens=perturb(d["tokens"], 0.004, rng),
+            key=hashlib.blake2b(d["source"].encode(), digest_size=16).digest(),
+        )
+        for d in held_out
+    ]
     clean = base[10:]
     kept, dropped = run_dedup(held_out + leaked + clean, cp.ChunkConfig())
     assert sorted(s for s, _ in dropped) == sorted(d["source"] for d in leaked)
@@ -102,48 +137,96 @@ def test_leakage_drops_train_documents_close_to_held_out_ones(corpus_docs, token
 
 
 def test_exact_dedup_keeps_the_first_occurrence():
-    docs = [{"key": b"k1", "source": "b", "position": 1}, {"key": b"k1", "source": "a", "position": 7},
-            {"key": b"k2", "source": "c", "position": 0}]
+    docs = [
+        {"key": b"k1", "source": "b", "position": 1},
+        {"key": b"k1", "source": "a", "position": 7},
+        {"key": b"k2", "source": "c", "position": 0},
+    ]
     with TestPipeline(argv=BEAM_TEST_ARGS) as p:
         out = p | beam.Create(docs) | cp.ExactDedup()
-        assert_that(out["kept"] | beam.Map(lambda d: (d["source"], d["position"])), equal_to([("a", 7), ("c", 0)]), label="kept")
-        assert_that(out["rejected"] | beam.Map(lambda r: (r.source, r.reason, r.detail)),
-                    equal_to([("b", cp.EXACT_DUPLICATE, "same text as a:7")]), label="dropped")
+        assert_that(
+            out["kept"] | beam.Map(lambda d: (d["source"], d["position"])), equal_to([("a", 7), ("c", 0)]), label="kept"
+        )
+        assert_that(
+            out["rejected"] | beam.Map(lambda r: (r.source, r.reason, r.detail)),
+            equal_to([("b", cp.EXACT_DUPLICATE, "same text as a:7")]),
+            label="dropped",
+        )
 
 
 def test_exact_dedup_with_copies_kept_carries_them_on_the_first_occurrence():
-    docs = [{"key": b"k1", "source": "b", "position": 1, "meta": "m"}, {"key": b"k1", "source": "a", "position": 7, "meta": ""},
-            {"key": b"k2", "source": "c", "position": 0, "meta": ""}]
+    docs = [
+        {"key": b"k1", "source": "b", "position": 1, "meta": "m"},
+        {"key": b"k1", "source": "a", "position": 7, "meta": ""},
+        {"key": b"k2", "source": "c", "position": 0, "meta": ""},
+    ]
     with TestPipeline(argv=BEAM_TEST_ARGS) as p:
         out = p | beam.Create(docs) | cp.ExactDedup(keep_copies=True)
-        assert_that(out["kept"] | beam.Map(lambda d: (d["source"], d["position"], d["copies"])),
-                    equal_to([("a", 7, [("b", 1, "m")]), ("c", 0, [])]), label="kept")
+        assert_that(
+            out["kept"] | beam.Map(lambda d: (d["source"], d["position"], d["copies"])),
+            equal_to([("a", 7, [("b", 1, "m")]), ("c", 0, [])]),
+            label="kept",
+        )
         assert_that(out["rejected"], equal_to([]), label="dropped")
 
 
 def test_duplicates_of_train_documents_become_retrieval_only_and_of_held_out_ones_are_rejected(corpus_docs, tokenizer):
     """The fate of every kind of duplicate, from documents whose splits and relations are set by hand."""
     rng = np.random.default_rng(2)
-    base = [tokenized_doc(tokenizer, d["text"], source=f"doc-{i}") for i, d in enumerate(corpus_docs[:80]) if len(d["text"]) > 800][:8]
+    base = [
+        tokenized_doc(tokenizer, d["text"], source=f"doc-{i}")
+        for i, d in enumerate(corpus_docs[:80])
+        if len(d["text"]) > 800
+    ][:8]
     x, v, leak_target = dict(base[0], split="train"), dict(base[1], split="valid"), dict(base[2], split="test")
     x["copies"], v["copies"] = [("x-copy", 3, "")], [("v-copy", 0, "")]
     # near-duplicates get the largest keys, so they (not their originals) are the ones marked
-    near_x = dict(x, source="x-near", key=b"\xff" * 16, tokens=perturb(x["tokens"], 0.004, rng), copies=[("x-near-copy", 0, "")])
+    near_x = dict(
+        x, source="x-near", key=b"\xff" * 16, tokens=perturb(x["tokens"], 0.004, rng), copies=[("x-near-copy", 0, "")]
+    )
     near_v = dict(v, source="v-near", key=b"\xfe" * 16, tokens=perturb(v["tokens"], 0.004, rng), copies=[])
-    leaked = dict(leak_target, split="train", source="leaked", key=b"\x00" * 16, tokens=perturb(leak_target["tokens"], 0.004, rng),
-                  copies=[("leaked-copy", 0, "")])
+    leaked = dict(
+        leak_target,
+        split="train",
+        source="leaked",
+        key=b"\x00" * 16,
+        tokens=perturb(leak_target["tokens"], 0.004, rng),
+        copies=[("leaked-copy", 0, "")],
+    )
     others = [dict(d, split="train") for d in base[3:]]
     with TestPipeline(argv=BEAM_TEST_ARGS) as p:
         out = p | beam.Create([x, v, leak_target, near_x, near_v, leaked, *others]) | cp.Deduplicate(cp.ChunkConfig())
-        assert_that(out["kept"] | beam.Map(lambda d: (d["source"], d["position"], d["split"], "copies" in d)), equal_to(
-            [(x["source"], 0, "train", False), ("x-copy", 3, "retrieval", False), ("x-near", 0, "retrieval", False),
-             ("x-near-copy", 0, "retrieval", False), (v["source"], 0, "valid", False), (leak_target["source"], 0, "test", False)]
-            + [(d["source"], 0, "train", False) for d in others]), label="kept")
-        assert_that(out["rejected"] | beam.Map(lambda r: (r.source, r.reason)), equal_to(
-            [("v-copy", cp.EXACT_DUPLICATE), ("v-near", cp.NEAR_DUPLICATE), ("leaked", cp.LEAKAGE), ("leaked-copy", cp.LEAKAGE)]),
-            label="rejected")
+        assert_that(
+            out["kept"] | beam.Map(lambda d: (d["source"], d["position"], d["split"], "copies" in d)),
+            equal_to(
+                [
+                    (x["source"], 0, "train", False),
+                    ("x-copy", 3, "retrieval", False),
+                    ("x-near", 0, "retrieval", False),
+                    ("x-near-copy", 0, "retrieval", False),
+                    (v["source"], 0, "valid", False),
+                    (leak_target["source"], 0, "test", False),
+                ]
+                + [(d["source"], 0, "train", False) for d in others]
+            ),
+            label="kept",
+        )
+        assert_that(
+            out["rejected"] | beam.Map(lambda r: (r.source, r.reason)),
+            equal_to(
+                [
+                    ("v-copy", cp.EXACT_DUPLICATE),
+                    ("v-near", cp.NEAR_DUPLICATE),
+                    ("leaked", cp.LEAKAGE),
+                    ("leaked-copy", cp.LEAKAGE),
+                ]
+            ),
+            label="rejected",
+        )
         # a retrieval-only copy is its original's text: same key and tokens
-        copies = out["kept"] | beam.Filter(lambda d: d["source"] == "x-copy") | beam.Map(lambda d: (d["key"], d["tokens"]))
+        copies = (
+            out["kept"] | beam.Filter(lambda d: d["source"] == "x-copy") | beam.Map(lambda d: (d["key"], d["tokens"]))
+        )
         assert_that(copies, equal_to([(x["key"], x["tokens"])]), label="copy")
 
 
@@ -174,9 +257,17 @@ def read_split(db, split, kind="chunks"):
 def test_counts_add_up_and_every_bad_record_is_a_dead_letter(small_db):
     root, db, _, record = small_db
     counts = record["counts"]
-    rejected = {k[len("rejected_"):]: v for k, v in counts.items() if k.startswith("rejected_")}
+    rejected = {k[len("rejected_") :]: v for k, v in counts.items() if k.startswith("rejected_")}
     assert counts["balanced"] and counts["records_read"] == counts["documents_kept"] + sum(rejected.values())
-    for reason in ("malformed_json", "missing_text", "empty", "record_too_large", "invalid_utf8", "truncated_stream", "empty_file"):
+    for reason in (
+        "malformed_json",
+        "missing_text",
+        "empty",
+        "record_too_large",
+        "invalid_utf8",
+        "truncated_stream",
+        "empty_file",
+    ):
         assert rejected.get(reason, 0) >= 1, reason
     letters = [json.loads(line) for f in glob.glob(os.path.join(db, "rejected", "*.jsonl")) for line in open(f)]
     assert len(letters) == sum(rejected.values())
@@ -187,8 +278,14 @@ def test_counts_add_up_and_every_bad_record_is_a_dead_letter(small_db):
     # line 10 copies line 1: retrieval-only if line 1 is a train document, else rejected
     first = cp.split_of(document_key(normalize_text(json.loads(open(part0).readline())["text"])), small_db[2])
     retrieval = read_split(db, "retrieval", "documents")
-    copies = [] if retrieval is None else [(s, p) for s, p in zip(retrieval["source"].to_pylist(), retrieval["position"].to_pylist())]
-    assert (("exact_duplicate", part0, 10) in by_reason) == (first != "train") and ((part0, 10) in copies) == (first == "train")
+    copies = (
+        []
+        if retrieval is None
+        else [(s, p) for s, p in zip(retrieval["source"].to_pylist(), retrieval["position"].to_pylist())]
+    )
+    assert (("exact_duplicate", part0, 10) in by_reason) == (first != "train") and ((part0, 10) in copies) == (
+        first == "train"
+    )
     assert any(r["reason"] == "truncated_stream" and r["source"].endswith("part-2.jsonl.zst") for r in letters)
     assert any(r["reason"] == "empty_file" and r["source"].endswith("empty.jsonl") for r in letters)
 
@@ -207,7 +304,9 @@ def test_chunk_ids_are_dense_and_continuations_follow(small_db):
     assert np.all(idx[1:][~same_doc] == 0)
     lengths = np.array([len(t) for t in all_chunks["tokens"].to_pylist()])
     last = np.append(~same_doc, True)
-    assert np.all(lengths[~last] == config.chunk_size) and np.all((lengths[last] >= 1) & (lengths[last] <= config.chunk_size))
+    assert np.all(lengths[~last] == config.chunk_size) and np.all(
+        (lengths[last] >= 1) & (lengths[last] <= config.chunk_size)
+    )
     assert all_chunks.schema.field("tokens").type == pa.list_(pa.uint16())
     assert record["counts"]["chunks"] == len(ids)
 
@@ -227,15 +326,28 @@ def test_chunks_decode_to_the_documents_text(small_db, corpus_docs):
 
 def test_rerun_skips_and_rebuild_gives_the_same_bytes(small_db):
     root, db, config, record = small_db
-    digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in glob.glob(os.path.join(db, "*", "*", "*.parquet"))}
-    again = cp.write_chunk_shards([str(root / "in")], db, config=cp.ChunkConfig(**{**config.__dict__}), vocab_size=2048, beam_args=BEAM_TEST_ARGS)
+    digests = {
+        p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in glob.glob(os.path.join(db, "*", "*", "*.parquet"))
+    }
+    again = cp.write_chunk_shards(
+        [str(root / "in")], db, config=cp.ChunkConfig(**{**config.__dict__}), vocab_size=2048, beam_args=BEAM_TEST_ARGS
+    )
     assert again["updated"] == record["updated"]  # skipped: nothing rewritten
     copy = str(root / "db-copy")
     shutil.copytree(db, copy)
     victim = sorted(digests)[0].replace(db, copy)
     os.remove(victim)  # a crash that lost a shard
-    cp.write_chunk_shards([str(root / "in")], copy, config=cp.ChunkConfig(**{**config.__dict__}), vocab_size=2048, beam_args=BEAM_TEST_ARGS)
-    rebuilt = {p.replace(copy, db): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in glob.glob(os.path.join(copy, "*", "*", "*.parquet"))}
+    cp.write_chunk_shards(
+        [str(root / "in")],
+        copy,
+        config=cp.ChunkConfig(**{**config.__dict__}),
+        vocab_size=2048,
+        beam_args=BEAM_TEST_ARGS,
+    )
+    rebuilt = {
+        p.replace(copy, db): hashlib.sha256(open(p, "rb").read()).hexdigest()
+        for p in glob.glob(os.path.join(copy, "*", "*", "*.parquet"))
+    }
     assert rebuilt == digests
 
 
@@ -246,7 +358,9 @@ def test_changed_config_is_refused_unless_overwrite(small_db):
         cp.write_chunk_shards([str(root / "in")], db, config=changed, vocab_size=2048, beam_args=BEAM_TEST_ARGS)
     copy = str(root / "db-overwrite")
     shutil.copytree(db, copy)
-    record = cp.write_chunk_shards([str(root / "in")], copy, config=changed, vocab_size=2048, beam_args=BEAM_TEST_ARGS, overwrite=True)
+    record = cp.write_chunk_shards(
+        [str(root / "in")], copy, config=changed, vocab_size=2048, beam_args=BEAM_TEST_ARGS, overwrite=True
+    )
     assert record["config"]["chunk_size"] == 32
     assert max(len(t) for t in read_split(copy, "train")["tokens"].to_pylist()) == 32
     assert read_manifest(copy)["stages"]["chunks"]["status"] == "complete"
@@ -257,7 +371,9 @@ def test_empty_corpus_gives_an_empty_but_balanced_stage(tmp_path):
     (tmp_path / "in" / "a.jsonl").write_text('{"text": ""}\n{"oops": 1}\n')
     tok = str(tmp_path / "tok.json")
     train_lm_tokenizer(["some text to learn from"] * 10, vocab_size=300).save(tok)
-    record = cp.write_chunk_shards([str(tmp_path / "in")], str(tmp_path / "db"), tokenizer_path=tok, beam_args=BEAM_TEST_ARGS)
+    record = cp.write_chunk_shards(
+        [str(tmp_path / "in")], str(tmp_path / "db"), tokenizer_path=tok, beam_args=BEAM_TEST_ARGS
+    )
     assert record["counts"]["chunks"] == 0 and record["counts"]["records_read"] == 2 and record["counts"]["balanced"]
 
 
@@ -268,7 +384,9 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
 
 def test_an_input_edited_in_place_to_the_same_size_is_not_taken_as_built(tmp_path):
     corpus = tmp_path / "in.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"Document {i} says alpha beta gamma, then delta {i}."}) + "\n" for i in range(6)))
+    corpus.write_text(
+        "".join(json.dumps({"text": f"Document {i} says alpha beta gamma, then delta {i}."}) + "\n" for i in range(6))
+    )
     tok = str(tmp_path / "tok.json")
     train_lm_tokenizer(["alpha beta gamma delta omega document says"] * 10, vocab_size=300).save(tok)
     db = str(tmp_path / "db")
@@ -281,3 +399,10 @@ def test_an_input_edited_in_place_to_the_same_size_is_not_taken_as_built(tmp_pat
         cp.write_chunk_shards([str(corpus)], db, tokenizer_path=tok, beam_args=BEAM_TEST_ARGS)
     rebuilt = cp.write_chunk_shards([str(corpus)], db, tokenizer_path=tok, beam_args=BEAM_TEST_ARGS, overwrite=True)
     assert rebuilt["counts"]["documents_kept"] == 6
+
+
+def test_a_leaked_documents_reason_names_the_configured_ngram_size():
+    doc = {"key": b"k", "split": "train", "source": "a.jsonl", "position": 3, "meta": "", "tokens": b"", "copies": []}
+    out = list(cp.ApplyDropsFn(leakage_ngram=7).process((b"k", {"doc": [doc], "near": [], "leak": [b"\x01\x02"]})))
+    assert [(r.source, r.position, r.reason) for r in out] == [("a.jsonl", 3, cp.LEAKAGE)]
+    assert out[0].detail == "7-gram Jaccard >= threshold with held-out document 0102"

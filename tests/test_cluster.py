@@ -40,9 +40,20 @@ def two_node_cluster():
     port = "6391"
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     try:
-        subprocess.run([RAY, "start", "--head", "--port", port, "--include-dashboard=false", f"--temp-dir={temp_dir}", *common],
-                       env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [RAY, "start", "--head", "--port", port, "--include-dashboard=false", f"--temp-dir={temp_dir}", *common],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [RAY, "start", "--address", f"127.0.0.1:{port}", *common],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         _stop(temp_dir)
@@ -51,8 +62,11 @@ def two_node_cluster():
 
 def _files(db: str, kind: str) -> dict:
     root = os.path.join(db, kind)
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, fs in os.walk(root) for f in fs}
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, fs in os.walk(root)
+        for f in fs
+    }
 
 
 def test_embedding_and_neighbour_stages_on_two_nodes_match_one_node(db, two_node_cluster, tmp_path):
@@ -64,8 +78,14 @@ def test_embedding_and_neighbour_stages_on_two_nodes_match_one_node(db, two_node
     # no --actors: the default layout must be placeable on N nodes of C CPUs, one actor per node here
     for stage in (["embed", "--embed-block-rows", str(BLOCK_ROWS)], ["index"], ["neighbours"]):
         t0 = time.time()
-        done = subprocess.run([*python, stage[0], "--db", work, *stage[1:]], cwd=REPO, env=two_node_cluster,
-                              capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [*python, stage[0], "--db", work, *stage[1:]],
+            cwd=REPO,
+            env=two_node_cluster,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert time.time() - t0 < 900
     stages = read_manifest(work)["stages"]

@@ -14,7 +14,8 @@ from retro_db.corpus import Record, Rejected
 
 @pytest.fixture(params=["beam", "local"])
 def read_all(request):
-    """Every record of a file, read as the build pipeline reads it (Beam's filesystems) and as evaluation does (local files)."""
+    """Every record of a file, read as the build pipeline reads it (Beam's filesystems) and as evaluation does
+    (local files)."""
     import os
 
     read = corpus_io.read_records if request.param == "beam" else corpus.read_records
@@ -123,4 +124,9 @@ def test_match_inputs_directories_globs_and_missing(tmp_path, match):
 
 def test_iter_lines_handles_lines_across_blocks():
     blocks = [b"ab", b"c\nde", b"f\n\ng"]
-    assert [(n, line) for n, line, _ in corpus.iter_lines(iter(blocks), 100)] == [(1, b"abc"), (2, b"def"), (3, b""), (4, b"g")]
+    assert [(n, line) for n, line, _ in corpus.iter_lines(iter(blocks), 100)] == [
+        (1, b"abc"),
+        (2, b"def"),
+        (3, b""),
+        (4, b"g"),
+    ]

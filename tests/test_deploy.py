@@ -30,8 +30,9 @@ def _documents(name) -> list:
 
 def _images(node) -> list[str]:
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k in ("image", "worker_image") and isinstance(v, str)] + \
-               [i for v in node.values() for i in _images(v)]
+        return [v for k, v in node.items() if k in ("image", "worker_image") and isinstance(v, str)] + [
+            i for v in node.values() for i in _images(v)
+        ]
     if isinstance(node, list):
         return [i for v in node for i in _images(v)]
     return []
@@ -102,7 +103,9 @@ def test_dockerfile_copies_what_exists_and_installs_the_lock():
 
 
 def test_rayservice_serve_config_builds_the_make_serve_application(db, tmp_path):
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_builds  # what serve run/deploy call
+    from ray.serve._private.api import (
+        call_user_app_builder_with_args_if_necessary as serve_builds,
+    )  # what serve run/deploy call
     from ray.serve.schema import ServeDeploySchema
 
     from index_service.app import build_app
@@ -115,7 +118,9 @@ def test_rayservice_serve_config_builds_the_make_serve_application(db, tmp_path)
     assert app.import_path == local_app.import_path == "index_service.app:build_app"
     secret = tmp_path / "admin-tokens"  # what the Secret's volume holds in the cluster
     secret.write_text("ops:" + "0" * 64)
-    assert type(serve_builds(build_app, {**app.args, "db": db, "admin_token_file": str(secret)})).__name__ == "Application"  # every arg is a ServiceConfig field
+    assert (
+        type(serve_builds(build_app, {**app.args, "db": db, "admin_token_file": str(secret)})).__name__ == "Application"
+    )  # every arg is a ServiceConfig field
 
 
 def _pods(cluster_spec: dict) -> list[dict]:
@@ -123,7 +128,11 @@ def _pods(cluster_spec: dict) -> list[dict]:
 
 
 def _policy_for(docs: list, labels: dict) -> dict:
-    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    (policy,) = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
     return policy
 
 
@@ -139,10 +148,14 @@ def test_rayservice_serves_a_read_only_db_writes_only_deletions_takes_its_token_
         db = mounts[args["db"]]
         assert db["readOnly"] and volumes[db["name"]]["persistentVolumeClaim"]["readOnly"]
         deleted = mounts[args["db"] + "/deleted"]  # the one path the service writes (retro_db.deletions)
-        assert not deleted.get("readOnly") and claims[volumes[deleted["name"]]["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert not deleted.get("readOnly") and claims[volumes[deleted["name"]]["persistentVolumeClaim"]["claimName"]][
+            "spec"
+        ]["accessModes"] == ["ReadWriteMany"]
         secret = mounts[os.path.dirname(args["admin_token_file"])]
         assert secret["readOnly"] and "secretName" in volumes[secret["name"]]["secret"]
-        assert not [e for e in container.get("env", []) if "TOKEN" in e["name"] and "value" in e]  # no token in the manifest
+        assert not [
+            e for e in container.get("env", []) if "TOKEN" in e["name"] and "value" in e
+        ]  # no token in the manifest
         assert [p["containerPort"] for p in container.get("ports", [])] in ([], [8000])
     policy = _policy_for(docs, service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"])
     open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
@@ -182,20 +195,26 @@ def test_dask_cluster_runs_the_project_image_with_single_threaded_workers():
     port = scheduler["args"][scheduler["args"].index("--port") + 1]
     script = _script_command(os.path.join(DEPLOY, "beam", "dask.sh"), "python -m pipeline")
     name = cluster["metadata"]["name"]
-    assert "--runner=DaskRunner" in script and open(os.path.join(DEPLOY, "beam", "dask.sh")).read().count(f"tcp://{name}-scheduler:{port}") == 1
+    assert (
+        "--runner=DaskRunner" in script
+        and open(os.path.join(DEPLOY, "beam", "dask.sh")).read().count(f"tcp://{name}-scheduler:{port}") == 1
+    )
 
 
-@pytest.mark.parametrize("script, marker", [
-    ("beam/dataflow.sh", "python -m pipeline"),
-    ("beam/flink.sh", "python -m pipeline"),
-    ("beam/dask.sh", "python -m pipeline"),
-    ("torchrun/train-multinode.sh", "torchrun"),
-])
+@pytest.mark.parametrize(
+    "script, marker",
+    [
+        ("beam/dataflow.sh", "python -m pipeline"),
+        ("beam/flink.sh", "python -m pipeline"),
+        ("beam/dask.sh", "python -m pipeline"),
+        ("torchrun/train-multinode.sh", "torchrun"),
+    ],
+)
 def test_launch_scripts_are_valid_shell_and_call_real_entry_points(script, marker):
     path = os.path.join(DEPLOY, script)
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     assert os.access(path, os.X_OK)
     argv = _script_command(path, marker)
     if marker == "torchrun":
-        argv = ["python"] + argv[argv.index("-m"):]
+        argv = ["python"] + argv[argv.index("-m") :]
     _check_cli(argv)

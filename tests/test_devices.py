@@ -8,7 +8,15 @@ import pytest
 from pipeline.index_build import train_index
 from retro_db.embedder import ChunkEmbedder
 from retro_db.manifest import read_manifest
-from retro_db.search import RetrievalIndex, drop_deleted, faiss_gpus, load_embedding_rows, rerank, resolve_device, search_shards
+from retro_db.search import (
+    RetrievalIndex,
+    drop_deleted,
+    faiss_gpus,
+    load_embedding_rows,
+    rerank,
+    resolve_device,
+    search_shards,
+)
 from retro_db.token_store import TokenStore
 from retro_db.tokenizer import db_tokenizer
 
@@ -44,9 +52,17 @@ def test_filtering_deleted_ids_after_search_matches_the_selector(db):
     c = 4 * 10
     _, plain_ids = search_shards(index.shards, queries, c, nprobe=index.nprobe)
     deleted = np.unique(plain_ids[:8, :3])  # deletions that hit the first queries' candidates
-    with_selector = rerank(index.vectors, queries, search_shards(index.shards, queries, c, nprobe=index.nprobe,
-                                                                 selector=faiss.IDSelectorNot(faiss.IDSelectorBatch(deleted)))[1], 10)
-    dists, ids = drop_deleted(*search_shards(index.shards, queries, c, nprobe=index.nprobe), deleted)  # the GPU search's filter
+    with_selector = rerank(
+        index.vectors,
+        queries,
+        search_shards(
+            index.shards, queries, c, nprobe=index.nprobe, selector=faiss.IDSelectorNot(faiss.IDSelectorBatch(deleted))
+        )[1],
+        10,
+    )
+    dists, ids = drop_deleted(
+        *search_shards(index.shards, queries, c, nprobe=index.nprobe), deleted
+    )  # the GPU search's filter
     filtered = rerank(index.vectors, queries, ids, 10)
     assert not np.isin(filtered[1], deleted).any() and not np.isin(with_selector[1], deleted).any()
     untouched = ~np.isin(plain_ids, deleted).any(axis=1)  # queries none of whose candidates were deleted

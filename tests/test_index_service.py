@@ -52,7 +52,13 @@ def service(service_db, admin_token_file, runs):
     connect_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {**serve_yaml_args(), **SMALL_MACHINE, "db": service_db, "admin_token_file": admin_token_file, "run": str(runs[0])}
+    args = {
+        **serve_yaml_args(),
+        **SMALL_MACHINE,
+        "db": service_db,
+        "admin_token_file": admin_token_file,
+        "run": str(runs[0]),
+    }
     assert args["shard_groups"] == 2  # index shards on two replicas, merged by the ingress
     serve.run(build_app(ServiceConfig(**args)), name="retro-index-test", route_prefix="/")
     client = IndexClient(f"http://127.0.0.1:{port}", token=ADMIN_TOKEN)
@@ -74,6 +80,26 @@ def _valid_queries(db, n=16):
 
     rows = load_embedding_rows(db, "valid")
     return np.asarray(rows.arrays[0][:n], dtype=np.float32)
+
+
+RECORDING = os.path.join(REPO, "tests", "data", "service_recording.json")
+
+
+def test_a_fixed_set_of_requests_answers_byte_for_byte_as_recorded(service, service_db, tmp_path_factory):
+    """Search (texts, tokens, embeddings), chunks, generation (greedy, sampled), explanation, info, the
+    schema, deletions and errors answer exactly as ``tests/data/service_recording.json`` recorded them
+    from the same deterministic fixtures (``RETRO_RECORD_SERVICE=1`` writes it anew). Runs first: the
+    module's other tests change the DB."""
+    from service_recording import differences, record
+
+    recording = record(service.url, service_db, ADMIN_TOKEN, roots=(str(tmp_path_factory.getbasetemp()),))
+    if os.environ.get("RETRO_RECORD_SERVICE") == "1":
+        os.makedirs(os.path.dirname(RECORDING), exist_ok=True)
+        with open(RECORDING, "w") as f:
+            json.dump(recording, f, indent=1, ensure_ascii=False)
+    expected = json.load(open(RECORDING))
+    assert expected["delete"]["status"] == 200 and expected["generate_sampled"]["status"] == 200
+    assert differences(expected, recording) == []
 
 
 def test_search_equals_direct_search_of_the_built_index(service, service_db):
@@ -112,13 +138,23 @@ def test_concurrent_requests_are_batched_and_answered_as_in_process(service, hel
     from retro_db.search import RetrievalIndex
 
     index, queries = RetrievalIndex(service_db), _valid_queries(service_db, 32)
-    shapes = [(i, n, k, nprobe) for i, (n, k, nprobe) in enumerate([(1, 10, None), (4, 5, None), (16, 10, 2), (1, 3, 2), (8, 10, None), (2, 7, None)] * 2)]
-    texts = [f"{w} in Python" for w in ("sorting", "threads", "regular expressions", "decimal arithmetic", "file paths", "unit tests")]
+    shapes = [
+        (i, n, k, nprobe)
+        for i, (n, k, nprobe) in enumerate(
+            [(1, 10, None), (4, 5, None), (16, 10, 2), (1, 3, 2), (8, 10, None), (2, 7, None)] * 2
+        )
+    ]
+    texts = [
+        f"{w} in Python"
+        for w in ("sorting", "threads", "regular expressions", "decimal arithmetic", "file paths", "unit tests")
+    ]
     assert held_service.health()["shard_groups"][0]["vectors"] == index.ntotal
     for client in (service, held_service):
         alone = [client.search(texts=[t], k=5) for t in texts]
         with ThreadPoolExecutor(8) as pool:
-            vector_answers = list(pool.map(lambda s: client.search(embeddings=queries[s[0] : s[0] + s[1]], k=s[2], nprobe=s[3]), shapes))
+            vector_answers = list(
+                pool.map(lambda s: client.search(embeddings=queries[s[0] : s[0] + s[1]], k=s[2], nprobe=s[3]), shapes)
+            )
             text_answers = list(pool.map(lambda t: client.search(texts=[t], k=5), texts))
         for (i, n, k, nprobe), answer in zip(shapes, vector_answers):
             dists, ids = index.search(queries[i : i + n], k, nprobe=nprobe)
@@ -201,24 +237,27 @@ def test_text_and_token_queries_match_in_process_embedding(service, service_db):
     assert top["chunk_id"] == first_train and top["distance"] < 1e-3
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"texts": []}, 422, "at least 1"),
-    ({"texts": ["x"] * 257}, 422, "at most 256"),
-    ({"texts": ["x" * 20000]}, 422, "at most 16384 characters"),
-    ({"texts": [""]}, 422, "at least 1 character"),
-    ({"texts": ["x"], "token_ids": [[1]]}, 422, "exactly one"),
-    ({"k": 3}, 422, "exactly one"),
-    ({"texts": ["x"], "k": 0}, 422, "greater than or equal to 1"),
-    ({"texts": ["x"], "k": 101}, 422, "less than or equal to 100"),
-    ({"texts": ["x"], "nprobe": 0}, 422, "greater than or equal to 1"),
-    ({"texts": ["x"], "nprobe": 60000}, 422, "less than or equal to"),
-    ({"texts": ["x"], "k": 2.5}, 422, "valid integer"),
-    ({"texts": ["x"], "k": "3"}, 422, "valid integer"),
-    ({"embeddings": [[0.5, 0.5]]}, 422, "at least 384 items"),
-    ({"token_ids": [[]]}, 422, "at least 1 item"),
-    ({"token_ids": [[1, 10**6]]}, 422, "less than or equal to 2047"),
-    ({"texts": ["x"], "colour": "blue"}, 422, "Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"texts": []}, 422, "at least 1"),
+        ({"texts": ["x"] * 257}, 422, "at most 256"),
+        ({"texts": ["x" * 20000]}, 422, "at most 16384 characters"),
+        ({"texts": [""]}, 422, "at least 1 character"),
+        ({"texts": ["x"], "token_ids": [[1]]}, 422, "exactly one"),
+        ({"k": 3}, 422, "exactly one"),
+        ({"texts": ["x"], "k": 0}, 422, "greater than or equal to 1"),
+        ({"texts": ["x"], "k": 101}, 422, "less than or equal to 100"),
+        ({"texts": ["x"], "nprobe": 0}, 422, "greater than or equal to 1"),
+        ({"texts": ["x"], "nprobe": 60000}, 422, "less than or equal to"),
+        ({"texts": ["x"], "k": 2.5}, 422, "valid integer"),
+        ({"texts": ["x"], "k": "3"}, 422, "valid integer"),
+        ({"embeddings": [[0.5, 0.5]]}, 422, "at least 384 items"),
+        ({"token_ids": [[]]}, 422, "at least 1 item"),
+        ({"token_ids": [[1, 10**6]]}, 422, "less than or equal to 2047"),
+        ({"texts": ["x"], "colour": "blue"}, 422, "Extra inputs"),
+    ],
+)
 def test_bad_searches_get_4xx_saying_what_is_wrong(service, body, status, message):
     response = requests.post(service.url + "/v1/search", json=body, timeout=30)
     assert response.status_code == status, response.text
@@ -226,16 +265,27 @@ def test_bad_searches_get_4xx_saying_what_is_wrong(service, body, status, messag
 
 
 def test_malformed_requests_and_unknown_ids(service):
-    r = requests.post(service.url + "/v1/search", data="{texts: [", headers={"content-type": "application/json"}, timeout=30)
+    r = requests.post(
+        service.url + "/v1/search", data="{texts: [", headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 422 and "JSON decode error" in r.text
-    r = requests.post(service.url + "/v1/search", data='{"embeddings": [[NaN' + ", 0.0" * 383 + "]]}", headers={"content-type": "application/json"}, timeout=30)
+    r = requests.post(
+        service.url + "/v1/search",
+        data='{"embeddings": [[NaN' + ", 0.0" * 383 + "]]}",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 422 and "finite" in r.text
     r = requests.get(service.url + "/v1/chunks/123456789", timeout=30)
     assert r.status_code == 404 and "chunk 123456789 does not exist" in r.text
     assert requests.get(service.url + "/v1/chunks/-1", timeout=30).status_code == 422
-    r = service.session.post(service.url + "/v1/documents/delete", json={"doc_ids": [10**9], "reason": "test"}, timeout=30)
+    r = service.session.post(
+        service.url + "/v1/documents/delete", json={"doc_ids": [10**9], "reason": "test"}, timeout=30
+    )
     assert r.status_code == 404 and "unknown document ids: [1000000000]" in r.text
-    r = service.session.post(service.url + "/v1/documents/delete", json={"doc_ids": [3.5], "reason": "test"}, timeout=30)
+    r = service.session.post(
+        service.url + "/v1/documents/delete", json={"doc_ids": [3.5], "reason": "test"}, timeout=30
+    )
     assert r.status_code == 422 and "valid integer" in r.text
     r = service.session.post(service.url + "/v1/documents/delete", json={"doc_ids": [3]}, timeout=30)
     assert r.status_code == 422 and "reason" in r.text
@@ -246,8 +296,15 @@ def test_openapi_schema_and_metrics(service, service_db):
 
     nlist = faiss.extract_index_ivf(faiss.read_index(os.path.join(service_db, "index", "trained.faissindex"))).nlist
     schema = requests.get(service.url + "/openapi.json", timeout=30).json()
-    assert {"/v1/search", "/v1/chunks/{chunk_id}", "/v1/documents/delete", "/v1/documents/restore", "/v1/deletions", "/healthz",
-            "/metrics"} <= set(schema["paths"])
+    assert {
+        "/v1/search",
+        "/v1/chunks/{chunk_id}",
+        "/v1/documents/delete",
+        "/v1/documents/restore",
+        "/v1/deletions",
+        "/healthz",
+        "/metrics",
+    } <= set(schema["paths"])
     # this DB's limits are in the schema, and the mutating endpoints declare the bearer token
     body = schema["paths"]["/v1/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert body["embeddings"]["items"]["minItems"] == body["embeddings"]["items"]["maxItems"] == 384
@@ -259,7 +316,12 @@ def test_openapi_schema_and_metrics(service, service_db):
     service.search(texts=["counted"], k=1)
     # each ingress replica counts what it answered, and a scrape reaches one of them: a few scrapes see both
     scrapes = [requests.get(service.url + "/metrics", timeout=30).text for _ in range(12)]
-    ok = [line for metrics in scrapes for line in metrics.splitlines() if line.startswith('retro_index_requests_total{endpoint="/v1/search",status="200"}')]
+    ok = [
+        line
+        for metrics in scrapes
+        for line in metrics.splitlines()
+        if line.startswith('retro_index_requests_total{endpoint="/v1/search",status="200"}')
+    ]
     assert ok and max(float(line.split()[-1]) for line in ok) >= 1
     assert any('retro_index_queries_total{kind="texts"}' in metrics for metrics in scrapes)
 
@@ -274,7 +336,11 @@ def test_deleted_documents_never_come_back(service, service_db):
     counts = service.delete_documents(victims, reason="test: never come back")
     victims = sorted(victims + counts["copies"])  # exact copies go with them
     victim_chunks, _ = TokenStore(service_db).chunks_of_documents(victims)
-    assert counts["documents"] == len(victims) and counts["chunks"] == len(victim_chunks) and counts["actor"] == "token:ci-admin"
+    assert (
+        counts["documents"] == len(victims)
+        and counts["chunks"] == len(victim_chunks)
+        and counts["actor"] == "token:ci-admin"
+    )
     after = service.search(embeddings=queries, k=10)
     assert all(len(row) == 10 for row in after)  # removed inside faiss: still k results
     assert not {h["doc_id"] for row in after for h in row} & set(victims)
@@ -312,8 +378,13 @@ def test_token_sources_name_their_tokens_and_refuse_guessable_ones(tmp_path, mon
     secret = tmp_path / "tokens"
     secret.write_text("# rotated 2026-11\nalice:aaaaaaaaaaaaaaaa1\nbob : bbbbbbbbbbbbbbbb2\n\n")
     tokens = auth.Tokens.load(str(secret))
-    assert tokens.admin == {"0123456789abcdefXYZ": "admin", "aaaaaaaaaaaaaaaa1": "alice", "bbbbbbbbbbbbbbbb2": "bob"} and tokens.read == {}
-    assert auth.match("bbbbbbbbbbbbbbbb2", tokens.admin) == "bob" and auth.match("bbbbbbbbbbbbbbbb3", tokens.admin) is None
+    assert (
+        tokens.admin == {"0123456789abcdefXYZ": "admin", "aaaaaaaaaaaaaaaa1": "alice", "bbbbbbbbbbbbbbbb2": "bob"}
+        and tokens.read == {}
+    )
+    assert (
+        auth.match("bbbbbbbbbbbbbbbb2", tokens.admin) == "bob" and auth.match("bbbbbbbbbbbbbbbb3", tokens.admin) is None
+    )
     assert auth.match(None, tokens.admin) is None
     secret.write_text("short\n")
     with pytest.raises(ValueError, match="line 1: a token needs at least 16"):
@@ -331,16 +402,25 @@ def test_mutations_need_the_admin_token_and_are_audited_and_reversible(service, 
     for path in ("/v1/documents/delete", "/v1/documents/restore"):
         anonymous = requests.post(service.url + path, json=body, timeout=30)
         assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"] == "Bearer", anonymous.text
-        wrong = requests.post(service.url + path, json=body, headers={"Authorization": "Bearer " + "x" * len(ADMIN_TOKEN)}, timeout=30)
+        wrong = requests.post(
+            service.url + path, json=body, headers={"Authorization": "Bearer " + "x" * len(ADMIN_TOKEN)}, timeout=30
+        )
         assert wrong.status_code == 401
         # a service started without an admin token refuses every change, and says how to enable them
-        disabled = requests.post(held_service.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+        disabled = requests.post(
+            held_service.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+        )
         assert disabled.status_code == 403 and "RETRO_ADMIN_TOKEN" in disabled.text
     # reads are open on the module's service, and need the read token where one is configured
     search = {"texts": [query], "k": 1}
     assert requests.post(service.url + "/v1/search", json=search, timeout=30).status_code == 200
     assert requests.post(held_service.url + "/v1/search", json=search, timeout=30).status_code == 401
-    assert requests.get(held_service.url + "/v1/deletions", headers={"Authorization": "Bearer nope-nope-nope-nope"}, timeout=30).status_code == 401
+    assert (
+        requests.get(
+            held_service.url + "/v1/deletions", headers={"Authorization": "Bearer nope-nope-nope-nope"}, timeout=30
+        ).status_code
+        == 401
+    )
     assert held_service.search(texts=[query], k=1)[0][0] == hit
     assert requests.get(held_service.url + "/healthz", timeout=30).status_code == 200  # probes need no token
     held_schema = requests.get(held_service.url + "/openapi.json", timeout=30).json()
@@ -352,12 +432,16 @@ def test_mutations_need_the_admin_token_and_are_audited_and_reversible(service, 
     assert service.search(texts=[query], k=1)[0][0]["doc_id"] != hit["doc_id"]
     restored = service.restore_documents([hit["doc_id"]], reason="licence renewed")
     assert service.search(texts=[query], k=1)[0][0] == hit  # back exactly as it was
-    conflict = service.session.post(service.url + "/v1/documents/restore", json={"doc_ids": [hit["doc_id"]], "reason": "twice"}, timeout=30)
+    conflict = service.session.post(
+        service.url + "/v1/documents/restore", json={"doc_ids": [hit["doc_id"]], "reason": "twice"}, timeout=30
+    )
     assert conflict.status_code == 409 and "not deleted" in conflict.text
 
     on_disk = audit_lines(service_db)[seen:]
     assert [(e["action"], e["reason"], e["actor"], e["doc_ids"]) for e in on_disk] == [
-        ("delete", "licence withdrawn", "token:ci-admin", [hit["doc_id"]]), ("restore", "licence renewed", "token:ci-admin", [hit["doc_id"]])]
+        ("delete", "licence withdrawn", "token:ci-admin", [hit["doc_id"]]),
+        ("restore", "licence renewed", "token:ci-admin", [hit["doc_id"]]),
+    ]
     assert [e["seq"] for e in on_disk] == [deleted["seq"], restored["seq"]] == [seen + 1, seen + 2]
     assert service.deletions(since=seen)["entries"] == on_disk
     assert ADMIN_TOKEN not in open(os.path.join(service_db, "deleted", "audit.jsonl")).read()
@@ -375,10 +459,28 @@ def test_concurrent_deletes_from_the_service_and_the_cli_are_all_persisted_and_a
     docs = _undeleted_docs(service_db, 9, skip=5)
     seen = len(audit_lines(service_db))
     clients = [IndexClient(service.url, token=ADMIN_TOKEN) for _ in range(2)]
-    cli = subprocess.Popen([sys.executable, "-m", "pipeline", "delete", "--db", service_db, "--doc-ids", str(docs[-1]), "--reason", "from the CLI"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "delete",
+            "--db",
+            service_db,
+            "--doc-ids",
+            str(docs[-1]),
+            "--reason",
+            "from the CLI",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: clients[i % 2].delete_documents([docs[i]], reason=f"concurrent {i}"), range(8)))
+        answers = list(
+            pool.map(lambda i: clients[i % 2].delete_documents([docs[i]], reason=f"concurrent {i}"), range(8))
+        )
     assert cli.wait(timeout=300) == 0, cli.stderr.read()[-2000:]
     entries = audit_lines(service_db)[seen:]
     assert sorted(e["seq"] for e in entries) == list(range(seen + 1, seen + 10))  # no entry lost or numbered twice
@@ -395,8 +497,25 @@ def test_a_deleter_killed_between_log_and_list_is_completed_by_the_next_writer(s
     from retro_db.deletions import deleted_doc_ids
 
     victim, other = _undeleted_docs(service_db, 2, skip=20)
-    killed = subprocess.run([sys.executable, "-m", "pipeline", "delete", "--db", service_db, "--doc-ids", str(victim), "--reason", "killed"],
-                            cwd=REPO, env={**os.environ, "RETRO_FAILPOINT": "deletion-logged"}, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "delete",
+            "--db",
+            service_db,
+            "--doc-ids",
+            str(victim),
+            "--reason",
+            "killed",
+        ],
+        cwd=REPO,
+        env={**os.environ, "RETRO_FAILPOINT": "deletion-logged"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after the log's line, before the deleted list
     assert audit_lines(service_db)[-1]["reason"] == "killed" and victim not in deleted_doc_ids(service_db)
     assert service.deletions(since=audit_lines(service_db)[-1]["seq"] - 1)["entries"][0]["reason"] == "killed"
@@ -421,8 +540,15 @@ def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_lis
     victim = _undeleted_docs(work, 1, skip=3)[0]
     port = free_port()
     env = {**os.environ, "RETRO_ADMIN_TOKEN": ADMIN_TOKEN, "RETRO_FAILPOINT": "deletion-logged", "RAY_ADDRESS": ""}
-    served = subprocess.Popen([sys.executable, "-m", "index_service", "--db", work, "--port", str(port), "--embed-cpus", "0.5"],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    served = subprocess.Popen(
+        [sys.executable, "-m", "index_service", "--db", work, "--port", str(port), "--embed-cpus", "0.5"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
         deadline = time.time() + 180
@@ -430,7 +556,12 @@ def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_lis
             assert served.poll() is None, served.stderr.read()[-3000:]
             time.sleep(1)
         try:
-            r = requests.post(url + "/v1/documents/delete", json={"doc_ids": [victim], "reason": "killed mid-delete"}, headers=headers, timeout=60)
+            r = requests.post(
+                url + "/v1/documents/delete",
+                json={"doc_ids": [victim], "reason": "killed mid-delete"},
+                headers=headers,
+                timeout=60,
+            )
             assert r.status_code >= 500  # the replica died answering
         except requests.ConnectionError:
             pass
@@ -442,7 +573,9 @@ def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_lis
         while time.time() < deadline and not _answers(url + "/healthz"):
             time.sleep(1)
         listed = requests.get(url + "/v1/deletions", timeout=30).json()
-        assert [e["reason"] for e in listed["entries"]] == ["killed mid-delete"] and listed["total_documents_deleted"] == 1
+        assert [e["reason"] for e in listed["entries"]] == ["killed mid-delete"] and listed[
+            "total_documents_deleted"
+        ] == 1
     finally:
         os.killpg(served.pid, 9)
         served.wait(timeout=60)
@@ -465,12 +598,33 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
     port, other_port = free_port(), free_port()
 
     def start(port: int, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "index_service", "--db", db, "--port", str(port), "--embed-cpus", "0.25",
-                                 "--ingress-replicas", "1", *args],
-                                cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "index_service",
+                "--db",
+                db,
+                "--port",
+                str(port),
+                "--embed-cpus",
+                "0.25",
+                "--ingress-replicas",
+                "1",
+                *args,
+            ],
+            cwd=REPO,
+            env={**os.environ, "RAY_ADDRESS": ""},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
-    served, other = start(port, "--run", str(runs[0])), start(other_port)  # two HAProxies on one machine: Ray's fixed ports clashed
+    served, other = (
+        start(port, "--run", str(runs[0])),
+        start(other_port),
+    )  # two HAProxies on one machine: Ray's fixed ports clashed
     url = f"http://127.0.0.1:{port}"
 
     def listeners(port: int = port) -> set[str]:
@@ -479,7 +633,9 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
             if c.laddr.port == port and c.status == "LISTEN" and c.pid:
                 try:
                     names.add(psutil.Process(c.pid).name())
-                except psutil.NoSuchProcess:  # gone since the listing: HAProxy reloads its config by replacing its process
+                except (
+                    psutil.NoSuchProcess
+                ):  # gone since the listing: HAProxy reloads its config by replacing its process
                     pass
         return names
 
@@ -494,19 +650,25 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
             while time.time() < deadline and not _answers(answering + "/healthz"):
                 assert process.poll() is None, process.stderr.read()[-3000:]
                 time.sleep(1)
-        assert settled_listeners(port, time.time() + 60) == settled_listeners(other_port, time.time() + 60) == {"haproxy"}
+        assert (
+            settled_listeners(port, time.time() + 60) == settled_listeners(other_port, time.time() + 60) == {"haproxy"}
+        )
         other.send_signal(signal.SIGINT)  # its Ctrl-C frees the CPUs
         queries = _valid_queries(db)
         r = requests.post(url + "/v1/search", json={"embeddings": queries.tolist(), "k": 5}, timeout=60)
         assert r.status_code == 200, r.text
         dists, ids = RetrievalIndex(db).search(queries, 5)
         assert [[hit["chunk_id"] for hit in row] for row in r.json()["results"]] == ids.tolist()
-        np.testing.assert_array_equal(np.array([[hit["distance"] for hit in row] for row in r.json()["results"]], dtype=np.float32), dists)
+        np.testing.assert_array_equal(
+            np.array([[hit["distance"] for hit in row] for row in r.json()["results"]], dtype=np.float32), dists
+        )
         tokenizer, (model, retriever) = db_tokenizer(db), _local_model(db, runs)
         prompt = tokenizer.encode(PROMPT * 2).ids
         tokens, _ = generate(model, prompt, retriever, max_new_tokens=70, stop_id=special_id(tokenizer, EOS))
-        answer = requests.post(url + "/v1/generate", json={"prompt": PROMPT * 2, "max_new_tokens": 70}, timeout=300).json()
-        assert answer["text"] == tokenizer.decode(tokens[len(prompt):])
+        answer = requests.post(
+            url + "/v1/generate", json={"prompt": PROMPT * 2, "max_new_tokens": 70}, timeout=300
+        ).json()
+        assert answer["text"] == tokenizer.decode(tokens[len(prompt) :])
         served.send_signal(signal.SIGINT)  # Ctrl-C: serve.shutdown()
         served.wait(timeout=120)
         other.wait(timeout=120)
@@ -547,8 +709,12 @@ def test_bodies_over_the_limit_get_413_before_they_are_parsed(service):
     big = b'{"texts": ["' + b"a" * (33 << 20) + b'"]}'  # over the default 32 MiB
     r = requests.post(service.url + "/v1/search", data=big, headers={"content-type": "application/json"}, timeout=120)
     assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
-    chunked = requests.post(service.url + "/v1/search", data=(big[i : i + (1 << 20)] for i in range(0, len(big), 1 << 20)),
-                            headers={"content-type": "application/json"}, timeout=120)  # no Content-Length: counted as it streams
+    chunked = requests.post(
+        service.url + "/v1/search",
+        data=(big[i : i + (1 << 20)] for i in range(0, len(big), 1 << 20)),
+        headers={"content-type": "application/json"},
+        timeout=120,
+    )  # no Content-Length: counted as it streams
     assert chunked.status_code == 413 and "max_body_bytes" in chunked.json()["detail"]
 
 
@@ -578,7 +744,11 @@ def test_added_documents_are_served_without_restart(service, service_db, tmp_pat
         while not stop.is_set():
             r = requests.post(service.url + "/v1/search", json={"embeddings": queries.tolist(), "k": 20}, timeout=60)
             statuses.append(r.status_code)
-            statuses.append(requests.post(service.url + "/v1/search", json={"texts": ["zorblax quibbles"], "k": 5}, timeout=60).status_code)
+            statuses.append(
+                requests.post(
+                    service.url + "/v1/search", json={"texts": ["zorblax quibbles"], "k": 5}, timeout=60
+                ).status_code
+            )
 
     loop = threading.Thread(target=load)
     loop.start()
@@ -603,9 +773,10 @@ def test_added_documents_are_served_without_restart(service, service_db, tmp_pat
 def test_generation_through_the_service_client_equals_local_retrieval(service, service_db, align):
     import torch
 
+    from index_service.client import ServiceRetriever
     from model.generate import generate
     from model.model import Retro, tiny_config
-    from model.retrieval import LocalRetriever, ServiceRetriever
+    from model.retrieval import LocalRetriever
     from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
 
     tokenizer = load_lm_tokenizer(os.path.join(service_db, "tokenizer.json"))
@@ -614,23 +785,28 @@ def test_generation_through_the_service_client_equals_local_retrieval(service, s
     model = Retro(tiny_config(vocab_size=tokenizer.get_vocab_size(), pad_id=pad))
     prompt = tokenizer.encode("Python's for statement iterates over the items of any sequence, in order. " * 3).ids
     local = generate(model, prompt, LocalRetriever(service_db, k=2, align=align), max_new_tokens=140)
-    remote = generate(model, prompt, ServiceRetriever.for_db(service.url, service_db, k=2, align=align), max_new_tokens=140)
+    remote = generate(
+        model, prompt, ServiceRetriever.for_db(service.url, service_db, k=2, align=align), max_new_tokens=140
+    )
     assert local[0] == remote[0]
-    retrieved = [(ids.tolist(), rows.tolist()) for ids, rows in (h for h in local[1] if h is not None)]
+    retrieved = [(h.ids.tolist(), h.rows.tolist(), h.distances.tolist()) for h in local[1] if h is not None]
     assert len(retrieved) >= 2
-    assert retrieved == [(ids.tolist(), rows.tolist()) for ids, rows in (h for h in remote[1] if h is not None)]
+    assert retrieved == [(h.ids.tolist(), h.rows.tolist(), h.distances.tolist()) for h in remote[1] if h is not None]
 
 
-PROMPT = "Python's for statement iterates over the items of any sequence, a list or a string, in the order that they appear. "
+PROMPT = (
+    "Python's for statement iterates over the items of any sequence, a list or a string, "
+    "in the order that they appear. "
+)
 
 
 def _local_model(db, runs):
+    from model import checkpoint
     from model.retrieval import LocalRetriever
-    from model.train import load_model
 
-    model, ckpt = load_model(str(runs[0] / "retro" / "ckpt.pt"))
+    model, ckpt = checkpoint.load(str(runs[0] / "retro" / "ckpt.pt"))
     assert model.config.align_neighbours  # the default: the service must line neighbours up as the model was trained
-    return model.eval(), LocalRetriever(db, k=ckpt["train_config"]["k"], align=True)
+    return model.eval(), LocalRetriever(db, k=checkpoint.trained_k(ckpt), align=True)
 
 
 @pytest.mark.parametrize("repeats, sampling", [(3, {}), (12, {"temperature": 0.9, "top_k": 40, "seed": 5})])
@@ -644,20 +820,29 @@ def test_generation_through_the_service_equals_generation_in_one_process(service
     tokenizer = db_tokenizer(service_db)
     model, retriever = _local_model(service_db, runs)
     prompt = tokenizer.encode(PROMPT * repeats).ids
-    tokens, per_chunk = generate(model, prompt, retriever, max_new_tokens=90, stop_id=special_id(tokenizer, EOS), **sampling)
+    tokens, per_chunk = generate(
+        model, prompt, retriever, max_new_tokens=90, stop_id=special_id(tokenizer, EOS), **sampling
+    )
     body = {"prompt": PROMPT * repeats, "max_new_tokens": 90, **sampling}
     answer = requests.post(service.url + "/v1/generate", json=body, timeout=300).json()
-    assert answer["text"] == tokenizer.decode(tokens[len(prompt):]) and answer["prompt_tokens"] == len(prompt)
+    assert answer["text"] == tokenizer.decode(tokens[len(prompt) :]) and answer["prompt_tokens"] == len(prompt)
     assert len(answer["chunks"]) == len(per_chunk) >= 2
     assert "".join(c["text"] for c in answer["chunks"]) == tokenizer.decode(tokens, skip_special_tokens=False)
     for chunk, hit in zip(answer["chunks"], per_chunk):
-        assert [n["chunk_id"] for n in chunk["neighbours"]] == ([] if hit is None else [int(i) for i in hit[0] if i >= 0])
+        assert [n["chunk_id"] for n in chunk["neighbours"]] == (
+            [] if hit is None else [int(i) for i in hit.ids if i >= 0]
+        )
     if len(prompt) > model.config.max_chunks * 64:  # the prompt's first chunk is in no generated token's context
         assert per_chunk[1] is None and per_chunk[-1] is not None
-    assert requests.post(service.url + "/v1/generate", json=body, timeout=300).json() == answer  # the same seed, the same text
+    same = requests.post(service.url + "/v1/generate", json=body, timeout=300).json()
+    assert same == answer  # the same seed, the same text
     alone = requests.post(service.url + "/v1/generate", json={**body, "retrieval": False}, timeout=300).json()
     assert all(not c["neighbours"] for c in alone["chunks"])
-    assert alone["text"] == tokenizer.decode(generate(model, prompt, None, max_new_tokens=90, stop_id=special_id(tokenizer, EOS), **sampling)[0][len(prompt):])
+    assert alone["text"] == tokenizer.decode(
+        generate(model, prompt, None, max_new_tokens=90, stop_id=special_id(tokenizer, EOS), **sampling)[0][
+            len(prompt) :
+        ]
+    )
 
 
 def test_explain_scores_every_token_as_in_one_process_and_names_each_neighbours_source(service, service_db, runs):
@@ -672,44 +857,60 @@ def test_explain_scores_every_token_as_in_one_process_and_names_each_neighbours_
     tokens = tokenizer.encode(text).ids
     m = 64
     local = {u: retriever(tokens[u * m : (u + 1) * m]) for u in range((len(tokens) - 1) // m)}
-    on, off = token_logprobs(model, tokens, {u: rows for u, (_, rows) in local.items()})
+    on, off = token_logprobs(model, tokens, {u: h.rows for u, h in local.items()})
     answer = requests.post(service.url + "/v1/explain", json={"text": text}, timeout=300).json()
     scored = answer["tokens"]
-    assert len(scored) == len(tokens) and "".join(t["text"] for t in scored) == tokenizer.decode(tokens, skip_special_tokens=False)
+    assert len(scored) == len(tokens) and "".join(t["text"] for t in scored) == tokenizer.decode(
+        tokens, skip_special_tokens=False
+    )
     assert scored[0]["logprob"] is None and scored[0]["logprob_no_retrieval"] is None
     np.testing.assert_allclose([t["logprob"] for t in scored[1:]], on[1:], atol=1e-4)
     np.testing.assert_allclose([t["logprob_no_retrieval"] for t in scored[1:]], off[1:], atol=1e-4)
     assert any(abs(a - b) > 1e-6 for a, b in zip(on[m:], off[m:]))  # retrieval did something
-    documents = {r["doc_id"]: r for f in glob.glob(os.path.join(service_db, "documents", "*", "*.parquet")) for r in pq.read_table(f).to_pylist()}
+    documents = {
+        r["doc_id"]: r
+        for f in glob.glob(os.path.join(service_db, "documents", "*", "*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    }
     assert answer["chunks"][0]["neighbours"] == []
     for u, chunk in enumerate(answer["chunks"][1:], start=1):
-        ids, rows = local[u - 1]
+        ids, rows = local[u - 1].ids, local[u - 1].rows
         assert [n["chunk_id"] for n in chunk["neighbours"]] == [int(i) for i in ids if i >= 0]
         for n, window in zip(chunk["neighbours"], rows):
             row = documents[n["doc_id"]]
-            assert (n["source"]["source"], n["source"]["position"], n["source"]["meta"]) == (row["source"], row["position"], json.loads(row["meta"] or "{}"))
+            assert (n["source"]["source"], n["source"]["position"], n["source"]["meta"]) == (
+                row["source"],
+                row["position"],
+                json.loads(row["meta"] or "{}"),
+            )
             # the text shown is the window the model read: the stored chunk, or where alignment moved it
             stored = service.chunk(n["chunk_id"])
-            read = [tokenizer.decode([int(t) for t in part if t != model.config.pad_id], skip_special_tokens=False) for part in (window[:m], window[m:])]
+            read = [
+                tokenizer.decode([int(t) for t in part if t != model.config.pad_id], skip_special_tokens=False)
+                for part in (window[:m], window[m:])
+            ]
             assert [n["text"], n["continuation"]] == read
             if n["shift"] == 0:
                 assert [n["text"], n["continuation"]] == [stored["text"], stored["continuation"]]
 
 
-@pytest.mark.parametrize("path, body, message", [
-    ("/v1/generate", {}, "Field required"),
-    ("/v1/generate", {"prompt": ""}, "at least 1 character"),
-    ("/v1/generate", {"prompt": "x", "max_new_tokens": 257}, "less than or equal to 256"),
-    ("/v1/generate", {"prompt": "x", "max_new_tokens": 0}, "greater than or equal to 1"),
-    ("/v1/generate", {"prompt": "word " * 1000}, "at most 4096 characters"),
-    ("/v1/generate", {"prompt": "x", "temperature": -1}, "greater than or equal to 0"),
-    ("/v1/generate", {"prompt": "x", "seed": "3"}, "valid integer"),
-    ("/v1/generate", {"prompt": "x", "stream": True}, "Extra inputs"),
-    ("/v1/explain", {"text": ""}, "at least 1 character"),
-    ("/v1/explain", {"text": "x" * 4097}, "at most 4096 characters"),
-    ("/v1/explain", {"text": "x", "k": 0}, "greater than or equal to 1"),
-    ("/v1/explain", {"text": "x", "colour": "blue"}, "Extra inputs"),
-])
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        ("/v1/generate", {}, "Field required"),
+        ("/v1/generate", {"prompt": ""}, "at least 1 character"),
+        ("/v1/generate", {"prompt": "x", "max_new_tokens": 257}, "less than or equal to 256"),
+        ("/v1/generate", {"prompt": "x", "max_new_tokens": 0}, "greater than or equal to 1"),
+        ("/v1/generate", {"prompt": "word " * 1000}, "at most 4096 characters"),
+        ("/v1/generate", {"prompt": "x", "temperature": -1}, "greater than or equal to 0"),
+        ("/v1/generate", {"prompt": "x", "seed": "3"}, "valid integer"),
+        ("/v1/generate", {"prompt": "x", "stream": True}, "Extra inputs"),
+        ("/v1/explain", {"text": ""}, "at least 1 character"),
+        ("/v1/explain", {"text": "x" * 4097}, "at most 4096 characters"),
+        ("/v1/explain", {"text": "x", "k": 0}, "greater than or equal to 1"),
+        ("/v1/explain", {"text": "x", "colour": "blue"}, "Extra inputs"),
+    ],
+)
 def test_bad_generation_and_explanation_requests_get_422_saying_what_is_wrong(service, path, body, message):
     response = requests.post(service.url + path, json=body, timeout=60)
     assert response.status_code == 422, response.text
@@ -720,14 +921,22 @@ def test_without_a_model_the_service_is_the_index_service(held_service):
     headers = {"Authorization": f"Bearer {READ_TOKEN}"}
     r = requests.post(held_service.url + "/v1/generate", json={"prompt": "x"}, headers=headers, timeout=60)
     assert r.status_code == 404 and "serves no model" in r.text and "RUN=" in r.text
-    assert requests.post(held_service.url + "/v1/generate", json={"prompt": "x"}, timeout=60).status_code == 401  # reads need the token here
+    assert (
+        requests.post(held_service.url + "/v1/generate", json={"prompt": "x"}, timeout=60).status_code == 401
+    )  # reads need the token here
     schema = requests.get(held_service.url + "/openapi.json", timeout=30).json()
-    assert "/v1/generate" not in schema["paths"] and "/v1/explain" not in schema["paths"] and "/v1/search" in schema["paths"]
+    assert (
+        "/v1/generate" not in schema["paths"]
+        and "/v1/explain" not in schema["paths"]
+        and "/v1/search" in schema["paths"]
+    )
     info = requests.get(held_service.url + "/v1/info", headers=headers, timeout=30).json()
     assert info["model"] is None and info["admin"] is False
 
 
-def test_schemathesis_with_every_check_finds_nothing_and_deletes_nothing_without_the_token(service, service_db, tmp_path):
+def test_schemathesis_with_every_check_finds_nothing_and_deletes_nothing_without_the_token(
+    service, service_db, tmp_path
+):
     """``st run --checks all`` as a new user runs it: schema-valid requests accepted, invalid ones
     refused, every status and response documented, no 5xx; the mutating endpoints refuse it."""
     import subprocess
@@ -735,10 +944,31 @@ def test_schemathesis_with_every_check_finds_nothing_and_deletes_nothing_without
 
     seen = len(audit_lines(service_db))
     st = os.path.join(os.path.dirname(sys.executable), "st")
-    done = subprocess.run([st, "run", service.url + "/openapi.json", "--checks", "all", "--max-examples", "60", "--seed", "1",
-                           "--phases", "examples,coverage,fuzzing", "--no-color",
-                           # a 256-token generation on 2 busy cores can pass st's default 10 s: slowness is not a finding
-                           "--request-timeout", "60", "--max-response-time", "60"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            st,
+            "run",
+            service.url + "/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            "60",
+            "--seed",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--no-color",
+            # a 256-token generation on 2 busy cores can pass st's default 10 s: slowness is not a finding
+            "--request-timeout",
+            "60",
+            "--max-response-time",
+            "60",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-6000:]
     assert " passed" in done.stdout and "generated" in done.stdout
     assert len(audit_lines(service_db)) == seen  # unauthenticated: nothing deleted
@@ -772,7 +1002,9 @@ def test_serve_config_yaml_builds_the_make_serve_application(service_db):
     module, name = application.import_path.split(":")
     assert (module, name) == ("index_service.app", "build_app")
     from pydantic import ValidationError
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_builds  # what serve run/deploy call
+    from ray.serve._private.api import (
+        call_user_app_builder_with_args_if_necessary as serve_builds,
+    )  # what serve run/deploy call
 
     from index_service import app
     from retro_db.manifest import DBNotReady

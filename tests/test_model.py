@@ -12,16 +12,25 @@ import pytest
 import torch
 
 from conftest import REPO
+from model.checkpoint import load as load_model
 from model.data import CorpusSequences, RetroSequences
 from model.evaluate import chunk_leakage, evaluate, evaluate_run, longest_common_run, paired_difference, summary
 from model.model import ChunkedCrossAttention, Retro, tiny_config
-from model.train import TrainConfig, load_model, train
+from model.retrieval import Neighbours
+from model.train import TrainConfig, train
 
 M = 8  # a small chunk size keeps these tests fast; the code is the same for m = 64
 
 
 def small_config(**kw):
-    return tiny_config(**{**dict(vocab_size=97, n_embd=32, n_head=4, n_layer=4, cca_layers=[2, 4], chunk_size=M, max_chunks=4, pad_id=0), **kw})
+    return tiny_config(
+        **{
+            **dict(
+                vocab_size=97, n_embd=32, n_head=4, n_layer=4, cca_layers=[2, 4], chunk_size=M, max_chunks=4, pad_id=0
+            ),
+            **kw,
+        }
+    )
 
 
 def test_cca_matches_a_per_chunk_loop_of_the_papers_rule():
@@ -116,7 +125,9 @@ def test_dataset_sequences_targets_and_neighbours(db):
             if raw[u, j] >= 0 and int(data.store.doc_of([raw[u, j]])[0]) in seq_docs:
                 assert torch.all(neighbours[u, j] == data.pad_id)
             elif raw[u, j] >= 0:
-                assert torch.equal(neighbours[u, j], torch.from_numpy(data.store.neighbour_tokens([raw[u, j]], data.pad_id)[0]))
+                assert torch.equal(
+                    neighbours[u, j], torch.from_numpy(data.store.neighbour_tokens([raw[u, j]], data.pad_id)[0])
+                )
     assert int(target_bytes.sum()) > 0
 
 
@@ -131,7 +142,12 @@ def test_aligned_neighbours_are_their_documents_text_moved_to_line_up_with_their
     # the reference: every indexed document's tokens and where each chunk starts in them, from the Parquet shards
     docs, where = {}, {}
     for f in chunk_shard_files(db, INDEXED_SPLITS):
-        for cid, doc, tokens in zip(*(pq.read_table(f, columns=["chunk_id", "doc_id", "tokens"])[c].to_pylist() for c in ("chunk_id", "doc_id", "tokens"))):
+        for cid, doc, tokens in zip(
+            *(
+                pq.read_table(f, columns=["chunk_id", "doc_id", "tokens"])[c].to_pylist()
+                for c in ("chunk_id", "doc_id", "tokens")
+            )
+        ):
             where[cid] = (doc, len(docs.setdefault(doc, [])))
             docs[doc] += tokens
 
@@ -140,7 +156,11 @@ def test_aligned_neighbours_are_their_documents_text_moved_to_line_up_with_their
         n-1 .. n+2 only, padding elsewhere."""
         text = docs[doc]
         lo, hi = max(0, first - m), min(len(text), first + 3 * m)
-        return [d for d in range(-(m - 1), m) if row == [text[p] if lo <= p < hi else data.pad_id for p in range(first + d, first + d + 2 * m)]]
+        return [
+            d
+            for d in range(-(m - 1), m)
+            if row == [text[p] if lo <= p < hi else data.pad_id for p in range(first + d, first + d + 2 * m)]
+        ]
 
     weight = torch.arange(1, m + 1)  # alignment favours a chunk's last tokens, nearest the text to come
     moved = checked = 0
@@ -157,7 +177,10 @@ def test_aligned_neighbours_are_their_documents_text_moved_to_line_up_with_their
                     continue
                 shifts = window_shifts(rows[u, j].tolist(), *where[int(raw[u, j])])
                 assert shifts, f"neighbour {raw[u, j]} of sequence {i}: not a window of its document"
-                lined_up = [int(((row[:m] == chunks[u]) & (chunks[u] != data.pad_id)).mul(weight).sum()) for row in (rows[u, j], plain_rows[u, j])]
+                lined_up = [
+                    int(((row[:m] == chunks[u]) & (chunks[u] != data.pad_id)).mul(weight).sum())
+                    for row in (rows[u, j], plain_rows[u, j])
+                ]
                 assert lined_up[0] >= lined_up[1]
                 moved += 0 not in shifts
                 checked += 1
@@ -188,7 +211,12 @@ def test_deleted_documents_leave_training_and_refreshed_tables_replace_them_as_a
     victims = deletions.deleted_doc_ids(work).tolist()  # with their exact copies
 
     # training: the victims' chunks are gone from the sequences, the rest close up in chunk-id order
-    chunks = pa.concat_tables([pq.read_table(f, columns=["chunk_id", "doc_id"]) for f in sorted(glob.glob(os.path.join(work, "chunks", "train", "*")))])
+    chunks = pa.concat_tables(
+        [
+            pq.read_table(f, columns=["chunk_id", "doc_id"])
+            for f in sorted(glob.glob(os.path.join(work, "chunks", "train", "*")))
+        ]
+    )
     expected = np.sort(chunks["chunk_id"].to_numpy()[~np.isin(chunks["doc_id"].to_numpy(), victims)])
     data = RetroSequences(work, "train", chunks_per_seq=4, k=2)
     assert len(data) == len(expected) // 4
@@ -199,7 +227,10 @@ def test_deleted_documents_leave_training_and_refreshed_tables_replace_them_as_a
     assert int(y[-1]) in (int(tail), -100) and int(x[0]) == int(store.chunks([expected[0]])[0][0, 0])
 
     deleted = deletions.deleted_chunk_ids(work)
-    stale = {f: np.isin(t["neighbour_ids"].combine_chunks().values.to_numpy().reshape(t.num_rows, -1), deleted).any(1) for f, t in tables.items()}
+    stale = {
+        f: np.isin(t["neighbour_ids"].combine_chunks().values.to_numpy().reshape(t.num_rows, -1), deleted).any(1)
+        for f, t in tables.items()
+    }
     assert sum(s.sum() for s in stale.values()) > 0
     counts = refresh_neighbours(work)
     assert counts["rows_refreshed"] == sum(s.sum() for s in stale.values())
@@ -217,11 +248,18 @@ def test_deleted_documents_leave_training_and_refreshed_tables_replace_them_as_a
         after = pq.read_table(f)
         ids_after = after["neighbour_ids"].combine_chunks().values.to_numpy().reshape(after.num_rows, -1)
         ids_before = before["neighbour_ids"].combine_chunks().values.to_numpy().reshape(before.num_rows, -1)
-        ids_fresh = pq.read_table(f.replace(work, fresh))["neighbour_ids"].combine_chunks().values.to_numpy().reshape(after.num_rows, -1)
+        ids_fresh = (
+            pq.read_table(f.replace(work, fresh))["neighbour_ids"]
+            .combine_chunks()
+            .values.to_numpy()
+            .reshape(after.num_rows, -1)
+        )
         assert not np.isin(ids_after, deleted).any()
         assert ((ids_after >= 0).sum(1) >= (ids_before >= 0).sum(1)).all()  # k kept: the next candidates fill in
         np.testing.assert_array_equal(ids_after[~stale[f]], ids_before[~stale[f]])  # untouched rows unchanged
-        np.testing.assert_array_equal(ids_after[stale[f]], ids_fresh[stale[f]])  # refreshed rows as a fresh stage finds them
+        np.testing.assert_array_equal(
+            ids_after[stale[f]], ids_fresh[stale[f]]
+        )  # refreshed rows as a fresh stage finds them
         assert recorded[os.path.relpath(f, work)] == sha256_file(f)
 
 
@@ -232,7 +270,10 @@ def test_longest_common_run_equals_difflibs_longest_match():
     for _ in range(200):
         a = rng.integers(0, 4, rng.integers(0, 20))
         rows = rng.integers(0, 4, (3, rng.integers(1, 30)))
-        expected = max(difflib.SequenceMatcher(None, a.tolist(), r.tolist(), autojunk=False).find_longest_match().size for r in rows)
+        expected = max(
+            difflib.SequenceMatcher(None, a.tolist(), r.tolist(), autojunk=False).find_longest_match().size
+            for r in rows
+        )
         assert longest_common_run(a, rows) == expected
 
 
@@ -278,8 +319,15 @@ def test_paired_bootstrap_interval_matches_scipys():
     a = bytes_ * rng.normal(1.4, 0.3, 400)
     b = a + bytes_ * rng.normal(0.01, 0.05, 400)  # b worse by about 0.01 nats per byte
     ours = paired_difference(a, b, bytes_, resamples=4000)
-    ref = bootstrap((a, b, bytes_), lambda x, y, w, axis=-1: (x - y).sum(axis) / np.log(2) / w.sum(axis), paired=True,
-                    vectorized=True, n_resamples=4000, method="percentile", random_state=3).confidence_interval
+    ref = bootstrap(
+        (a, b, bytes_),
+        lambda x, y, w, axis=-1: (x - y).sum(axis) / np.log(2) / w.sum(axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=4000,
+        method="percentile",
+        random_state=3,
+    ).confidence_interval
     width = ref.high - ref.low
     assert ours["bpb"] == pytest.approx((a - b).sum() / np.log(2) / bytes_.sum(), abs=1e-6)
     assert abs(ours["ci95"][0] - ref.low) < 0.1 * width and abs(ours["ci95"][1] - ref.high) < 0.1 * width
@@ -395,7 +443,9 @@ def test_any_corpus_is_chunked_as_the_db_chunks_it_and_retrieved_live_without_it
     for row, doc in enumerate(own):
         others = [i for i in plain[row] if i >= 0 and store.doc_of([i])[0] != doc]
         assert data.neighbours[row].tolist() == others[:3]
-    assert data.copies_dropped == 3 and DocumentCatalog(db).with_hashes([d["doc_hash"] for d in docs]).keys() == {d["doc_hash"] for d in docs}
+    assert data.copies_dropped == 3 and DocumentCatalog(db).with_hashes([d["doc_hash"] for d in docs]).keys() == {
+        d["doc_hash"] for d in docs
+    }
     out = tmp_path / "eval.json"
     results = evaluate_run(db, str(runs[0]), corpus=[str(corpus)], out=str(out))
     assert json.load(open(out))["retro_on"]["bpb"] == results["retro_on"]["corpus"]["bpb"] > 0
@@ -406,9 +456,30 @@ def test_any_corpus_is_chunked_as_the_db_chunks_it_and_retrieved_live_without_it
 
 def test_ddp_on_two_cpu_processes_with_gloo(db, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "model.train",
-           "--db", db, "--out", out, "--steps", "3", "--batch-size", "2", "--warmup-steps", "1"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "model.train",
+        "--db",
+        db,
+        "--out",
+        out,
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--warmup-steps",
+        "1",
+    ]
+    done = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["step"] == 3 and np.isfinite(log[-1]["loss"])
@@ -431,7 +502,7 @@ def test_generation_retrieves_every_chunk_and_reports_its_neighbours(db, runs):
     assert len(tokens) == len(tokenizer.encode(prompt).ids) + 100 and len(chunks) == -(-len(tokens) // m)
     assert chunks[0].neighbour_chunk_ids == []  # the first chunk is conditioned on nothing
     for u in range(1, len(chunks)):
-        expected, _ = retriever(tokens[(u - 1) * m : u * m])  # retrieved by the chunk before
+        expected = retriever(tokens[(u - 1) * m : u * m]).ids  # retrieved by the chunk before
         assert chunks[u].neighbour_chunk_ids == [int(i) for i in expected]
         assert len(chunks[u].neighbour_texts) == 2 and all(chunks[u].neighbour_texts)
 
@@ -450,8 +521,17 @@ def test_cca_learns_to_use_retrieved_continuations():
     losses = {}
     for retrieval in (True, False):
         torch.manual_seed(0)
-        cfg = tiny_config(vocab_size=v, n_embd=64, n_head=4, n_layer=4, cca_layers=[2, 4], chunk_size=m, max_chunks=l,
-                          pad_id=0, retrieval=retrieval)
+        cfg = tiny_config(
+            vocab_size=v,
+            n_embd=64,
+            n_head=4,
+            n_layer=4,
+            cca_layers=[2, 4],
+            chunk_size=m,
+            max_chunks=l,
+            pad_id=0,
+            retrieval=retrieval,
+        )
         model = Retro(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(1)
@@ -511,7 +591,7 @@ def test_sampling_depends_on_the_seed_alone_however_generation_is_split():
     rows = np.random.default_rng(1).integers(1, 97, size=(2, 2 * M))
 
     def retrieve(chunk):
-        return np.array([3, 4]), rows
+        return Neighbours(np.array([3, 4]), rows)
 
     prompt = list(range(1, 12))
     one, _ = generate(model, prompt, retrieve, max_new_tokens=3 * M, temperature=1.0, seed=7)

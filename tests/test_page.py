@@ -18,20 +18,42 @@ from conftest import REPO, audit_lines, free_port
 
 ADMIN_TOKEN = "page-admin-token-0123456789"
 OUTPUT = os.path.join(REPO, "test-output")
-PROMPT = "Python's for statement iterates over the items of any sequence, a list or a string, in the order that they appear. " * 2
+PROMPT = (
+    "Python's for statement iterates over the items of any sequence, a list or a string, "
+    "in the order that they appear. " * 2
+)
 WAIT_S = 240
 
 
 @pytest.fixture(scope="module")
 def served(db, runs, tmp_path_factory):
-    """`python -m index_service --db DB --run RUN` (what `make serve RUN=...` runs), its own Ray, the admin token from the environment."""
+    """`python -m index_service --db DB --run RUN` (what `make serve RUN=...` runs), its own Ray, the admin token
+    from the environment."""
     work = str(tmp_path_factory.mktemp("page") / "db")
     shutil.copytree(db, work)
     port = free_port()
     env = {**os.environ, "RETRO_ADMIN_TOKEN": f"page:{ADMIN_TOKEN}", "RAY_ADDRESS": ""}
-    process = subprocess.Popen([sys.executable, "-m", "index_service", "--db", work, "--run", str(runs[0]), "--port", str(port),
-                                "--embed-cpus", "0.5"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "index_service",
+            "--db",
+            work,
+            "--run",
+            str(runs[0]),
+            "--port",
+            str(port),
+            "--embed-cpus",
+            "0.5",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + WAIT_S
@@ -70,7 +92,9 @@ def browser():
 def _wait(driver, condition, what: str, timeout: float = WAIT_S):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d), message=f"waited {timeout} s for {what}")
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(
+        lambda d: condition(d), message=f"waited {timeout} s for {what}"
+    )
 
 
 def _status(driver) -> str:
@@ -95,7 +119,11 @@ def _click_and_wait(driver, locator: tuple[str, str], says: list[str]):
     """Clicks, then waits for the page to show a new result (or to fail) and checks what its status says."""
     before, said = _renders(driver), _status(driver)  # a failure said before this click is not this click's
     driver.find_element(*locator).click()
-    _wait(driver, lambda d: _renders(d) > before or ("failed" in _status(d) and _status(d) != said), f"a result after clicking {locator[1]}")
+    _wait(
+        driver,
+        lambda d: _renders(d) > before or ("failed" in _status(d) and _status(d) != said),
+        f"a result after clicking {locator[1]}",
+    )
     assert all(s in _status(driver) for s in says), _status(driver)
 
 
@@ -111,11 +139,15 @@ def test_the_page_generates_explains_shades_and_removes_and_restores_documents(s
     browser.find_element("id", "max-new-tokens").send_keys("80")
     _click_and_wait(browser, ("id", "generate"), ["generated"])
     shown = _shown(browser)
-    api = requests.post(url + "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 80, "explain": True}, timeout=300).json()
+    api = requests.post(
+        url + "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 80, "explain": True}, timeout=300
+    ).json()
     assert len(shown) == len(api["chunks"]) >= 3
     assert [c["neighbours"] for c in shown] == [[n["doc_id"] for n in c["neighbours"]] for c in api["chunks"]]
     assert shown[0]["neighbours"] == [] and all(c["neighbours"] for c in shown[1:])
-    assert all(c["sources"] and all("corpus.jsonl:" in s for s in c["sources"]) for c in shown[1:])  # file:line of each neighbour
+    assert all(
+        c["sources"] and all("corpus.jsonl:" in s for s in c["sources"]) for c in shown[1:]
+    )  # file:line of each neighbour
     tokens = [t for c in shown for t in c["tokens"]]
     assert "".join(t["text"] for t in tokens) == "".join(c["text"] for c in api["chunks"])
     assert "".join(c["text"] for c in api["chunks"]).startswith(PROMPT)
@@ -123,7 +155,11 @@ def test_the_page_generates_explains_shades_and_removes_and_restores_documents(s
     expected = [t["logprob"] - t["logprob_no_retrieval"] for t in api["tokens"][1:]]
     assert deltas == pytest.approx(expected, abs=1e-5)
     assert any(abs(d) > 1e-4 for d in deltas)
-    assert all(t["colour"].startswith("rgba(37, 99, 235" if float(t["delta"]) >= 0 else "rgba(220, 38, 38") for t in tokens if t["delta"])
+    assert all(
+        t["colour"].startswith("rgba(37, 99, 235" if float(t["delta"]) >= 0 else "rgba(220, 38, 38")
+        for t in tokens
+        if t["delta"]
+    )
     browser.save_screenshot(os.path.join(OUTPUT, "page-generate.png"))
 
     # removing a document needs the token: none, then a wrong one, change nothing
@@ -143,15 +179,26 @@ def test_the_page_generates_explains_shades_and_removes_and_restores_documents(s
     browser.find_element("id", "token").send_keys(ADMIN_TOKEN)
     _click_and_wait(browser, ("css selector", remove), [f"document {victim} removed", "generated"])
     entry = audit_lines(db)[-1]
-    assert (entry["action"], entry["doc_ids"], entry["actor"], entry["reason"]) == ("delete", [victim], "token:page", "test: the page removes a document")
+    assert (entry["action"], entry["doc_ids"], entry["actor"], entry["reason"]) == (
+        "delete",
+        [victim],
+        "token:page",
+        "test: the page removes a document",
+    )
     after = _shown(browser)
     assert all(victim not in c["neighbours"] for c in after) and after != shown
     assert browser.find_elements("css selector", f"#deletions li[data-doc-id='{victim}']")
     browser.save_screenshot(os.path.join(OUTPUT, "page-removed.png"))
 
     # restored from the deletions list: the first neighbours come back
-    _click_and_wait(browser, ("css selector", f"#deletions li[data-doc-id='{victim}'] button.restore"), [f"document {victim} restored", "generated"])
-    assert audit_lines(db)[-1]["action"] == "restore" and not browser.find_elements("css selector", f"#deletions li[data-doc-id='{victim}']")
+    _click_and_wait(
+        browser,
+        ("css selector", f"#deletions li[data-doc-id='{victim}'] button.restore"),
+        [f"document {victim} restored", "generated"],
+    )
+    assert audit_lines(db)[-1]["action"] == "restore" and not browser.find_elements(
+        "css selector", f"#deletions li[data-doc-id='{victim}']"
+    )
     assert [c["neighbours"] for c in _shown(browser)] == [c["neighbours"] for c in shown]
 
     # explain any text: every token scored, chunk by chunk

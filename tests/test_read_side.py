@@ -24,11 +24,18 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("blocked, modules", [
-    ("apache_beam", "index_service.app, model.data, model.evaluate, model.generate, retro_db.corpus, retro_db.search, retro_db.token_store, "
-                    "retro_db.deletions"),
-    ("ray", "model.data, model.train, model.evaluate, model.generate, retro_db.search, retro_db.embedder"),
-])
+@pytest.mark.parametrize(
+    "blocked, modules",
+    [
+        (
+            "apache_beam",
+            "index_service.app, model.data, model.evaluate, model.generate, "
+            "retro_db.corpus, retro_db.search, retro_db.token_store, "
+            "retro_db.deletions",
+        ),
+        ("ray", "model.data, model.train, model.evaluate, model.generate, retro_db.search, retro_db.embedder"),
+    ],
+)
 def test_service_and_model_import_without_beam_or_ray(blocked, modules):
     # sys.modules[name] = None makes any import of it (or of a submodule) raise ImportError
     done = _python(f"import sys; sys.modules[{blocked!r}] = None; import {modules}")
@@ -38,9 +45,14 @@ def test_service_and_model_import_without_beam_or_ray(blocked, modules):
 def _string_constants(path: str) -> set[str]:
     """String literals of a module, docstrings left out (they describe the layout, they do not spell paths)."""
     tree = ast.parse(open(path).read())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
@@ -51,13 +63,30 @@ def _string_constants(path: str) -> set[str]:
 
 
 def test_each_db_file_name_is_spelled_in_one_module():
-    names = [layout.MANIFEST, layout.MANIFEST_LOCK, layout.TOKENIZER, layout.TRAINED_INDEX, layout.TOKEN_META, *layout.TOKEN_ARRAYS,
-             layout.DELETIONS_AUDIT, layout.DELETIONS_STATE, layout.DELETIONS_LOCK, layout.STAGING_CHUNKS, ".faissindex"]
+    names = [
+        layout.MANIFEST,
+        layout.MANIFEST_LOCK,
+        layout.TOKENIZER,
+        layout.TRAINED_INDEX,
+        layout.TOKEN_META,
+        *layout.TOKEN_ARRAYS,
+        layout.DELETIONS_AUDIT,
+        layout.DELETIONS_STATE,
+        layout.DELETIONS_LOCK,
+        layout.STAGING_CHUNKS,
+        ".faissindex",
+    ]
     files = [f for package in CODE for f in glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True)]
     assert len(files) > 30
-    spelled = {name: sorted(os.path.relpath(f, REPO) for f in files if any(name in s for s in _string_constants(f))) for name in names}
+    spelled = {
+        name: sorted(os.path.relpath(f, REPO) for f in files if any(name in s for s in _string_constants(f)))
+        for name in names
+    }
     expected = {name: ["retro_db/layout.py"] for name in names}
-    expected[layout.TOKENIZER] = ["bench/gpu_check.py", "retro_db/layout.py"]  # gpu_check copies the BERT's own HF files
+    expected[layout.TOKENIZER] = [
+        "bench/gpu_check.py",
+        "retro_db/layout.py",
+    ]  # gpu_check copies the BERT's own HF files
     assert spelled == expected
 
 
@@ -87,11 +116,15 @@ def test_stage_protocol_skips_refuses_and_wipes(tmp_path):
 
     first = _toy_stage_run(db, "embeddings", ToyConfig(), out)
     assert first["status"] == "complete" and first["config"] == {"width": 4, "label": "a", "input_sha256": "ffffffff"}
-    assert first["shards"] == [{"path": "embeddings/x.txt", "rows": 1, "sha256": hashlib.sha256(b"aaaa").hexdigest(), "status": "complete"}]
+    assert first["shards"] == [
+        {"path": "embeddings/x.txt", "rows": 1, "sha256": hashlib.sha256(b"aaaa").hexdigest(), "status": "complete"}
+    ]
     _toy_stage_run(db, "index", ToyConfig(), later_out)
     assert completed(db, "embeddings") == first
 
-    assert _toy_stage_run(db, "embeddings", ToyConfig(), out)["updated"] == first["updated"]  # skipped: nothing rewritten
+    assert (
+        _toy_stage_run(db, "embeddings", ToyConfig(), out)["updated"] == first["updated"]
+    )  # skipped: nothing rewritten
     os.remove(out)
     assert _toy_stage_run(db, "embeddings", ToyConfig(), out)["shards"] == first["shards"]  # a missing output is redone
 
@@ -124,28 +157,71 @@ def test_every_config_field_is_a_flag():
     from pipeline.index_build import IndexConfig
     from retro_db.cli import config_from_args
 
-    args, _ = pipeline_parser().parse_known_args(["build-db", "--rerank-factor", "2", "--no-skip-textless-chunks", "--index-seed", "7",
-                                                  "--embed-batch-size", "16", "--num-shards", "3", "--k-eval", "5"])
+    args, _ = pipeline_parser().parse_known_args(
+        [
+            "build-db",
+            "--rerank-factor",
+            "2",
+            "--no-skip-textless-chunks",
+            "--index-seed",
+            "7",
+            "--embed-batch-size",
+            "16",
+            "--num-shards",
+            "3",
+            "--k-eval",
+            "5",
+        ]
+    )
     for cls, flags in FLAGS.items():
         fields = {f.name for f in dataclasses.fields(cls)} - set(SKIP.get(cls, ()))
         assert {name for name in fields if hasattr(args, f"{cls.__name__}.{name}")} == fields
     index = config_from_args(IndexConfig, args)
     assert (index.rerank_factor, index.skip_textless_chunks, index.seed) == (2, False, 7)
-    assert config_from_args(TrainConfig, train_parser().parse_args(["--out", "x", "--steps", "5", "--lr", "0.01"])).steps == 5
-    service = config_from_args(ServiceConfig, service_parser().parse_args(["--db", "d", "--shard-groups", "3", "--mmap-index"]))
+    assert (
+        config_from_args(TrainConfig, train_parser().parse_args(["--out", "x", "--steps", "5", "--lr", "0.01"])).steps
+        == 5
+    )
+    service = config_from_args(
+        ServiceConfig, service_parser().parse_args(["--db", "d", "--shard-groups", "3", "--mmap-index"])
+    )
     assert (service.db, service.shard_groups, service.mmap_index) == ("d", 3, True)
-    assert set(ServiceConfig.model_fields) <= {k.split(".", 1)[1] for k in vars(service_parser().parse_args([])) if "." in k}
+    assert set(ServiceConfig.model_fields) <= {
+        k.split(".", 1)[1] for k in vars(service_parser().parse_args([])) if "." in k
+    }
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["-m", "model.train", "--db", "no-such-db", "--out", "runs/x"], "no manifest.json, so no DB is there; build it first (make build-db DB=no-such-db)"),
-    (["-m", "model.evaluate", "--db", "no-such-db", "--run", "no-such-run"], "train the run first (make train DB=no-such-db RUN=no-such-run)"),
-    (["-m", "pipeline", "index", "--db", "no-such-db"], "no manifest.json, so no DB is there; build it first (`python -m pipeline embed --db no-such-db`"),
-    (["-m", "index_service", "--db", "no-such-db"], "no manifest.json, so no DB is there"),
-    (["-m", "model.generate", "--db", "no-such-db", "--ckpt", "no-such.pt", "--prompt", "x"], "no checkpoint at no-such.pt"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["-m", "model.train", "--db", "no-such-db", "--out", "runs/x"],
+            "no manifest.json, so no DB is there; build it first (make build-db DB=no-such-db)",
+        ),
+        (
+            ["-m", "model.evaluate", "--db", "no-such-db", "--run", "no-such-run"],
+            "train the run first (make train DB=no-such-db RUN=no-such-run)",
+        ),
+        (
+            ["-m", "pipeline", "index", "--db", "no-such-db"],
+            "no manifest.json, so no DB is there; build it first (`python -m pipeline embed --db no-such-db`",
+        ),
+        (["-m", "index_service", "--db", "no-such-db"], "no manifest.json, so no DB is there"),
+        (
+            ["-m", "model.generate", "--db", "no-such-db", "--ckpt", "no-such.pt", "--prompt", "x"],
+            "no checkpoint at no-such.pt",
+        ),
+    ],
+)
 def test_cli_user_errors_end_in_one_line(tmp_path, argv, says):
-    done = subprocess.run([sys.executable, *argv], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, *argv],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
@@ -156,7 +232,12 @@ def test_token_texts_join_to_the_decoded_text_and_split_no_character(db):
     from retro_db.tokenizer import db_tokenizer, token_texts
 
     tokenizer = db_tokenizer(db)
-    for text in ["plain ASCII, with spaces", "accents: héllo wörld — ✓", "CJK 日本語 and emoji 🎉🎉 mixed", "a<|endoftext|>b<|pad|>"]:
+    for text in [
+        "plain ASCII, with spaces",
+        "accents: héllo wörld — ✓",
+        "CJK 日本語 and emoji 🎉🎉 mixed",
+        "a<|endoftext|>b<|pad|>",
+    ]:
         ids = tokenizer.encode(text).ids
         pieces = token_texts(tokenizer, ids)
         assert len(pieces) == len(ids)
@@ -198,4 +279,9 @@ def test_document_catalog_finds_every_document_as_the_parquet_files_hold_it(db):
     found = DocumentCatalog(db).describe([r["doc_id"] for r in rows] + [10**9, -1])
     assert len(found) == len(rows)  # unknown ids are left out
     for r in rows:
-        assert found[r["doc_id"]] == {"doc_id": r["doc_id"], "source": r["source"], "position": r["position"], "meta": json.loads(r["meta"] or "{}")}
+        assert found[r["doc_id"]] == {
+            "doc_id": r["doc_id"],
+            "source": r["source"],
+            "position": r["position"],
+            "meta": json.loads(r["meta"] or "{}"),
+        }

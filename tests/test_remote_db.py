@@ -22,9 +22,19 @@ def s3(tmp_path_factory):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="us-east-1")
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    )
     client.create_bucket(Bucket=BUCKET)
     corpus = "".join(json.dumps({"text": d["text"]}) + "\n" for d in default_corpus_docs(40))
     client.put_object(Bucket=BUCKET, Key="corpus/docs.jsonl", Body=corpus.encode())
@@ -34,7 +44,7 @@ def s3(tmp_path_factory):
 
 def _objects(client) -> dict:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="db/")
-    return {o["Key"][len("db/"):]: o["Size"] for page in pages for o in page.get("Contents", [])}
+    return {o["Key"][len("db/") :]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
 def _read(client, key: str) -> bytes:
@@ -42,9 +52,30 @@ def _read(client, key: str) -> bytes:
 
 
 def test_build_db_reads_and_writes_a_bucket(s3, tmp_path):
-    cmd = [sys.executable, "-m", "pipeline", "build-db", "--corpus", f"s3://{BUCKET}/corpus/docs.jsonl", "--db", f"s3://{BUCKET}/db",
-           "--work-dir", str(tmp_path / "mirror"), "--num-shards", "2", "--vocab-size", "1024", "--valid-fraction", "0.1",
-           "--test-fraction", "0.1", "--embed-block-rows", "256", "--runner=FnApiRunner", f"--s3_endpoint_url={s3['endpoint']}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "build-db",
+        "--corpus",
+        f"s3://{BUCKET}/corpus/docs.jsonl",
+        "--db",
+        f"s3://{BUCKET}/db",
+        "--work-dir",
+        str(tmp_path / "mirror"),
+        "--num-shards",
+        "2",
+        "--vocab-size",
+        "1024",
+        "--valid-fraction",
+        "0.1",
+        "--test-fraction",
+        "0.1",
+        "--embed-block-rows",
+        "256",
+        "--runner=FnApiRunner",
+        f"--s3_endpoint_url={s3['endpoint']}",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=s3["env"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -63,15 +94,27 @@ def test_build_db_reads_and_writes_a_bucket(s3, tmp_path):
     assert not [k for k in objects if ".tmp" in k or ".blocks" in k or "/." in k or k.startswith(".")]
 
     # a reader without Beam (retro_db.storage on pyarrow.fs) sees the same manifest and tokenizer in the bucket
-    read = subprocess.run([sys.executable, "-c", "import sys, json; sys.modules['apache_beam'] = None\n"
-                           "from retro_db import layout, manifest, storage\n"
-                           f"db = 's3://{BUCKET}/db'\n"
-                           "print(json.dumps([manifest.read_manifest(db), storage.sha256_file(layout.tokenizer_path(db))]))"],
-                          cwd=REPO, env={**s3["env"], "AWS_ENDPOINT_URL": s3["endpoint"]}, capture_output=True, text=True, timeout=300)
+    read = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, json; sys.modules['apache_beam'] = None\n"
+            "from retro_db import layout, manifest, storage\n"
+            f"db = 's3://{BUCKET}/db'\n"
+            "print(json.dumps([manifest.read_manifest(db), storage.sha256_file(layout.tokenizer_path(db))]))",
+        ],
+        cwd=REPO,
+        env={**s3["env"], "AWS_ENDPOINT_URL": s3["endpoint"]},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert read.returncode == 0, read.stderr[-3000:]
     assert json.loads(read.stdout) == [manifest, hashlib.sha256(_read(s3["client"], "db/tokenizer.json")).hexdigest()]
 
-    again = subprocess.run(cmd, cwd=REPO, env=s3["env"], capture_output=True, text=True, timeout=900)  # resumes: nothing to redo
+    again = subprocess.run(
+        cmd, cwd=REPO, env=s3["env"], capture_output=True, text=True, timeout=900
+    )  # resumes: nothing to redo
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads(_read(s3["client"], "db/manifest.json"))["stages"]
     assert all(rerun[s]["updated"] == stages[s]["updated"] for s in stages)  # every stage skipped
@@ -89,12 +132,19 @@ def test_mirror_syncs_by_the_manifests_sha256_and_removes_stale_files(s3, tmp_pa
     db, shard, small = f"s3://{BUCKET}/sync", "neighbours/train/shard-00000-of-00001.parquet", "deleted/state.npz"
 
     def write_local(root, shard_byte: bytes, small_byte: bytes, chunks_stage: int, extra: str | None = None):
-        for relative, data in ((shard, shard_byte * (2 << 20)), (small, small_byte * 100)) + (((extra, b"x"),) if extra else ()):
+        for relative, data in ((shard, shard_byte * (2 << 20)), (small, small_byte * 100)) + (
+            ((extra, b"x"),) if extra else ()
+        ):
             os.makedirs(os.path.dirname(os.path.join(root, relative)) or root, exist_ok=True)
             open(os.path.join(root, relative), "wb").write(data)
         sha = hashlib.sha256(shard_byte * (2 << 20)).hexdigest()
-        write_manifest(str(root), {"format": 1, "stages": {"chunks": {"run": chunks_stage},
-                                                          "neighbours": {"shards": [{"path": shard, "sha256": sha}]}}})
+        write_manifest(
+            str(root),
+            {
+                "format": 1,
+                "stages": {"chunks": {"run": chunks_stage}, "neighbours": {"shards": [{"path": shard, "sha256": sha}]}},
+            },
+        )
 
     local = tmp_path / "local"
     write_local(local, b"a", b"1", 1, extra="stale.txt")
@@ -104,7 +154,9 @@ def test_mirror_syncs_by_the_manifests_sha256_and_removes_stale_files(s3, tmp_pa
     write_local(local, b"b", b"2", 1)
     os.remove(local / "stale.txt")
     upload_db(str(local), db)
-    assert _read(s3["client"], "sync/" + shard) == b"b" * (2 << 20) and _read(s3["client"], "sync/" + small) == b"2" * 100
+    assert (
+        _read(s3["client"], "sync/" + shard) == b"b" * (2 << 20) and _read(s3["client"], "sync/" + small) == b"2" * 100
+    )
     assert "stale.txt" not in _objects_under(s3["client"], "sync/")
 
     # a mirror of an older build: same sizes, other bytes, a file the bucket does not have
@@ -117,4 +169,4 @@ def test_mirror_syncs_by_the_manifests_sha256_and_removes_stale_files(s3, tmp_pa
 
 def _objects_under(client, prefix: str) -> dict:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"][len(prefix):]: o["Size"] for page in pages for o in page.get("Contents", [])}
+    return {o["Key"][len(prefix) :]: o["Size"] for page in pages for o in page.get("Contents", [])}
