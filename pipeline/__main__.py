@@ -42,7 +42,10 @@ def _add_chunk_args(p: argparse.ArgumentParser) -> None:
         help="files, directories, globs or URIs (default: the bundled corpus)",
     )
     p.add_argument(
-        "--tokenizer", help="an HF tokenizers JSON file for the LM; default: train a byte-level BPE on the corpus"
+        "--tokenizer",
+        help="the LM's tokenizer: an HF tokenizers JSON file, or a pretrained model's directory (python -m "
+        "model.base_lm smollm2-135m prints one), <|pad|> added where missing; default: a byte-level BPE "
+        "trained on the corpus",
     )
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer")
     cli.add_config_flags(p, ChunkConfig, flags=FLAGS[ChunkConfig], skip=SKIP[ChunkConfig])

@@ -55,7 +55,7 @@ from retro_db import layout, storage
 from retro_db import manifest as mf
 from retro_db.corpus import Record, Rejected, chunk_count, document_key, document_tokens, normalize_text
 from retro_db.layout import SPLITS
-from retro_db.tokenizer import EOS, load_lm_tokenizer, special_id, token_byte_lengths
+from retro_db.tokenizer import EOS, load_lm_tokenizer, special_id, token_byte_lengths, tokenizer_for_db
 
 log = logging.getLogger(__name__)
 
@@ -759,7 +759,7 @@ def write_chunk_shards(
     files = corpus_io.match_input_files(corpus)
     inputs = [[path, size] for path, size, _ in files]
     if tokenizer_path:
-        tokenizer_json = load_lm_tokenizer(tokenizer_path).to_str()
+        tokenizer_json = tokenizer_for_db(tokenizer_path).to_str()
         tokenizer_fingerprint = hashlib.sha256(tokenizer_json.encode()).hexdigest()
     else:
         tokenizer_fingerprint = f"trained:vocab_size={vocab_size},sample_bytes={tokenizer_sample_bytes}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import os
 
 import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
@@ -25,6 +26,19 @@ def load_lm_tokenizer(path_or_json: str) -> Tokenizer:
     if path_or_json.lstrip().startswith("{"):
         return Tokenizer.from_str(path_or_json)
     return Tokenizer.from_str(storage.read_bytes(path_or_json).decode("utf-8"))
+
+
+def tokenizer_for_db(path: str) -> Tokenizer:
+    """A tokenizer a DB can be built with: a tokenizer JSON file, or a model directory holding
+    ``tokenizer.json`` (a pretrained base's, so that the DB's chunks are the base's tokens). It must
+    have ``<|endoftext|>``; ``<|pad|>`` is added after its vocabulary where it has none."""
+    if os.path.isdir(path):  # a Hugging Face model directory names its tokenizer as a DB does
+        path = os.path.join(path, layout.TOKENIZER)
+    tokenizer = load_lm_tokenizer(path)
+    special_id(tokenizer, EOS)
+    if tokenizer.token_to_id(PAD) is None:
+        tokenizer.add_special_tokens([PAD])
+    return tokenizer
 
 
 def db_tokenizer(db: str) -> Tokenizer:
