@@ -21,7 +21,14 @@ from index_service import api
 from retro_db import deletions, layout
 from retro_db import manifest as mf
 from retro_db.embedder import ChunkEmbedder
-from retro_db.search import FALLBACK_NPROBE, IndexShard, deleted_selector, index_shard_paths, search_shards
+from retro_db.search import (
+    FALLBACK_NPROBE,
+    IndexShard,
+    deleted_selector,
+    index_shard_paths,
+    search_defaults,
+    search_shards,
+)
 from retro_db.watch import DBWatch
 
 log = logging.getLogger("index_service")
@@ -102,14 +109,16 @@ class ShardGroup:
 
     def refresh(self) -> None:
         if self.watch.manifest_changed():
-            index = mf.read_manifest(self.db)["stages"].get("index", {})
-            if index.get("status") == "complete":  # mid-rebuild: keep serving what is loaded
+            manifest = mf.read_manifest(self.db)
+            if (
+                manifest["stages"].get("index", {}).get("status") == "complete"
+            ):  # mid-rebuild: keep serving what is loaded
                 mine = index_shard_paths(self.db)[self.group :: self.groups]
                 shards = {path: self.shards.get(path) or IndexShard(path, mmap=self.mmap) for path in mine}
                 for path in set(shards) - set(self.shards):
                     log.info("shard group %d: loaded %s (%d vectors)", self.group, path, shards[path].ntotal)
                 self.shards = shards  # swapped whole: a search running in another thread keeps the dict it took
-                self.nprobe = index.get("default_nprobe") or self.nprobe
+                self.nprobe, _ = search_defaults(manifest)
         if self.watch.deletions_changed():
             deleted = deletions.deleted_chunk_ids(self.db)
             self.selector, self.n_deleted = deleted_selector(deleted), len(deleted)

@@ -92,16 +92,16 @@ class ServedModel:
         """(tokens, neighbours per retrieving chunk, scores with and without retrieval or None) of a generation."""
         k, tokens, hits, end = request.k or self.info["k"], list(prompt), {}, len(prompt) + request.max_new_tokens
         retrieved = hits if request.retrieval and self.info["retrieval"] else None
+        sampling = {"temperature": request.temperature, "top_k": request.top_k, "seed": request.seed}
         while step := next_step(tokens, len(prompt), end, retrieved, stop_id=self.stop_id, **self.shape):
             hits.update(await self.retrieve(tokens, step.retrieve, k))
             rows = context_rows(hits, len(tokens), **self.shape)
-            sampling = {"temperature": request.temperature, "top_k": request.top_k, "seed": request.seed}
             tokens += await self._call("extend", tokens, rows, step.extend, stop_id=self.stop_id, **sampling)
         if not request.explain:
             return tokens, hits, None
-        # every chunk's neighbours, as /v1/explain of this text would score it
-        todo = [u for u in conditioning_chunks(len(tokens), self.info["chunk_size"]) if u not in hits]
-        hits.update(await self.retrieve(tokens, todo if retrieved is not None else [], k))
+        if retrieved is not None:  # every chunk's neighbours, as /v1/explain of this text would score it
+            todo = [u for u in conditioning_chunks(len(tokens), self.info["chunk_size"]) if u not in hits]
+            hits.update(await self.retrieve(tokens, todo, k))
         return tokens, hits, await self._call("score", tokens, {u: h.rows for u, h in hits.items()})
 
     async def explain(self, tokens: list[int], k: int | None):

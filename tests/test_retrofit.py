@@ -11,22 +11,23 @@ M, K = 8, 2  # chunk size and neighbours: small enough for random bases of a few
 PAD = 0
 
 
-def tiny_base(kind: str, seed: int = 0):
+def tiny_base(kind: str, seed: int = 0, vocab_size: int = 97, width: int = 32):
+    """A random-weight base of 4 layers: the Llama layout or GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if kind == "llama":
         config = LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=64,
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=256,
+            max_position_embeddings=512,
         )
         return LlamaForCausalLM(config).eval()
-    config = GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=256)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=4, n_head=4, n_positions=512)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -96,8 +97,6 @@ def test_training_moves_only_the_encoder_and_cca(kind):
 def test_the_trainer_retrofits_a_base_saves_it_apart_and_serves_the_tools(db, tmp_path):
     """`python -m model.train --base DIR`: the checkpoint holds the encoder and CCA and names the base by
     path and sha256; loaded back it is the base with retrieval off, and generation runs on it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from model import base_lm, checkpoint
     from model.generate import generate
     from model.retrieval import LocalRetriever
@@ -105,18 +104,8 @@ def test_the_trainer_retrofits_a_base_saves_it_apart_and_serves_the_tools(db, tm
     from retro_db.tokenizer import EOS, PAD, db_tokenizer, special_id
 
     tokenizer = db_tokenizer(db)
-    torch.manual_seed(0)
     base_dir = str(tmp_path / "base")
-    config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    LlamaForCausalLM(config).save_pretrained(base_dir)
+    tiny_base("llama", vocab_size=tokenizer.get_vocab_size(), width=64).save_pretrained(base_dir)
     out = str(tmp_path / "run")
     train(db, out, base=base_dir, cfg=TrainConfig(steps=3, batch_size=2, warmup_steps=1, checkpoint_every=3))
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
@@ -136,7 +125,8 @@ def test_the_trainer_retrofits_a_base_saves_it_apart_and_serves_the_tools(db, tm
     assert len(tokens) > len(prompt) and any(h is not None for h in hits)
     assert model.config.pad_id == special_id(tokenizer, PAD)
 
-    LlamaForCausalLM(config).save_pretrained(base_dir)  # other weights under the same path
+    other = tiny_base("llama", seed=1, vocab_size=tokenizer.get_vocab_size(), width=64)
+    other.save_pretrained(base_dir)  # other weights under the same path
     with pytest.raises(ValueError, match="not the one this checkpoint was trained on"):
         checkpoint.load(os.path.join(out, "ckpt.pt"))
 
