@@ -1,7 +1,7 @@
 """Benchmark of stage 1: the Beam chunk pipeline against the raw ``tokenizers`` batch encoding.
 
-Both run on the same text and the same cores in one process tree: the baseline is
-``Tokenizer.encode_batch_fast`` over every document (Rust, all cores), the pipeline is
+Both run on the same text and the same cores: the baseline is ``Tokenizer.encode_batch_fast`` over every
+document in a fresh process (Rust, all cores; it reports how many it kept busy), the pipeline is
 ``write_chunk_shards`` (read, normalise, exact dedup, tokenize, MinHash, LSH near-dup and
 leakage removal, Parquet writing) on the local FnApiRunner with one worker per core, then the same
 pipeline on Beam's Dask runner over a loopback dask.distributed cluster of ``--dask-workers``
@@ -20,6 +20,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -57,6 +59,34 @@ def write_corpus(texts: list[str], path: str) -> None:
         f.write(zstandard.ZstdCompressor(level=3).compress(data))
 
 
+RAW_TOKENIZER = """
+import json, sys, time
+from bench.chunk_pipeline import load_texts
+from tokenizers import Tokenizer
+texts, tokenizer = load_texts(sys.argv[1]), Tokenizer.from_file(sys.argv[2])
+tokenizer.encode_batch_fast(texts[:64], add_special_tokens=False)  # Rayon's pool starts here
+wall, cpu = time.perf_counter(), time.process_time()
+tokens = sum(len(e.ids) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+print(json.dumps({"tokens": tokens, "seconds": wall, "cores_busy": cpu / wall}))
+"""
+
+
+def raw_tokenizer_rate(corpus: str, tokenizer_path: str, workers: int) -> dict:
+    """The baseline in a fresh process: Rayon sizes its pool once per process, and this one has trained a
+    tokenizer on one thread (``train_lm_tokenizer``); the Makefile's TOKENIZERS_PARALLELISM=false would turn the
+    batch encoding serial too. ``cores_busy`` (CPU time / wall time) shows how many cores it used."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(workers)}
+    done = subprocess.run(
+        [sys.executable, "-c", RAW_TOKENIZER, corpus, tokenizer_path],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
@@ -76,11 +106,8 @@ def main() -> None:
         tokenizer = train_lm_tokenizer(texts[:2000], vocab_size=8192)
         tokenizer.save(tok_path)
 
-        os.environ["RAYON_NUM_THREADS"] = str(args.workers)
-        t0 = time.perf_counter()
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        raw_s = time.perf_counter() - t0
-        tokens = sum(len(e.ids) for e in encodings)
+        raw = raw_tokenizer_rate(corpus, tok_path, args.workers)
+        raw_s, tokens = raw["seconds"], raw["tokens"]
 
         beam_args = [
             "--runner=FnApiRunner",
@@ -111,7 +138,10 @@ def main() -> None:
     mb = sum(len(t.encode()) for t in texts) / 1e6
     raw_tps, pipe_tps = tokens / raw_s, tokens / pipe_s
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {tokens} tokens; workers={args.workers}")
-    print(f"raw tokenizers encode_batch : {raw_s:8.2f} s  {raw_tps:12,.0f} tokens/s")
+    print(
+        f"raw tokenizers encode_batch : {raw_s:8.2f} s  {raw_tps:12,.0f} tokens/s  "
+        f"({raw['cores_busy']:.2f} cores busy of {args.workers})"
+    )
     print(
         f"Beam chunk pipeline         : {pipe_s:8.2f} s  {pipe_tps:12,.0f} tokens/s  "
         f"(kept {record['counts']['documents_kept']} docs, {record['counts']['chunks']} chunks)"

@@ -68,6 +68,14 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def all_ranks_sum(value: float, world: int, device: str) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t)
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -204,14 +212,18 @@ def train(
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y, neighbours, _, _ = collate(data, batch_indices(step, micro, cfg, len(data), rank, world))
+        batches = [collate(data, batch_indices(step, m, cfg, len(data), rank, world)) for m in range(cfg.grad_accum)]
+        # a step's loss is the mean over all its target tokens, across micro-batches and ranks, so that any split
+        # of one global batch gives the gradient one process gives it (DDP averages over ranks: hence * world)
+        step_tokens = all_ranks_sum(sum(float((y != -100).sum()) for _, y, *_ in batches), world, device)
+        loss_sum = 0.0
+        for x, y, neighbours, _, _ in batches:
             x, y, neighbours = x.to(device), y.to(device), neighbours.to(device)
             with autocast:
-                _, loss, _ = ddp_model(x, neighbours if use_neighbours else None, y)
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+                _, _, token_loss = ddp_model(x, neighbours if use_neighbours else None, y)
+            (token_loss.sum() * (world / step_tokens)).backward()
+            loss_sum += token_loss.sum().item()
+        total = all_ranks_sum(loss_sum, world, device) / step_tokens
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,8 @@ Records between the steps are plain dicts (any runner's coder carries them), eac
     KeepFirstFn       copies [(source, position, meta)]: its exact copies (with retrieval duplicates)
     TokenizeFn        tokens bytes (uint32 LM ids + <|endoftext|>), split str; text dropped
     MinHashFn         dedup_sig, leakage_sig bytes (uint32 MinHash of dedup_ngram / leakage_ngram shingles)
-    FindNearDuplicates  (band key bytes, (key, split, signature bytes)) per LSH band, then
+    FindNearDuplicates  (band key bytes, (key, split, signature bytes)) per LSH band; for a bucket larger
+                      than a block, ((band, i, j), (block, key, split, signature bytes)) per tile; then
                       (key, the smallest key it matches) per verified pair
     ApplyDropsFn      key, split, source, position, meta, tokens only; split "retrieval" for copies kept
     any step          retro_db.corpus.Rejected (source, position, reason, detail) for what it drops
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -88,7 +90,10 @@ class ChunkConfig:
     leakage_threshold: float = field(
         default=0.8, metadata={"help": "MinHash Jaccard of a train document to a valid/test one that drops it"}
     )
-    max_bucket_compare: int = 64  # pairs checked per document in one LSH bucket
+    bucket_block: int = field(
+        default=1000,
+        metadata={"help": "LSH bucket members verified together: a larger bucket is split into tiles of two blocks"},
+    )
     retrieval_duplicates: bool = field(
         default=True,
         metadata={
@@ -244,38 +249,105 @@ class MinHashFn(beam.DoFn):
         yield doc
 
 
+BUCKET_SLICES = 1024  # a large bucket's members are keyed by (band, slice) until its block count reaches them
+_SLAB = 64  # left rows compared at once: bounds the comparison to 64 * right * rows bytes
+
+
+def matching_pairs(left: np.ndarray, right: np.ndarray, threshold: float, *, same: bool) -> np.ndarray:
+    """Index pairs (a, r) whose MinHash signatures agree on at least ``threshold`` of their rows:
+    every pair of ``left`` x ``right``, or with ``same`` (left is right) every a < r. (p, 2) int"""
+    found = []
+    for start in range(0, len(left), _SLAB):
+        equal = left[start : start + _SLAB, None, :] == right[None, :, :]  # (slab, r, rows)
+        matches = equal.view(np.uint8).sum(axis=2, dtype=np.uint16)
+        a, r = np.nonzero(matches / left.shape[1] >= threshold)  # minhash.estimated_jaccard
+        a += start
+        found.append(np.stack([a, r], axis=1)[a < r] if same else np.stack([a, r], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def tiles_of(band: bytes, key: bytes, blocks: int) -> tuple[int, list[tuple[int, int]]]:
+    """A bucket member's block (by the hash of its key) and the tiles (i <= j) it belongs to: its block
+    against every block, so each pair of the bucket's members meets in exactly one tile."""
+    block = _unit_hash(band + key, b"block") % blocks
+    return block, [(min(block, other), max(block, other)) for other in range(blocks)]
+
+
+def verified_pairs(mode: str, threshold: float, left: list, right: list, *, same: bool):
+    """Members (key, split, sig bytes) -> (key, key it near-duplicates) for every pair of ``left`` x ``right``
+    (with ``same``, of ``left``) that passes. ``mode='dedup'``: the larger (key, split) is a duplicate of the
+    smaller; ``mode='leakage'``: a train document is leaked if it matches a valid/test one."""
+    if not left or not right:
+        return
+    sigs = [np.stack([np.frombuffer(m[2], dtype=np.uint32) for m in side]) for side in (left, right)]
+    for a, r in matching_pairs(sigs[0], sigs[1], threshold, same=same):
+        x, y = sorted((left[a][:2], right[r][:2]))  # (key, split)
+        if mode == "dedup":
+            yield y[0], x[0]
+        elif (x[1] == "train") != (y[1] == "train"):
+            train, held_out = (x, y) if x[1] == "train" else (y, x)
+            yield train[0], held_out[0]
+
+
+PAIR, SPILL = "pair", "spill"
+
+
 class VerifyBucketFn(beam.DoFn):
-    """(bucket, [(key, split, sig)]) -> (key, key it near-duplicates), for pairs that pass.
+    """(band, [(key, split, sig)]) -> (PAIR, (key, key it near-duplicates)) for every pair that passes, when
+    the bucket has at most ``block`` members; a larger one is streamed out whole as (SPILL, ((band, slice),
+    member)) for ``VerifyTileFn`` to verify in tiles. Either way at most ``block`` members are held."""
 
-    ``mode='dedup'``: a document is a duplicate of a smaller-key document of the same bucket.
-    ``mode='leakage'``: a train document is leaked if it matches a valid/test document.
-    """
-
-    def __init__(self, mode: str, threshold: float, max_compare: int):
-        self.mode, self.threshold, self.max_compare = mode, threshold, max_compare
+    def __init__(self, mode: str, threshold: float, block: int):
+        self.mode, self.threshold, self.block = mode, threshold, block
+        self.held = Metrics.distribution(COUNTERS, f"{mode}_members_held")
 
     def process(self, bucket):
-        _, members = bucket
-        if len(members) < 2:
+        band, members = bucket
+        members, held = iter(members), []
+        for member in members:
+            held.append(member)
+            if len(held) > self.block:
+                break
+        if len(held) < 2:  # most buckets
             return
-        members = sorted(
-            ((key, split, np.frombuffer(sig, dtype=np.uint32)) for key, split, sig in members), key=lambda m: m[:2]
-        )
-        if self.mode == "dedup":
-            for i, (key, _, sig) in enumerate(members[1:], start=1):
-                for other, _, other_sig in members[max(0, i - self.max_compare) : i]:
-                    if minhash.estimated_jaccard(sig, other_sig) >= self.threshold:
-                        yield key, other
-                        break
-        else:
-            held_out = [m for m in members if m[1] != "train"][: self.max_compare]
-            for key, split, sig in members:
-                if split != "train":
-                    continue
-                for other, _, other_sig in held_out:
-                    if minhash.estimated_jaccard(sig, other_sig) >= self.threshold:
-                        yield key, other
-                        break
+        if len(held) <= self.block:
+            self.held.update(len(held))
+            for pair in verified_pairs(self.mode, self.threshold, held, held, same=True):
+                yield PAIR, pair
+            return
+        _count(f"{self.mode}_large_buckets")
+        for key, split, sig in itertools.chain(held, members):
+            yield SPILL, ((band, _unit_hash(band + key, b"slice") % BUCKET_SLICES), (key, split, sig))
+
+
+def to_tiles(sliced):
+    """((band, slice), members and the bucket's block count) -> ((band, i, j), (block, key, split, sig)) per
+    tile of each member."""
+    (band, _), values = sliced
+    values = list(values)
+    blocks = max(v for v in values if isinstance(v, int))
+    for member in values:
+        if not isinstance(member, int):
+            block, tiles = tiles_of(band, member[0], blocks)
+            for i, j in tiles:
+                yield (band, i, j), (block, *member)
+
+
+class VerifyTileFn(beam.DoFn):
+    """((band, i, j), [(block, key, split, sig)]) -> (key, key it near-duplicates) for every pair of the
+    tile that passes: block i against itself (i == j) or against block j."""
+
+    def __init__(self, mode: str, threshold: float):
+        self.mode, self.threshold = mode, threshold
+        self.held = Metrics.distribution(COUNTERS, f"{mode}_members_held")
+
+    def process(self, tile):
+        (_, i, j), members = tile
+        members = list(members)
+        self.held.update(len(members))
+        left = [m[1:] for m in members if m[0] == i]
+        right = left if i == j else [m[1:] for m in members if m[0] == j]
+        yield from verified_pairs(self.mode, self.threshold, left, right, same=i == j)
 
 
 class ApplyDropsFn(beam.DoFn):
@@ -540,7 +612,10 @@ class ExactDedup(beam.PTransform):
 
 
 class FindNearDuplicates(beam.PTransform):
-    """docs with signatures -> (key, matched key) pairs via LSH banding and verification.
+    """docs with signatures -> (key, smallest key it matches): every pair of documents that shares an LSH band
+    and whose signatures agree on ``threshold`` of their rows, whatever the bucket's size. A bucket larger than
+    ``bucket_block`` is streamed out of its group, cut into blocks by key hash and verified in tiles of two
+    blocks (every pair in exactly one tile), so no DoFn holds more than about two blocks of any bucket.
 
     ``mode='dedup'`` bands per split (near-duplicates are removed within a split) and uses
     ``dedup_sig``; ``mode='leakage'`` bands across splits and uses ``leakage_sig``.
@@ -561,11 +636,33 @@ class FindNearDuplicates(beam.PTransform):
             for band in minhash.band_keys(sig, bands=c.lsh_bands, rows=c.lsh_rows):
                 yield prefix + band, (doc["key"], doc["split"], doc[sig_field])
 
-        return (
+        verified = (
             docs
             | "Bands" >> beam.FlatMap(bands)
             | "GroupByBand" >> beam.GroupByKey()
-            | "Verify" >> beam.ParDo(VerifyBucketFn(mode, threshold, c.max_bucket_compare))
+            | "Verify" >> beam.ParDo(VerifyBucketFn(mode, threshold, c.bucket_block))
+        )
+        # buckets larger than a block: their size reaches their members through slices of them (no side input:
+        # the Dask runner recomputes one's whole input in every task), then blocks meet in tiles
+        spilled = verified | "Spilled" >> beam.FlatMap(lambda out: [out[1]] if out[0] == SPILL else [])
+        blocks = (
+            spilled
+            | "OnePerMember" >> beam.Map(lambda kv: (kv[0][0], 1))
+            | "BucketSizes" >> beam.CombinePerKey(sum)
+            | "BlockCounts"
+            >> beam.FlatMap(lambda kv: [((kv[0], s), -(-kv[1] // c.bucket_block)) for s in range(BUCKET_SLICES)])
+        )
+        in_tiles = (
+            (spilled, blocks)
+            | "WithBlockCounts" >> beam.Flatten()
+            | "GroupBySlice" >> beam.GroupByKey()
+            | "ToTiles" >> beam.FlatMap(to_tiles)
+            | "GroupByTile" >> beam.GroupByKey()
+            | "VerifyTiles" >> beam.ParDo(VerifyTileFn(mode, threshold))
+        )
+        return (
+            (verified | "Pairs" >> beam.FlatMap(lambda out: [out[1]] if out[0] == PAIR else []), in_tiles)
+            | "AllPairs" >> beam.Flatten()
             | "SmallestMatch" >> beam.CombinePerKey(min)
         )
 

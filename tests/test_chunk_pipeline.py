@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -134,6 +135,104 @@ def test_leakage_drops_train_documents_close_to_held_out_ones(corpus_docs, token
     assert sorted(s for s, _ in dropped) == sorted(d["source"] for d in leaked)
     assert {r for _, r in dropped} == {cp.LEAKAGE}
     assert set(kept) == {d["source"] for d in held_out + clean}
+
+
+def boilerplate_bucket(n, planted, rng):
+    """``n`` documents' signatures that all share LSH band 0 (as documents sharing boilerplate do) and nothing
+    else, and ``planted`` pairs among them that agree on 113 of 128 rows (estimated Jaccard 0.88) but differ in
+    one row of every other band: the large bucket is the only one each pair shares. (n, 128) uint32, pairs"""
+    sigs = rng.integers(0, 2**32, size=(n, 128), dtype=np.uint32)
+    sigs[:, :8] = rng.integers(0, 2**32, size=8, dtype=np.uint32)
+    pairs = rng.choice(n, size=(planted, 2), replace=False)
+    for a, b in pairs:
+        sigs[b] = sigs[a]
+        rows = 8 * np.arange(1, 16) + rng.integers(0, 8, size=15)
+        sigs[b, rows] = rng.integers(0, 2**32, size=15, dtype=np.uint32)
+    return sigs, pairs
+
+
+def find_pairs(docs, mode, config):
+    """FindNearDuplicates' pairs and the largest group one Verify call was handed."""
+    p = beam.Pipeline(argv=BEAM_TEST_ARGS)
+    found = p | beam.Create(docs) | cp.FindNearDuplicates(config, mode)
+    (
+        found
+        | beam.Map(lambda kv: f"{kv[0].hex()} {kv[1].hex()}")
+        | beam.io.WriteToText("/tmp/_pairs", shard_name_template="")
+    )
+    result = p.run()
+    result.wait_until_finish()
+    tile = result.metrics().query(MetricsFilter().with_name(f"{mode}_members_held"))["distributions"]
+    pairs = {tuple(bytes.fromhex(k) for k in line.split()) for line in open("/tmp/_pairs").read().splitlines()}
+    return pairs, max(d.committed.max for d in tile)
+
+
+@pytest.mark.parametrize("n", [5000, 10000])
+def test_every_near_duplicate_and_leak_in_a_large_bucket_is_found_with_bounded_groups(n):
+    """Pairs whose one shared bucket holds thousands of boilerplate-sharing documents are all found (a window of
+    the 64 neighbours in key order found none of the near-duplicates here, nor the leaks of held-out documents
+    past the bucket's first 64), documents sharing only the boilerplate are not matched, and no Verify call holds
+    more than about two blocks, whatever the bucket's size."""
+    rng = np.random.default_rng(n)
+    config = cp.ChunkConfig()
+    keys = [rng.bytes(16) for _ in range(n)]
+    dedup_sigs, near = boilerplate_bucket(n, 20, rng)
+    leakage_sigs, leaks = boilerplate_bucket(n, 30, rng)
+    splits = rng.choice(["train", "valid", "test"], p=[0.94, 0.03, 0.03], size=n).astype(object)
+    splits[leaks[:20, 0]] = rng.choice(["valid", "test"], size=20)  # train-held-out pairs: leaks
+    splits[leaks[:20, 1]] = "train"
+    splits[leaks[20:25]] = "valid"  # two held-out documents: no leak; the last five: two train ones, no leak either
+    splits[leaks[25:]] = "train"
+    docs = [
+        {
+            "key": keys[i],
+            "split": splits[i],
+            "dedup_sig": dedup_sigs[i].tobytes(),
+            "leakage_sig": leakage_sigs[i].tobytes(),
+        }
+        for i in range(n)
+    ]
+    train = splits == "train"
+    found, largest = find_pairs([d for d, t in zip(docs, train) if t], "dedup", config)
+    assert found == {tuple(sorted((keys[a], keys[b]), reverse=True)) for a, b in near if train[a] and train[b]}
+    assert largest <= 2.3 * config.bucket_block
+    found, largest = find_pairs(docs, "leakage", config)
+    assert found == {(keys[b], keys[a]) for a, b in leaks[:20]}
+    assert largest <= 2.3 * config.bucket_block
+
+
+def test_matching_pairs_agree_with_the_estimated_jaccard_of_every_pair():
+    rng = np.random.default_rng(0)
+    sigs = rng.integers(0, 3, size=(150, 128), dtype=np.uint32)  # three values: matches spread around 1/3
+    for threshold in (0.3, 0.34, 0.4):
+        expected = {
+            (a, b)
+            for a in range(150)
+            for b in range(a + 1, 150)
+            if minhash.estimated_jaccard(sigs[a], sigs[b]) >= threshold
+        }
+        assert 0 < len(expected) < 150 * 149 / 2
+        assert {tuple(x) for x in cp.matching_pairs(sigs, sigs, threshold, same=True).tolist()} == expected
+        cross = {(a, b) for a in range(100) for b in range(100, 150) if (a, b) in expected}
+        got = cp.matching_pairs(sigs[:100], sigs[100:], threshold, same=False)
+        assert {(a, b + 100) for a, b in got.tolist()} == cross
+
+
+def test_tiles_put_every_pair_of_a_bucket_in_exactly_one_tile():
+    """Each tile (i, j) compares block i with block j (i < j) or block i with itself: every pair once."""
+    keys = [bytes([i, 7]) for i in range(60)]
+    placed = {k: cp.tiles_of(b"band", k, 4) for k in keys}
+    tiles = {}
+    for k, (block, its_tiles) in placed.items():
+        for t in its_tiles:
+            tiles.setdefault(t, []).append((block, k))
+    compared = []
+    for (i, j), members in tiles.items():
+        left = [k for b, k in members if b == i]
+        right = [k for b, k in members if b == j]
+        compared += [tuple(sorted((x, y))) for x in left for y in right if i != j or x < y]
+    assert sorted(compared) == sorted((x, y) for x in keys for y in keys if x < y)
+    assert len({b for b, _ in placed.values()}) == 4
 
 
 def test_exact_dedup_keeps_the_first_occurrence():

@@ -454,37 +454,38 @@ def test_any_corpus_is_chunked_as_the_db_chunks_it_and_retrieved_live_without_it
     assert results["retro_on"]["corpus"]["bytes"] == sum(d["n_bytes"] + 1 for d in docs) - first
 
 
-def test_ddp_on_two_cpu_processes_with_gloo(db, tmp_path):
-    out = str(tmp_path / "ddp")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "model.train",
-        "--db",
-        db,
-        "--out",
-        out,
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--warmup-steps",
-        "1",
-    ]
+def train_process(db, out, *, batch_size, ranks=1, steps=3):
+    """``model.train`` in its own process (under torchrun with ``ranks`` > 1, gloo): its last logged loss and
+    its parameters."""
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29533"]
+    cmd = [sys.executable, *(launch if ranks > 1 else []), "-m", "model.train", "--db", db, "--out", out]
+    cmd += ["--steps", str(steps), "--batch-size", str(batch_size), "--warmup-steps", "1"]
     done = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert log[-1]["step"] == 3 and np.isfinite(log[-1]["loss"])
-    _, ckpt = load_model(os.path.join(out, "ckpt.pt"))
-    assert ckpt["step"] == 3
+    model, ckpt = load_model(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == log[-1]["step"] == steps
+    return log[-1]["loss"], model.state_dict()
+
+
+def test_ddp_on_two_processes_gives_the_parameters_of_one_process_with_the_same_global_batch(db, tmp_path):
+    """Two gloo ranks of 2 sequences each (disjoint, by batch_indices) against one process of 4: the same
+    sequences and the loss a mean over all their tokens, so the same updates up to the order of float sums.
+    One process of 2 sequences (another batch) is the yardstick of a real difference."""
+    ddp_loss, ddp = train_process(db, str(tmp_path / "ddp"), batch_size=2, ranks=2)
+    one_loss, one = train_process(db, str(tmp_path / "one"), batch_size=4)
+    _, half = train_process(db, str(tmp_path / "half"), batch_size=2)
+
+    def largest_difference(a, b):
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+    assert ddp.keys() == one.keys()
+    assert abs(ddp_loss - one_loss) < 1e-3
+    # Adam divides by the root of tiny second moments, so float-order noise reaches ~1e-5 after 3 steps of lr 1e-3
+    same, other = largest_difference(ddp, one), largest_difference(half, one)
+    assert same < 1e-4 and other > 30 * same, (same, other)
 
 
 def test_generation_retrieves_every_chunk_and_reports_its_neighbours(db, runs):
