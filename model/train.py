@@ -221,8 +221,9 @@ def train(
             x, y, neighbours = x.to(device), y.to(device), neighbours.to(device)
             with autocast:
                 _, _, token_loss = ddp_model(x, neighbours if use_neighbours else None, y)
-            (token_loss.sum() * (world / step_tokens)).backward()
-            loss_sum += token_loss.sum().item()
+            micro_sum = token_loss.sum()
+            (micro_sum * (world / step_tokens)).backward()
+            loss_sum += micro_sum.item()
         total = all_ranks_sum(loss_sum, world, device) / step_tokens
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()

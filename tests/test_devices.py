@@ -3,6 +3,8 @@ explicit assignment indexes, search without an id selector, threaded tokenizatio
 where faiss allows. On a machine with a GPU (faiss's GPU build, CUDA torch) also the GPU paths themselves:
 index training and search, neighbours, embedding, bf16 training, each against the CPU's answer."""
 
+import os
+
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,8 +12,9 @@ import pytest
 import torch
 
 from pipeline.index_build import train_index
+from pipeline.index_recall import recall_at_k
 from retro_db.embedder import ChunkEmbedder
-from retro_db.manifest import read_manifest
+from retro_db.manifest import read_manifest, write_manifest
 from retro_db.search import (
     RetrievalIndex,
     drop_deleted,
@@ -89,12 +92,8 @@ def test_threaded_tokenization_gives_the_same_ids_and_vectors(db):
     assert np.array_equal(two.embed_texts(texts), one.embed_texts(texts))
 
 
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
-
-
 @needs_gpu
-def test_gpu_index_training_and_search_match_the_cpus_recall(db):
+def test_gpu_index_training_and_search_match_the_cpusrecall_at_k(db):
     """The same factory trained on the GPU and on the CPU: recall@10 of both against exact search within 0.03,
     and the GPU-resident shards return the CPU shards' top-10 for almost every query."""
     sample = np.asarray(np.concatenate(load_embedding_rows(db, "train").arrays), dtype=np.float32)
@@ -109,12 +108,12 @@ def test_gpu_index_training_and_search_match_the_cpus_recall(db):
         train_index(index, sample, device)
         index.add(sample)
         index.nprobe = 8
-        recalls[device] = _recall(index.search(queries, 10)[1], truth)
+        recalls[device] = recall_at_k(index.search(queries, 10)[1], truth)
     assert recalls["cpu"] > 0.5 and abs(recalls["gpu"] - recalls["cpu"]) < 0.03, recalls
     on_cpu, on_gpu = RetrievalIndex(db, device="cpu"), RetrievalIndex(db, device="gpu")
     assert on_gpu.shards[0].on_gpu
     cpu_ids, gpu_ids = on_cpu.search(queries, 10)[1], on_gpu.search(queries, 10)[1]
-    assert _recall(gpu_ids, cpu_ids) > 0.98
+    assert recall_at_k(gpu_ids, cpu_ids) > 0.98
 
 
 @needs_gpu
@@ -128,7 +127,11 @@ def test_neighbours_on_the_gpu_match_the_cpus(db, tmp_path):
     for device in ("cpu", "gpu"):
         copy = str(tmp_path / device)
         shutil.copytree(db, copy)
-        write_neighbours(copy, device=device, overwrite=True)
+        manifest = read_manifest(copy)  # the stage's config holds no device: forget it, or it would skip
+        del manifest["stages"]["neighbours"]
+        write_manifest(copy, manifest)
+        shutil.rmtree(os.path.join(copy, NEIGHBOURS))
+        write_neighbours(copy, device=device)
         assert read_manifest(copy)["stages"]["neighbours"]["search_device"] == device
         files = [aligned_path(f, NEIGHBOURS) for f in chunk_shard_files(copy, "train")]
         tables[device] = np.concatenate([np.stack(pq.read_table(f)["neighbour_ids"].to_pylist()) for f in files])

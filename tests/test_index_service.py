@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -448,9 +449,13 @@ def test_mutations_need_the_admin_token_and_are_audited_and_reversible(service, 
     assert set(deleted_doc_ids(service_db).tolist()) == _replayed(service_db)
 
 
+def delete_command(db: str, doc_id: int, reason: str) -> list[str]:
+    """``python -m pipeline delete`` of one document, as an operator runs it."""
+    return [sys.executable, "-m", "pipeline", "delete", "--db", db, "--doc-ids", str(doc_id), "--reason", reason]
+
+
 def test_concurrent_deletes_from_the_service_and_the_cli_are_all_persisted_and_audited(service, service_db):
     import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     from index_service.client import IndexClient
@@ -460,18 +465,7 @@ def test_concurrent_deletes_from_the_service_and_the_cli_are_all_persisted_and_a
     seen = len(audit_lines(service_db))
     clients = [IndexClient(service.url, token=ADMIN_TOKEN) for _ in range(2)]
     cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "delete",
-            "--db",
-            service_db,
-            "--doc-ids",
-            str(docs[-1]),
-            "--reason",
-            "from the CLI",
-        ],
+        delete_command(service_db, docs[-1], "from the CLI"),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -492,24 +486,12 @@ def test_concurrent_deletes_from_the_service_and_the_cli_are_all_persisted_and_a
 
 def test_a_deleter_killed_between_log_and_list_is_completed_by_the_next_writer(service, service_db):
     import subprocess
-    import sys
 
     from retro_db.deletions import deleted_doc_ids
 
     victim, other = _undeleted_docs(service_db, 2, skip=20)
     killed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "delete",
-            "--db",
-            service_db,
-            "--doc-ids",
-            str(victim),
-            "--reason",
-            "killed",
-        ],
+        delete_command(service_db, victim, "killed"),
         cwd=REPO,
         env={**os.environ, "RETRO_FAILPOINT": "deletion-logged"},
         capture_output=True,
@@ -531,7 +513,6 @@ def test_a_service_replica_killed_mid_delete_comes_back_with_the_log_and_the_lis
     own Ray and Serve, started as `make serve` starts them, with the failpoint in every worker's
     environment): Serve restarts the replica, whose start completes the change."""
     import subprocess
-    import sys
 
     from retro_db.deletions import deleted_doc_ids
 
@@ -587,7 +568,6 @@ def test_the_haproxy_ingress_answers_as_in_process_and_stops_with_the_service(db
     one process, and Ctrl-C leaves nothing listening."""
     import signal
     import subprocess
-    import sys
 
     import psutil
 
@@ -940,7 +920,6 @@ def test_schemathesis_with_every_check_finds_nothing_and_deletes_nothing_without
     """``st run --checks all`` as a new user runs it: schema-valid requests accepted, invalid ones
     refused, every status and response documented, no 5xx; the mutating endpoints refuse it."""
     import subprocess
-    import sys
 
     seen = len(audit_lines(service_db))
     st = os.path.join(os.path.dirname(sys.executable), "st")
