@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: browser venv lint format build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling bench-update corpus clean
+.PHONY: browser venv lint format build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling bench-update corpus corpus-large bench-chunk-scale bench-index-scale clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -118,6 +118,21 @@ SCALING_CORPUS := bench/out/python-docs-3.11-all.jsonl.zst
 bench-scaling: venv $(DOC_SOURCES)
 	$(BIN)/python -m pipeline.default_corpus --sources $(DOC_SOURCES) --all-sections --out $(SCALING_CORPUS)
 	$(BIN)/python -m bench.scaling --corpus $(SCALING_CORPUS)
+
+# At scale (docs/BENCHMARKS.md, "At scale"): a >= 100M-token corpus of pinned Debian documentation with
+# planted copies (bench/large_corpus.py), the chunk stage on 1%, 10% and all of it, local and on Dask
+# (~1 h here); the index and neighbour stages at 10M stand-in vectors around the DB's embeddings (~1 h).
+LARGE_CORPUS := bench/out/large/corpus.jsonl.zst
+$(LARGE_CORPUS): | build-db
+	$(BIN)/python -m bench.large_corpus --out $@ --tokenizer $(DB)/tokenizer.json
+
+corpus-large: $(LARGE_CORPUS)
+
+bench-chunk-scale: $(LARGE_CORPUS)
+	$(BIN)/python -m bench.chunk_scale --corpus $(LARGE_CORPUS) --tokenizer $(DB)/tokenizer.json
+
+bench-index-scale: build-db
+	$(BIN)/python -m bench.index_scale --db $(DB)
 
 clean:
 	rm -rf $(DB) .corpus-src

@@ -20,7 +20,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def loopback_dask_cluster(workers: int = 2, *, log_dir: str, timeout_s: float = 120.0):
+def loopback_dask_cluster(workers: int = 2, *, log_dir: str, timeout_s: float = 120.0, memory_limit: str = "4GB"):
     """Yields the scheduler address once ``workers`` workers have joined; stops every process after."""
     dask = [os.path.join(os.path.dirname(sys.executable), "dask")]
     port = _free_port()
@@ -47,7 +47,7 @@ def loopback_dask_cluster(workers: int = 2, *, log_dir: str, timeout_s: float = 
                         "1",
                         "--no-dashboard",
                         "--memory-limit",
-                        "4GB",
+                        memory_limit,
                         "--name",
                         f"worker-{i}",
                     ],

@@ -35,7 +35,7 @@ def main() -> None:
 
     index = RetrievalIndex(args.db, threads=args.threads)
     queries = heldout_queries(args.db, args.queries, seed=7)
-    _, exact_ids, exact_qps = exact_top_k([indexable_rows(f) for f in chunk_shard_files(args.db, "train")], queries, 10)
+    _, exact_ids, exact_qps = exact_top_k((indexable_rows(f) for f in chunk_shard_files(args.db, "train")), queries, 10)
     print(
         f"{index.ntotal} vectors, {len(queries)} held-out queries, {args.threads} threads; "
         f"exact IndexFlatL2: {exact_qps:,.0f} queries/s"

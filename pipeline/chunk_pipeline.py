@@ -5,7 +5,10 @@
           -> WriteChunkShards (dense chunk ids: per-shard counts, prefix sums joined to each shard)
 
 Every record read ends in exactly one place: a kept document, or ``DB/rejected/`` with its
-reason (bad records and every kind of drop alike), so ``records_read == kept + rejected``.
+reason (bad records and every kind of drop alike), so ``records_read == kept + rejected``; and every
+near-duplicate or leak pair verified reaches the drop decisions (counted where it is verified and
+where it is used, on runners that report metrics). The stage fails rather than record a DB where
+either count does not add up.
 
 Duplicates of train documents (exact copies and near-duplicates) are kept out of the training
 sequences but, unless ``retrieval_duplicates`` is off, kept in the DB as the split "retrieval":
@@ -48,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import corpus_io, minhash
@@ -283,13 +287,19 @@ def verified_pairs(mode: str, threshold: float, left: list, right: list, *, same
     for a, r in matching_pairs(sigs[0], sigs[1], threshold, same=same):
         x, y = sorted((left[a][:2], right[r][:2]))  # (key, split)
         if mode == "dedup":
+            _count(f"{mode}_{PAIRS_VERIFIED}")
             yield y[0], x[0]
         elif (x[1] == "train") != (y[1] == "train"):
+            _count(f"{mode}_{PAIRS_VERIFIED}")
             train, held_out = (x, y) if x[1] == "train" else (y, x)
             yield train[0], held_out[0]
 
 
 PAIR, SPILL = "pair", "spill"
+# Verified pairs are counted twice: by a Beam counter where they are made (it reaches the driver with each
+# bundle's result) and by the data that reaches the drop decisions. A runner that loses elements between
+# stages makes them differ, which no count of documents shows (write_chunk_shards checks it).
+PAIRS_VERIFIED, PAIRS_ARRIVED = "pairs_verified", "pairs_arrived"
 
 
 class VerifyBucketFn(beam.DoFn):
@@ -612,8 +622,9 @@ class ExactDedup(beam.PTransform):
 
 
 class FindNearDuplicates(beam.PTransform):
-    """docs with signatures -> (key, smallest key it matches): every pair of documents that shares an LSH band
-    and whose signatures agree on ``threshold`` of their rows, whatever the bucket's size. A bucket larger than
+    """docs with signatures -> {'matches': (key, smallest key it matches), 'arrived': (name, pairs verified)}:
+    every pair of documents that shares an LSH band and whose signatures agree on ``threshold`` of their rows,
+    whatever the bucket's size. A bucket larger than
     ``bucket_block`` is streamed out of its group, cut into blocks by key hash and verified in tiles of two
     blocks (every pair in exactly one tile), so no DoFn holds more than about two blocks of any bucket.
 
@@ -660,15 +671,23 @@ class FindNearDuplicates(beam.PTransform):
             | "GroupByTile" >> beam.GroupByKey()
             | "VerifyTiles" >> beam.ParDo(VerifyTileFn(mode, threshold))
         )
-        return (
-            (verified | "Pairs" >> beam.FlatMap(lambda out: [out[1]] if out[0] == PAIR else []), in_tiles)
-            | "AllPairs" >> beam.Flatten()
-            | "SmallestMatch" >> beam.CombinePerKey(min)
+        pairs = (
+            verified | "Pairs" >> beam.FlatMap(lambda out: [out[1]] if out[0] == PAIR else []),
+            in_tiles,
+        ) | "AllPairs" >> beam.Flatten()
+        arrived = (
+            (
+                pairs | "OnePerPair" >> beam.Map(lambda _: (f"{mode}_{PAIRS_ARRIVED}", 1)),
+                docs.pipeline | "NoPairs" >> beam.Create([(f"{mode}_{PAIRS_ARRIVED}", 0)]),
+            )
+            | "PairMarks" >> beam.Flatten()
+            | "CountPairs" >> beam.CombinePerKey(sum)
         )
+        return {"matches": pairs | "SmallestMatch" >> beam.CombinePerKey(min), "arrived": arrived}
 
 
 class Deduplicate(beam.PTransform):
-    """Tokenized docs -> {'kept': kept, 'rejected': near-duplicates and leaked train docs}.
+    """Tokenized docs -> {'kept': kept, 'rejected': near-duplicates and leaked train docs, 'pairs': pair counts}.
 
     ``held_out``: valid/test chunk shards of an existing DB (growing it): train documents that match
     one of its documents are leaked too.
@@ -691,11 +710,12 @@ class Deduplicate(beam.PTransform):
             candidates = (signed, existing) | "WithHeldOut" >> beam.Flatten()
         leak = candidates | "Leakage" >> FindNearDuplicates(self.config, "leakage")
         keyed = signed | "ByKey" >> beam.Map(lambda d: (d["key"], d))
-        return (
-            {"doc": keyed, "near": near, "leak": leak}
+        applied = (
+            {"doc": keyed, "near": near["matches"], "leak": leak["matches"]}
             | "Join" >> beam.CoGroupByKey()
             | "ApplyDrops" >> DeadLettered(ApplyDropsFn(self.config.leakage_ngram))
         )
+        return {**applied, "pairs": (near["arrived"], leak["arrived"]) | "PairCounts" >> beam.Flatten()}
 
 
 class WriteChunkShards(beam.PTransform):
@@ -785,6 +805,7 @@ def build_chunk_pipeline(
     stats = (
         records_read,
         rejected_counts | "RejectedKeys" >> beam.Map(lambda kv: (f"rejected_{kv[0]}", kv[1])),
+        kept["pairs"],
     ) | "AllCounts" >> beam.Flatten()
     (
         {
@@ -833,6 +854,33 @@ def sample_texts(files: list, config: ChunkConfig, sample_bytes: int):
                 seen += len(text)
                 if seen >= sample_bytes:
                     return
+
+
+def verified_pair_counts(result) -> dict[str, int] | None:
+    """The Beam counters of verified pairs per mode, or None where the runner reports no metrics (Dask)."""
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(COUNTERS))["counters"]
+    except NotImplementedError:
+        return None
+    return {
+        f"{mode}_{PAIRS_ARRIVED}": sum(c.committed for c in counters if c.key.metric.name == f"{mode}_{PAIRS_VERIFIED}")
+        for mode in ("dedup", "leakage")
+    }
+
+
+def check_pairs_arrived(verified: dict[str, int] | None, counts: dict) -> None:
+    """Raises when fewer verified pairs reached the drop decisions than were verified: the runner lost
+    elements between stages, and leaks or near-duplicates would stay in the DB unseen by any document count."""
+    if verified is None:
+        log.info("chunks: this runner reports no metrics; verified pairs were not counted twice")
+        return
+    # more arrived than verified is a bundle run twice (at-least-once), which the smallest match absorbs
+    lost = {name: n - counts.get(name, 0) for name, n in verified.items() if counts.get(name, 0) < n}
+    if lost:
+        raise RuntimeError(
+            f"chunks: the runner lost verified pairs between stages {lost} (verified {verified}, arrived "
+            f"{ {k: counts.get(k, 0) for k in verified} }); nothing was recorded, run the stage again"
+        )
 
 
 def write_chunk_shards(
@@ -919,6 +967,7 @@ def write_chunk_shards(
     counts = json.loads(storage.read_bytes(storage.join(staging, "stats.json")))
     shards = json.loads(storage.read_bytes(storage.join(staging, "shards.json")))
     delete_tree(staging)
+    check_pairs_arrived(verified_pair_counts(p.result), counts)
     for key in ("documents", "chunks", "tokens"):
         counts[f"{key}_kept" if key == "documents" else key] = sum(s[key] for s in shards)
     counts["by_split"] = {

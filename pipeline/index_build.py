@@ -181,7 +181,7 @@ def write_index(
     index = RetrievalIndex(db, shard_paths=shard_paths, rerank_factor=config.rerank_factor)
     t0 = time.perf_counter()
     queries = heldout_queries(db, config.recall_queries, config.seed)
-    _, exact_ids, exact_qps = exact_top_k([indexable_rows(f) for f in indexed_files], queries, 10)
+    _, exact_ids, exact_qps = exact_top_k((indexable_rows(f) for f in indexed_files), queries, 10)
     grid = measure_recall(index, queries, exact_ids)
     key = "recall@10_reranked" if config.rerank_factor else "recall@10_pq"
     good = [g["nprobe"] for g in grid if g[key] >= config.target_recall]

@@ -8,12 +8,13 @@ with and without exact re-ranking. The index stage records the grid and picks it
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import faiss
 import numpy as np
 
 from retro_db import layout
-from retro_db.search import RetrievalIndex, load_embedding_rows
+from retro_db.search import RetrievalIndex, load_embedding_rows, merge_top_k
 
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -60,13 +61,21 @@ def measure_recall(
 
 
 def exact_top_k(
-    shards: list[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int
+    shards: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Brute force (IndexFlatL2) over every indexed vector, given per shard as (vectors (n, d), chunk ids (n,));
-    returns (D, I, queries/s)."""
-    flat = faiss.IndexIDMap2(faiss.IndexFlatL2(shards[0][0].shape[1]))
+    returns (D, I, queries/s). Shards are searched one at a time and merged (``merge_top_k``): given as a
+    generator, only one shard's float32 vectors are in memory, whatever the index's size."""
+    results, seconds = [], 0.0
     for vectors, ids in shards:
-        flat.add_with_ids(vectors, ids)
-    t0 = time.perf_counter()
-    dists, ids = flat.search(queries, k)
-    return dists, ids, len(queries) / (time.perf_counter() - t0)
+        if not len(vectors):
+            continue
+        flat = faiss.IndexFlatL2(vectors.shape[1])
+        flat.add(vectors)
+        t0 = time.perf_counter()
+        dists, rows = flat.search(queries, min(k, len(vectors)))
+        seconds += time.perf_counter() - t0
+        results.append((dists, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)))
+        del flat
+    dists, ids = merge_top_k(results, k)
+    return dists, ids, len(queries) / seconds

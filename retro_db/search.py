@@ -97,6 +97,14 @@ def deleted_selector(chunk_ids: np.ndarray):
     return faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(chunk_ids, dtype=np.int64)))
 
 
+# faiss precomputes an IVF-PQ table of nlist x M x 256 floats when an index is read (up to 2 GB by default),
+# and every shard of a DB's index carries its own: IVF16384,PQ48 makes it 805 MB per shard, so 14 shards in
+# each of two neighbour actors exhausted a 24 GB node. Past this size the distance tables are computed per
+# probed list instead (the same distances).
+PRECOMPUTED_TABLE_MAX_BYTES = 64 << 20
+faiss.cvar.precomputed_table_max_bytes = PRECOMPUTED_TABLE_MAX_BYTES
+
+
 class IndexShard:
     """One IVF-PQ index shard: approximate top-k by PQ distance. Ids are chunk ids; -1 where fewer exist."""
 

@@ -21,7 +21,7 @@ from model.data import RetroSequences
 from pipeline import chunk_pipeline as cp
 from pipeline.embed import EmbedConfig, write_embeddings
 from pipeline.index_build import IndexConfig, default_factory, indexable_rows, write_index
-from pipeline.index_recall import recall_at_k
+from pipeline.index_recall import exact_top_k, recall_at_k
 from pipeline.neighbours import neighbours_of
 from pipeline.stage import ConfigMismatch
 from retro_db import deletions
@@ -234,6 +234,21 @@ def test_sharded_rows_given_out_of_order_find_every_row():
     assert rows.get([0, 4, 5, 7]).tolist() == [0, 4, 100, 102]
     with pytest.raises(KeyError):
         rows.get([8])
+
+
+def test_exact_search_streamed_over_shards_equals_numpy_brute_force():
+    rng = np.random.default_rng(0)
+    vectors, queries = (
+        rng.standard_normal((3000, 16), dtype=np.float32),
+        rng.standard_normal((50, 16), dtype=np.float32),
+    )
+    ids = rng.permutation(10**6)[:3000].astype(np.int64)  # chunk ids need not be contiguous
+    shards = ((vectors[a:b], ids[a:b]) for a, b in ((0, 1000), (1000, 1003), (1003, 3000)))  # one of 3 < k
+    dists, found, qps = exact_top_k(shards, queries, 10)
+    reference = ((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1)
+    order = np.argsort(reference, axis=1)[:, :10]
+    assert np.array_equal(found, ids[order]) and qps > 0
+    np.testing.assert_allclose(dists, np.take_along_axis(reference, order, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_token_store_matches_the_parquet_shards(db):

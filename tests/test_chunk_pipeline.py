@@ -151,24 +151,30 @@ def boilerplate_bucket(n, planted, rng):
     return sigs, pairs
 
 
-def find_pairs(docs, mode, config):
-    """FindNearDuplicates' pairs and the largest group one Verify call was handed."""
+def find_pairs(docs, mode, config, out):
+    """FindNearDuplicates' pairs and the largest group one Verify call was handed; checks that every pair
+    counted where it was verified (a Beam counter) reached the end (the data's own count)."""
     p = beam.Pipeline(argv=BEAM_TEST_ARGS)
     found = p | beam.Create(docs) | cp.FindNearDuplicates(config, mode)
     (
-        found
+        found["matches"]
         | beam.Map(lambda kv: f"{kv[0].hex()} {kv[1].hex()}")
-        | beam.io.WriteToText("/tmp/_pairs", shard_name_template="")
+        | "WritePairs" >> beam.io.WriteToText(str(out / "pairs"), shard_name_template="")
     )
+    found["arrived"] | beam.Map(json.dumps) | "WriteArrived" >> beam.io.WriteToText(str(out / "arrived"))
     result = p.run()
     result.wait_until_finish()
     tile = result.metrics().query(MetricsFilter().with_name(f"{mode}_members_held"))["distributions"]
-    pairs = {tuple(bytes.fromhex(k) for k in line.split()) for line in open("/tmp/_pairs").read().splitlines()}
+    pairs = {tuple(bytes.fromhex(k) for k in line.split()) for line in open(out / "pairs").read().splitlines()}
+    name = f"{mode}_{cp.PAIRS_ARRIVED}"
+    arrived = dict(json.loads(line) for f in out.glob("arrived*") for line in open(f))
+    verified = cp.verified_pair_counts(result)
+    assert arrived == {name: verified[name]} and verified[name] >= len(pairs) > 0, (arrived, verified)
     return pairs, max(d.committed.max for d in tile)
 
 
 @pytest.mark.parametrize("n", [5000, 10000])
-def test_every_near_duplicate_and_leak_in_a_large_bucket_is_found_with_bounded_groups(n):
+def test_every_near_duplicate_and_leak_in_a_large_bucket_is_found_with_bounded_groups(n, tmp_path):
     """Pairs whose one shared bucket holds thousands of boilerplate-sharing documents are all found (a window of
     the 64 neighbours in key order found none of the near-duplicates here, nor the leaks of held-out documents
     past the bucket's first 64), documents sharing only the boilerplate are not matched, and no Verify call holds
@@ -193,10 +199,10 @@ def test_every_near_duplicate_and_leak_in_a_large_bucket_is_found_with_bounded_g
         for i in range(n)
     ]
     train = splits == "train"
-    found, largest = find_pairs([d for d, t in zip(docs, train) if t], "dedup", config)
+    found, largest = find_pairs([d for d, t in zip(docs, train) if t], "dedup", config, tmp_path / "dedup")
     assert found == {tuple(sorted((keys[a], keys[b]), reverse=True)) for a, b in near if train[a] and train[b]}
     assert largest <= 2.3 * config.bucket_block
-    found, largest = find_pairs(docs, "leakage", config)
+    found, largest = find_pairs(docs, "leakage", config, tmp_path / "leakage")
     assert found == {(keys[b], keys[a]) for a, b in leaks[:20]}
     assert largest <= 2.3 * config.bucket_block
 
@@ -505,3 +511,16 @@ def test_a_leaked_documents_reason_names_the_configured_ngram_size():
     out = list(cp.ApplyDropsFn(leakage_ngram=7).process((b"k", {"doc": [doc], "near": [], "leak": [b"\x01\x02"]})))
     assert [(r.source, r.position, r.reason) for r in out] == [("a.jsonl", 3, cp.LEAKAGE)]
     assert out[0].detail == "7-gram Jaccard >= threshold with held-out document 0102"
+
+
+def test_a_verified_pair_the_runner_lost_fails_the_stage_and_a_duplicated_one_does_not():
+    """A leak lost between stages leaves the documents balanced (each doc is still written or rejected) but the
+    leaked document in train: only the two counts of verified pairs show it."""
+    verified = {"dedup_pairs_arrived": 10, "leakage_pairs_arrived": 4}
+    cp.check_pairs_arrived(verified, {"dedup_pairs_arrived": 10, "leakage_pairs_arrived": 4})
+    cp.check_pairs_arrived(verified, {"dedup_pairs_arrived": 12, "leakage_pairs_arrived": 4})  # a bundle run twice
+    cp.check_pairs_arrived(None, {})  # a runner without metrics (Dask): not checked
+    with pytest.raises(RuntimeError, match="lost verified pairs.*'leakage_pairs_arrived': 2"):
+        cp.check_pairs_arrived(verified, {"dedup_pairs_arrived": 10, "leakage_pairs_arrived": 2})
+    with pytest.raises(RuntimeError, match="dedup_pairs_arrived"):
+        cp.check_pairs_arrived(verified, {"leakage_pairs_arrived": 4})

@@ -285,3 +285,32 @@ def test_document_catalog_finds_every_document_as_the_parquet_files_hold_it(db):
             "position": r["position"],
             "meta": json.loads(r["meta"] or "{}"),
         }
+
+
+def test_an_index_shard_over_the_table_cap_searches_without_a_precomputed_table_and_finds_the_same(tmp_path):
+    """Every shard carries its own IVF-PQ precomputed table, sized by nlist; past the cap a shard is searched with
+    tables made per probed list. Here the cap is lowered below a small index's table: same results as with it."""
+    import faiss
+    import numpy as np
+
+    from retro_db import search
+
+    assert faiss.cvar.precomputed_table_max_bytes == search.PRECOMPUTED_TABLE_MAX_BYTES  # set on import
+    rng = np.random.default_rng(0)
+    data, queries = rng.standard_normal((20000, 32), dtype=np.float32), rng.standard_normal((200, 32), dtype=np.float32)
+    index = faiss.index_factory(32, "IVF64,PQ8x8np")
+    index.train(data)
+    index.add_with_ids(data, np.arange(len(data), dtype=np.int64))
+    path = str(tmp_path / "shard.faissindex")
+    faiss.write_index(index, path)
+    with_table = search.IndexShard(path)
+    assert faiss.downcast_index(faiss.extract_index_ivf(with_table.index)).precomputed_table.size() == 64 * 8 * 256
+    try:
+        faiss.cvar.precomputed_table_max_bytes = 64 * 8 * 256 * 4 - 1
+        without = search.IndexShard(path)
+    finally:
+        faiss.cvar.precomputed_table_max_bytes = search.PRECOMPUTED_TABLE_MAX_BYTES
+    assert faiss.downcast_index(faiss.extract_index_ivf(without.index)).precomputed_table.size() == 0
+    d1, i1 = with_table.search(queries, 10, nprobe=8)
+    d2, i2 = without.search(queries, 10, nprobe=8)
+    assert (i1 == i2).mean() > 0.99 and np.allclose(d1, d2, rtol=1e-3, atol=1e-3)
