@@ -121,7 +121,7 @@ bench-scaling: venv $(DOC_SOURCES)
 
 # At scale (docs/BENCHMARKS.md, "At scale"): a >= 100M-token corpus of pinned Debian documentation with
 # planted copies (bench/large_corpus.py), the chunk stage on 1%, 10% and all of it, local and on Dask
-# (~1 h here); the index and neighbour stages at 10M stand-in vectors around the DB's embeddings (~1 h).
+# (~50 min here); the index and neighbour stages at 10M stand-in vectors around the DB's embeddings (~35 min).
 LARGE_CORPUS := bench/out/large/corpus.jsonl.zst
 $(LARGE_CORPUS): | build-db
 	$(BIN)/python -m bench.large_corpus --out $@ --tokenizer $(DB)/tokenizer.json

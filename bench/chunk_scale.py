@@ -147,7 +147,8 @@ def main() -> None:
                 row["dask"] = run_chunks(
                     corpus, os.path.join(args.out, "db-dask"), args.tokenizer, dask, PROCESSES["dask"]
                 )
-            row["dask"]["same_shards_as_local"] = row["dask"].pop("shards", None) == row["local"].get("shards")
+            dask_shards, local_shards = row["dask"].pop("shards", None), row["local"].get("shards")
+            row["dask"]["same_shards_as_local"] = dask_shards is not None and dask_shards == local_shards
         if "failed" not in row["local"]:
             row["local"].pop("shards")
             row["planted"] = planted_outcomes(os.path.join(args.out, "db"), picked)

@@ -128,7 +128,10 @@ def write_standin_shard(db: str, path: str, first_id: int, vectors: np.ndarray) 
 def write_standin_db(db: str, source_db: str, total: int, train: int, seed: int) -> dict:
     """The stand-in DB's chunk, token and embedding shards and their manifest records (skipped when complete)."""
     if mf.read_manifest(db)["stages"].get("embeddings", {}).get("status") == "complete":
-        return mf.read_manifest(db)["stages"]["embeddings"]["standin"]
+        standin = mf.read_manifest(db)["stages"]["embeddings"]["standin"]
+        if (standin.get("vectors"), standin.get("train"), standin["seed"]) != (total, train, seed):
+            raise SystemExit(f"{db} holds a stand-in DB of other arguments ({standin}); remove it or use another --out")
+        return standin
     real = real_embeddings(source_db)
     noise = noise_norm(real)
     plan = shard_plan(total, train)
@@ -142,7 +145,14 @@ def write_standin_db(db: str, source_db: str, total: int, train: int, seed: int)
         first += rows
         counts[split] = counts.get(split, 0) + rows
         log.info("stand-in DB: %s shard %d of %d (%d vectors)", split, index + 1, n_shards, rows)
-    standin = {"source_db": source_db, "real_embeddings": len(real), "noise_norm": round(noise, 4), "seed": seed}
+    standin = {
+        "source_db": source_db,
+        "real_embeddings": len(real),
+        "noise_norm": round(noise, 4),
+        "seed": seed,
+        "vectors": total,
+        "train": train,
+    }
     mf.update_stage(db, "chunks", status="complete", config={"standin": standin}, counts={"by_split": counts})
     mf.update_stage(
         db,
@@ -197,6 +207,7 @@ def main() -> None:
     t0 = time.perf_counter()
     standin = write_standin_db(db, args.db, args.vectors, args.train, args.seed)
     standin_s = time.perf_counter() - t0
+    index_was_complete = mf.read_manifest(db)["stages"].get("index", {}).get("status") == "complete"
     index_s, _ = run_stage(
         ["index", "--db", db, "--index-factory", args.factory, "--max-points-per-list", str(args.points_per_list)]
     )
@@ -213,13 +224,13 @@ def main() -> None:
         "vectors": index["vectors"],
         "factory": index["config"]["factory"],
         "index": {
-            "wall_seconds": round(index_s, 1),
+            "wall_seconds": None if index_was_complete else round(index_s, 1),  # None: an earlier run's
             "train_seconds": index["train_seconds"],
             "train_points": index["train_points"],
             "add_seconds": index["add_seconds"],
             "recall_seconds": index["recall_seconds"],
             "bytes": index["bytes"],
-            "peak_rss_bytes": index_rss,
+            "peak_rss_bytes": None if index_was_complete else index_rss,
             "default_nprobe": index["default_nprobe"],
             "recall_at_10": index["recall_at_10"],
             "exact_qps": index["exact_qps"],

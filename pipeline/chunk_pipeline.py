@@ -6,9 +6,9 @@
 
 Every record read ends in exactly one place: a kept document, or ``DB/rejected/`` with its
 reason (bad records and every kind of drop alike), so ``records_read == kept + rejected``; and every
-near-duplicate or leak pair verified reaches the drop decisions (counted where it is verified and
-where it is used, on runners that report metrics). The stage fails rather than record a DB where
-either count does not add up.
+near-duplicate or leak pair verified leaves the verifying stages (counted by a Beam counter where it is
+verified and again in the data, on runners that report metrics). The stage fails rather than record a
+DB where either count does not add up.
 
 Duplicates of train documents (exact copies and near-duplicates) are kept out of the training
 sequences but, unless ``retrieval_duplicates`` is off, kept in the DB as the split "retrieval":
@@ -297,8 +297,9 @@ def verified_pairs(mode: str, threshold: float, left: list, right: list, *, same
 
 PAIR, SPILL = "pair", "spill"
 # Verified pairs are counted twice: by a Beam counter where they are made (it reaches the driver with each
-# bundle's result) and by the data that reaches the drop decisions. A runner that loses elements between
-# stages makes them differ, which no count of documents shows (write_chunk_shards checks it).
+# bundle's result) and in the data, after the verifying stages (that count travels through its own shuffle).
+# A runner that loses the verifying stages' output makes them differ, which no count of documents shows
+# (write_chunk_shards checks it). Not covered: a loss on the way from there through SmallestMatch and the Join.
 PAIRS_VERIFIED, PAIRS_ARRIVED = "pairs_verified", "pairs_arrived"
 
 
@@ -863,7 +864,11 @@ def verified_pair_counts(result) -> dict[str, int] | None:
     except NotImplementedError:
         return None
     return {
-        f"{mode}_{PAIRS_ARRIVED}": sum(c.committed for c in counters if c.key.metric.name == f"{mode}_{PAIRS_VERIFIED}")
+        f"{mode}_{PAIRS_ARRIVED}": sum(
+            c.committed if c.committed is not None else c.attempted
+            for c in counters
+            if c.key.metric.name == f"{mode}_{PAIRS_VERIFIED}"
+        )
         for mode in ("dedup", "leakage")
     }
 

@@ -76,6 +76,6 @@ def exact_top_k(
         dists, rows = flat.search(queries, min(k, len(vectors)))
         seconds += time.perf_counter() - t0
         results.append((dists, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)))
-        del flat
+        del flat, vectors, ids  # before the generator makes the next shard
     dists, ids = merge_top_k(results, k)
     return dists, ids, len(queries) / seconds
