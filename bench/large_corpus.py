@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import html.parser
 import json
 import logging
 import random
 import re
-import subprocess
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import zstandard
 
+from bench.debian_packages import pinned_package_root
 from pipeline import minhash
 from pipeline.chunk_pipeline import ChunkConfig
 from retro_db import layout
@@ -117,25 +116,6 @@ def html_text(markup: str) -> str:
     return _NEWLINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def fetch(work: Path, spec: str) -> Path:
-    """The package's unpacked root (downloaded once; its sha256 checked every time)."""
-    sha256 = PACKAGES[spec][0]
-    folder = work / spec.split("=")[0]
-    debs = sorted(folder.glob("*.deb"))
-    if not debs:
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", spec], cwd=folder, check=True)
-        debs = sorted(folder.glob("*.deb"))
-    digest = hashlib.sha256(debs[0].read_bytes()).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"{debs[0]}: sha256 {digest}, expected {sha256} (the pinned {spec})")
-    root = folder / "root"
-    if not root.exists():
-        subprocess.run(["dpkg", "-x", str(debs[0]), str(root) + ".tmp"], check=True)
-        Path(str(root) + ".tmp").rename(root)
-    return root
-
-
 def file_text(path: Path) -> str:
     raw = gzip.open(path).read() if path.name.endswith(".gz") else path.read_bytes()
     text = raw.decode("utf-8", errors="replace")
@@ -214,7 +194,13 @@ def main() -> None:
     args = parser.parse_args()
 
     with ProcessPoolExecutor() as pool:  # HTML parsing is pure Python: one process per core
-        records = [r for spec in PACKAGES for r in package_records(fetch(Path(args.work), spec), spec, pool)]
+        records = [
+            r
+            for spec, (sha256, _, _) in PACKAGES.items()
+            for r in package_records(
+                pinned_package_root(Path(args.work) / spec.split("=")[0], spec, sha256), spec, pool
+            )
+        ]
     keys, tokens = lsh_buckets([r["text"] for r in records], args.tokenizer, ChunkConfig())
     planted = plant(records, keys, buckets=args.buckets, plants=args.plants, seed=args.seed)
     out = Path(args.out)

@@ -36,6 +36,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import zstandard
 
+from bench.debian_packages import pinned_package_root
 from model.data import CorpusSequences
 from model.evaluate import K_LEAKAGE, bpb, chunk_leakage, chunk_scores, load_run, paired_difference, summary
 from pipeline.default_corpus import split_rst_sections
@@ -81,18 +82,7 @@ def fetch_sources(work: Path, packages: dict) -> dict[int, Path]:
     """Each version's ``_sources`` folder, from its .deb (downloaded once, sha256 checked every time)."""
     out = {}
     for version, (spec, sha256, sources) in packages.items():
-        folder = work / "src" / spec.split("=")[0]
-        debs = sorted(folder.glob("*.deb"))
-        if not debs:
-            folder.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["apt-get", "download", spec], cwd=folder, check=True)
-            debs = sorted(folder.glob("*.deb"))
-        digest = hashlib.sha256(debs[0].read_bytes()).hexdigest()
-        if digest != sha256:
-            raise ValueError(f"{debs[0]}: sha256 {digest}, expected {sha256} (the pinned {spec})")
-        root = folder / "root"
-        if not root.exists():
-            subprocess.run(["dpkg", "-x", str(debs[0]), str(root)], check=True)
+        root = pinned_package_root(work / "src" / spec.split("=")[0], spec, sha256)
         out[version] = root / sources
     return out
 
