@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: browser venv lint format build-db chunks add-documents serve train eval test bench bench-train bench-serve bench-generate bench-scaling bench-update corpus corpus-large bench-chunk-scale bench-index-scale clean
+.PHONY: browser venv lint format build-db chunks add-documents serve train retrofit eval test bench bench-train bench-serve bench-generate bench-scaling bench-update corpus corpus-large bench-chunk-scale bench-index-scale clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,13 @@ train: venv
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/baseline --baseline $(TRAIN_ARGS)
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/retro $(TRAIN_ARGS)
 
-# bpb with retrieval on/off and the baseline, bpb(alpha), paired 95% intervals: on the DB's valid/test
+# RETRO-fit a pretrained base (frozen; only the neighbour encoder and CCA train) into $(RUN)/retro, on a DB
+# built with BASE's tokenizer (make build-db BASE=...), with model.train's RETROFIT_DEFAULTS (the recipe measured).
+retrofit: venv
+	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/retro --base $(or $(BASE),smollm2-135m) $(TRAIN_ARGS)
+
+# bpb with retrieval on/off and the baseline (a RETRO-fit: the base alone, and In-Context RALM), bpb(alpha),
+# paired 95% intervals over documents, tokens/s: on the DB's valid/test
 # splits into $(RUN)/eval.json, or on any text retrieved live: `make eval EVAL_CORPUS=new.jsonl EVAL_OUT=new.json`.
 EVAL_CORPUS ?=
 EVAL_OUT ?=
@@ -88,7 +94,9 @@ bench-generate: venv
 # Knowledge added after training (bench/update.py): a DB from two versions of LLVM's docs (Debian
 # packages, pinned; UPDATE_ARGS="--pair clang" for Clang's), RETRO and the baseline trained per seed,
 # held-out documents E evaluated with the DB as built, after `add-documents` of their older versions B,
-# and after deleting B. ~25 min per seed here, plus ~5 min of building.
+# and after deleting B. ~25 min per seed here, plus ~5 min of building. UPDATE_ARGS="--base smollm2-135m":
+# a RETRO-fit of SmolLM2 per seed instead, against SmolLM2 alone and In-Context RALM (~30 min per seed at
+# --held-out 40); "--single-version": A holds one version of each file.
 UPDATE_ARGS ?=
 bench-update: venv
 	$(BIN)/python -m bench.update $(UPDATE_ARGS)

@@ -70,6 +70,10 @@ class RetroSequences(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n_live // self.l
 
+    def chunk_documents(self) -> np.ndarray:
+        """The document id of every chunk the items hold, in item order. (len * l,)"""
+        return self.store.doc_of(self.live_ids(np.arange(len(self) * self.l)))
+
     def live_ids(self, j: np.ndarray) -> np.ndarray:
         """Chunk ids of the j-th chunks of the split that are not deleted."""
         return self.first + j + np.searchsorted(self._skips, j, side="right")
@@ -209,6 +213,12 @@ class CorpusSequences(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return -(-self.n_live // self.l)  # the last sequence is padded with empty chunks
+
+    def chunk_documents(self) -> np.ndarray:
+        """The corpus document (position in file order) of every chunk the items hold; -1 for the last
+        item's empty chunks. (len * l,)"""
+        rows = np.arange(len(self) * self.l)
+        return np.where(rows < self.n_live, self.chunk_doc[np.minimum(rows, self.n_live - 1)], -1)
 
     def __getitem__(self, i: int):
         rows = i * self.l + np.arange(self.l)

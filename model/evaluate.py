@@ -13,9 +13,18 @@ training neighbours [N, F] (up to ``K_LEAKAGE`` = 10), divided by C's length; bp
 the chunks with r(C) <= alpha, their tokens' losses over their bytes (alpha = 0.125: fewer than 8
 of 64 tokens in a row). r(C) describes the data, not the model: the same for the three models.
 
-Intervals: for retro_on - retro_off and retro_on - baseline, the difference in bpb on the same
-chunks and its 95% percentile interval from ``resamples`` bootstrap draws of evaluation chunks
-(paired: a draw takes a chunk's losses under both models). An interval holding 0 is no difference.
+Models: ``retro_on`` and ``retro_off`` (RETRO with and without its neighbours), ``retro_unrelated``
+(RETRO reading the neighbours of another evaluation sequence: what it gains there is not retrieval's
+content) and ``baseline`` (the decoder trained the same way without retrieval; for a RETRO-fitted
+base, the base itself). A RETRO-fitted
+run adds ``in_context``: In-Context RALM (Ram et al., 2023), the frozen base reading the same neighbours
+as text before its context, retrieved again every chunk. Each model's ``seconds`` and ``tokens_per_s``
+are its scoring time on this machine.
+
+Intervals: for retro_on against each other model, the difference in bpb on the same chunks and its
+95% percentile interval from ``resamples`` bootstrap draws of evaluation *documents* (paired: a draw
+takes a document's chunks under both models; a document's chunks are correlated, so drawing chunks
+would give too narrow an interval). An interval holding 0 is no difference.
 
 On a DB's own splits neighbours are the stored tables (``k_eval`` per chunk). With ``--corpus``
 any text is read (JSONL, JSONL.zst, Parquet, text) and retrieved live from the DB as it is now
@@ -30,6 +39,8 @@ import json
 import logging
 import math
 import os
+import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -38,12 +49,12 @@ from model import checkpoint
 from model.data import CorpusSequences, RetroSequences
 from retro_db import cli
 from retro_db.manifest import require_stages
+from retro_db.tokenizer import db_tokenizer
 
 log = logging.getLogger("model.evaluate")
 
 ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 K_LEAKAGE = 10  # the paper's neighbours per chunk for r(C)
-DIFFERENCES = (("retro_on", "retro_off"), ("retro_on", "baseline"))
 
 
 def longest_common_run(chunk: np.ndarray, neighbours: np.ndarray) -> int:
@@ -117,11 +128,23 @@ def summary(nats: np.ndarray, bytes_: np.ndarray, leakage: np.ndarray) -> dict:
 
 
 def paired_difference(
-    nats_a: np.ndarray, nats_b: np.ndarray, bytes_: np.ndarray, *, resamples: int = 2000, seed: int = 0
+    nats_a: np.ndarray,
+    nats_b: np.ndarray,
+    bytes_: np.ndarray,
+    documents: np.ndarray | None = None,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
 ) -> dict:
-    """bpb(a) - bpb(b) on the same chunks, with its 95% paired bootstrap interval over chunks."""
+    """bpb(a) - bpb(b) on the same chunks, with its 95% paired bootstrap interval. A draw resamples
+    ``documents`` (the document of each chunk, ``chunk_documents``) with all their chunks: chunks of one
+    document are correlated, so resampling chunks alone gives intervals that are too narrow. Without
+    ``documents`` every chunk is its own unit."""
     scored = bytes_ > 0
-    diff, weight = (nats_a - nats_b)[scored] / math.log(2), bytes_[scored]
+    units = np.arange(scored.sum()) if documents is None else documents[scored]
+    _, unit = np.unique(units, return_inverse=True)
+    diff = np.bincount(unit, (nats_a - nats_b)[scored] / math.log(2))  # (documents,)
+    weight = np.bincount(unit, bytes_[scored])
     rng, stats = np.random.default_rng(seed), []
     for block in range(0, resamples, 200):  # (200, n) index draws at a time bound the memory
         idx = rng.integers(0, len(diff), (min(200, resamples - block), len(diff)))
@@ -131,8 +154,47 @@ def paired_difference(
         "bpb": round(float(diff.sum() / weight.sum()), 6),
         "ci95": [round(float(lo), 6), round(float(hi), 6)],
         "chunks": int(scored.sum()),
+        "documents": len(diff),
         "resamples": resamples,
     }
+
+
+@torch.no_grad()
+def in_context_scores(lm, data, *, k: int, separator: list[int], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """In-Context RALM (Ram et al., TACL 2023) on ``chunk_scores``' chunks with the same neighbours: the
+    frozen Hugging Face causal LM ``lm`` reads neighbours as text before the sequence so far, retrieved
+    again every chunk (stride = m). The positions that chunk u's neighbours condition in RETRO (from
+    u*m + m - 1, its last token, to the next chunk's last but one) are predicted from chunk u's k rows
+    [N, F], each followed by ``separator``, then the sequence's tokens up to them; the positions before
+    any chunk is complete read no passage. Per evaluation chunk: nats and bytes. (n,), (n,)"""
+    lm.eval().to(device)
+    m, l, pad = data.m, data.l, data.pad_id
+    nats, bytes_ = [], []
+    for i in range(len(data)):
+        x, y, neighbours, target_bytes, _ = data[i]  # (l*m,), (l*m,), (l, K, 2m), (l*m,)
+        token_loss = torch.zeros(l * m)
+        segments = []  # (input tokens, passage length, first position, end position)
+        for s in range(l + 1):
+            first, end = max(s * m - 1, 0), min((s + 1) * m - 1, l * m)
+            if first >= end or not (y[first:end] != -100).any():
+                continue
+            rows = neighbours[s - 1, :k] if s else neighbours[:0, :0]
+            passage = [t for row in rows if (row != pad).any() for t in [*row[row != pad].tolist(), *separator]]
+            prefix = torch.where(x[:end] == pad, 0, x[:end]).tolist()  # padding lies after every real token
+            segments.append((passage + prefix, len(passage), first, end))
+        if segments:
+            width = max(len(t) for t, *_ in segments)
+            idx = torch.zeros(len(segments), width, dtype=torch.long)  # right-padded: causal, so never read
+            for j, (tokens, *_) in enumerate(segments):
+                idx[j, : len(tokens)] = torch.tensor(tokens)
+            logits = lm(input_ids=idx.to(device), use_cache=False).logits.float().cpu()
+            for j, (_, p, first, end) in enumerate(segments):
+                token_loss[first:end] = torch.nn.functional.cross_entropy(
+                    logits[j, p + first : p + end], y[first:end], ignore_index=-100, reduction="none"
+                )
+        nats.append(token_loss.numpy().reshape(l, m).sum(-1))
+        bytes_.append(target_bytes.numpy().reshape(l, m).sum(-1))
+    return np.concatenate(nats).astype(np.float64), np.concatenate(bytes_).astype(np.float64)
 
 
 def evaluate(model, data, *, retrieval: bool, k: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
@@ -141,37 +203,91 @@ def evaluate(model, data, *, retrieval: bool, k: int | None = None, batch_size: 
     return summary(nats, bytes_, chunk_leakage(data))
 
 
-def evaluate_sets(retro, baseline, sets: dict, *, k: int, device: str, resamples: int = 2000) -> dict:
-    """retro_on, retro_off and baseline on each named dataset, and the paired differences."""
-    results = {"retro_on": {}, "retro_off": {}, "baseline": {}, "differences": {f"{a}-{b}": {} for a, b in DIFFERENCES}}
+class UnrelatedNeighbours:
+    """The items of ``data`` with the neighbours of the item half the set away (other documents): the
+    control that tells what retrieval's content gives from what CCA does whatever it reads."""
+
+    def __init__(self, data):
+        self.data, self.l, self.m, self.pad_id = data, data.l, data.m, data.pad_id
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y, _, target_bytes, ids = self.data[i]
+        return x, y, self.data[(i + len(self) // 2) % len(self)][2], target_bytes, ids
+
+
+def scorers(retro, baseline, *, k: int, device: str, separator: list[int]) -> dict:
+    """The models compared, each a function of a dataset to its per-chunk (nats, bytes). A RETRO-fitted
+    base adds In-Context RALM with that base and the same neighbours."""
+    out = {
+        "retro_on": lambda d: chunk_scores(retro, d, retrieval=True, k=k, device=device),
+        "retro_unrelated": lambda d: chunk_scores(retro, UnrelatedNeighbours(d), retrieval=True, k=k, device=device),
+        "retro_off": lambda d: chunk_scores(retro, d, retrieval=False, k=k, device=device),
+        "baseline": lambda d: chunk_scores(baseline, d, retrieval=False, k=k, device=device),
+    }
+    if retro.config.base:
+        out["in_context"] = lambda d: in_context_scores(retro.base, d, k=k, separator=separator, device=device)
+    return out
+
+
+def evaluate_sets(
+    retro, baseline, sets: dict, *, k: int, device: str, resamples: int = 2000, separator: list[int] = ()
+) -> dict:
+    """Every model of ``scorers`` on each named dataset, its inference speed, and retro_on's paired
+    differences against each of the others (intervals resampling documents)."""
+    models = scorers(retro, baseline, k=k, device=device, separator=list(separator))
+    results = {name: {} for name in models} | {"differences": {f"retro_on-{b}": {} for b in models if b != "retro_on"}}
     for name, data in sets.items():
-        leakage = chunk_leakage(data)
-        scores = {
-            "retro_on": chunk_scores(retro, data, retrieval=True, k=k, device=device),
-            "retro_off": chunk_scores(retro, data, retrieval=False, k=k, device=device),
-            "baseline": chunk_scores(baseline, data, retrieval=False, k=k, device=device),
-        }
-        for model_name, (nats, bytes_) in scores.items():
-            results[model_name][name] = summary(nats, bytes_, leakage)
-        for a, b in DIFFERENCES:
-            results["differences"][f"{a}-{b}"][name] = paired_difference(
-                scores[a][0], scores[b][0], scores[a][1], resamples=resamples
+        leakage, documents, tokens = chunk_leakage(data), data.chunk_documents(), predicted_tokens(data)
+        scores = {}
+        for model_name, score in models.items():
+            t0 = time.perf_counter()
+            scores[model_name] = score(data)
+            seconds = time.perf_counter() - t0
+            results[model_name][name] = summary(*scores[model_name], leakage) | {
+                "seconds": round(seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1),
+            }
+        for diff in results["differences"]:
+            b = diff.split("-", 1)[1]
+            results["differences"][diff][name] = paired_difference(
+                scores["retro_on"][0], scores[b][0], scores["retro_on"][1], documents, resamples=resamples
             )
         log.info("%s: %s", name, ", ".join(f"{m} {results[m][name]['bpb']:.4f}" for m in scores))
     return results
 
 
+def predicted_tokens(data) -> int:
+    return int(sum(int((data[i][1] != -100).sum()) for i in range(len(data))))
+
+
 def load_run(run: str, db: str) -> tuple:
-    paths = {name: os.path.join(run, name, checkpoint.CHECKPOINT) for name in ("retro", "baseline")}
-    missing = [name for name, path in paths.items() if not os.path.exists(path)]
-    if missing:
+    """(RETRO, its baseline, k trained with) of a run: RUN/retro and RUN/baseline of ``make train``, or of a
+    RETRO-fitted base (``make retrofit``: RUN/retro alone) the base itself as the baseline."""
+    retro_path = os.path.join(run, "retro", checkpoint.CHECKPOINT)
+    if not os.path.exists(retro_path):
         raise FileNotFoundError(
-            f"{run}: no {' or '.join(missing)} checkpoint ({paths[missing[0]]}); "
-            f"train the run first (make train DB={db} RUN={run})"
+            f"{run}: no retro checkpoint ({retro_path}); train the run first (make train DB={db} RUN={run})"
         )
-    retro, ckpt = checkpoint.load(paths["retro"])
-    baseline, _ = checkpoint.load(paths["baseline"])
+    retro, ckpt = checkpoint.load(retro_path)
+    if retro.config.base:
+        return retro, base_alone(retro), checkpoint.trained_k(ckpt)
+    baseline_path = os.path.join(run, "baseline", checkpoint.CHECKPOINT)
+    if not os.path.exists(baseline_path):
+        raise FileNotFoundError(
+            f"{run}: no baseline checkpoint ({baseline_path}); train the run first (make train DB={db} RUN={run})"
+        )
+    baseline, _ = checkpoint.load(baseline_path)
     return retro, baseline, checkpoint.trained_k(ckpt)
+
+
+def base_alone(retro):
+    """A RETRO-fitted model's frozen base on its own, behind the same interface (no CCA, no encoder)."""
+    from model.retrofit import RetroFit
+
+    return RetroFit(retro.base, replace(retro.config, retrieval=False))
 
 
 def evaluate_run(
@@ -211,8 +327,9 @@ def evaluate_run(
             for split in splits
         }
         top = "test" if "test" in sets else splits[-1]
-    results = evaluate_sets(retro, baseline, sets, k=k, device=device, resamples=resamples)
-    for name in ("retro_on", "retro_off", "baseline"):  # the contract: each holds its headline bpb at top level
+    separator = db_tokenizer(db).encode("\n\n", add_special_tokens=False).ids  # between In-Context passages
+    results = evaluate_sets(retro, baseline, sets, k=k, device=device, resamples=resamples, separator=separator)
+    for name in (n for n in results if n != "differences"):  # the contract: each holds its headline bpb at top level
         results[name]["bpb"] = results[name][top]["bpb"]
     results["config"] = {
         "db": db,
@@ -223,6 +340,8 @@ def evaluate_run(
         "alphas": list(ALPHAS),
         "resamples": resamples,
         "eos_bytes": 1,
+        "bootstrap_unit": "document",
+        "in_context_separator": separator if "in_context" in results else None,
         "align_neighbours": retro.config.align_neighbours,
     }
     if corpus:
@@ -237,14 +356,15 @@ def evaluate_run(
 
 
 def table(results: dict) -> str:
+    models = [m for m in results if m not in ("differences", "config")]
     names = [n for n in results["retro_on"] if n != "bpb"]
     lines = [
         f"{'model':12s} "
         + " ".join(f"{n + ' bpb':>12s}" for n in names)
-        + f"   {names[-1]} bpb(alpha), alpha = "
+        + f"  {'tokens/s':>9s}   {names[-1]} bpb(alpha), alpha = "
         + ", ".join(f"{a:g}" for a in ALPHAS)
     ]
-    for model in ("retro_on", "retro_off", "baseline"):
+    for model in models:
         r = results[model]
         alphas = "  ".join(
             "   -  "
@@ -252,15 +372,16 @@ def table(results: dict) -> str:
             else f"{r[names[-1]]['bpb_by_alpha'][f'{a:g}']['bpb']:.3f}"
             for a in ALPHAS
         )
-        lines.append(f"{model:12s} " + " ".join(f"{r[n]['bpb']:12.4f}" for n in names) + f"   {alphas}")
+        speed = r[names[-1]].get("tokens_per_s", float("nan"))
+        lines.append(f"{model:12s} " + " ".join(f"{r[n]['bpb']:12.4f}" for n in names) + f"  {speed:9.1f}   {alphas}")
     counts = results["retro_on"][names[-1]]["bpb_by_alpha"]
     lines.append(f"chunks per alpha ({names[-1]}): " + ", ".join(f"{a}: {v['chunks']}" for a, v in counts.items()))
     for diff, per_set in results["differences"].items():
         for n, d in per_set.items():
             verdict = "no difference" if d["ci95"][0] <= 0 <= d["ci95"][1] else ("lower" if d["bpb"] < 0 else "higher")
             lines.append(
-                f"{diff} on {n}: {d['bpb']:+.4f} bpb, "
-                f"95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] over {d['chunks']} chunks ({verdict})"
+                f"{diff} on {n}: {d['bpb']:+.4f} bpb, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] "
+                f"over {d.get('documents', d['chunks'])} documents, {d['chunks']} chunks ({verdict})"
             )
     return "\n".join(lines)
 

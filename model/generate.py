@@ -96,25 +96,24 @@ def extend(
     model.eval()
     tokens, new = list(tokens), []
     device = next(model.parameters()).device
-    encoder_cache = {}  # the window and its neighbours stay the same until the chunk boundary
+    # the window and its neighbours stay the same until the chunk boundary
+    first = window_start(len(tokens) // m, cfg.max_chunks)
+    window = tokens[first * m :]
+    l = len(window) // m + 1
+    neighbours = window_neighbours(retrieved, first, l, pad) if cfg.retrieval else None
+    neighbours = None if neighbours is None else neighbours.to(device)
+    cached = hasattr(model, "decode")  # a RETRO-fit: the frozen decoder's KV cache, one new token per forward
+    encoder_cache, state = {}, {}
     for _ in range(n):
-        u = len(tokens) // m  # the chunk of the next position
-        first = window_start(u, cfg.max_chunks)
-        window = tokens[first * m :]
-        l = len(window) // m + 1
-        idx = torch.full((1, l * m), pad, dtype=torch.long)
-        idx[0, : len(window)] = torch.tensor(window)
-        neighbours = window_neighbours(retrieved, first, l, pad) if cfg.retrieval else None
-        logits, _, _ = model(
-            idx.to(device), None if neighbours is None else neighbours.to(device), encoder_cache=encoder_cache
-        )
-        nxt = sample(
-            logits[0, len(window) - 1].float().cpu(),
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-            position=len(tokens),
-        )
+        if cached:
+            idx = torch.tensor([tokens[-1:] if state else window])
+            logits = model.decode(idx.to(device), neighbours, state)[0, -1]
+        else:
+            window = tokens[first * m :]
+            idx = torch.full((1, l * m), pad, dtype=torch.long)
+            idx[0, : len(window)] = torch.tensor(window)
+            logits = model(idx.to(device), neighbours, encoder_cache=encoder_cache)[0][0, len(window) - 1]
+        nxt = sample(logits.float().cpu(), temperature=temperature, top_k=top_k, seed=seed, position=len(tokens))
         tokens.append(nxt)
         new.append(nxt)
         if stop_id is not None and nxt == stop_id:

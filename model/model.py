@@ -92,15 +92,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, context=None, mask=None, positions=None):
-        """``positions``: (query positions (t,), key positions (s,)) for rotary; default 0..t-1 and 0..s-1."""
+    def keys_values(self, context, positions=None):
+        """Keys (rotated at ``positions``, default 0..s-1) and values of ``context`` (b, s, c): (b, h, s, dh) each."""
+        b, s, _ = context.shape
+        k, v = self.kv(context).view(b, s, 2, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        return (rotary(k, positions) if self.use_rotary else k), v
+
+    def forward(self, x, context=None, mask=None, positions=None, kv=None):
+        """``positions``: (query positions (t,), key positions (s,)) for rotary; default 0..t-1 and 0..s-1.
+        ``kv``: the context's ``keys_values``, computed once by a caller that attends to it again."""
         b, t, c = x.shape
-        context = x if context is None else context
+        q_pos, k_pos = positions or (None, None)
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context, k_pos)
         q = self.q(x).view(b, t, self.n_head, -1).transpose(1, 2)  # (b, h, t, dh)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (b, h, s, dh)
         if self.use_rotary:
-            q_pos, k_pos = positions or (None, None)
-            q, k = rotary(q, q_pos), rotary(k, k_pos)
+            q = rotary(q, q_pos)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -136,27 +142,45 @@ class ChunkedCrossAttention(nn.Module):
         self.m = config.chunk_size
         self.attn = Attention(config, causal=False, use_rotary=True)
 
-    def forward(self, h, encoded, token_mask):
-        """h (b, t, c); encoded (b, l, k, r, c); token_mask (b, l, k, r) True at real neighbour tokens
-        ((b, l, k) is taken as whole neighbours present or absent)."""
+    def forward(self, h, encoded, token_mask, start: int = 0, memory: dict | None = None):
+        """h (b, t, c) the states of positions start..start+t-1; encoded (b, l, k, r, c); token_mask (b, l, k, r)
+        True at real neighbour tokens ((b, l, k) is taken as whole neighbours present or absent). ``memory``:
+        where the projected neighbours are kept for the next call on the same sequence (decoding with a
+        KV cache gives one position at a time)."""
         b, t, c = h.shape
         m = self.m
         l, k, r = encoded.shape[1:4]
         if token_mask.dim() == 3:
             token_mask = token_mask[..., None].expand(-1, -1, -1, r)
-        # attending chunk u = positions u*m + m-1 ... u*m + 2m-2: drop the first m-1, pad the end
-        shifted = F.pad(h[:, m - 1 :], (0, 0, 0, m - 1))  # (b, t, c)
-        queries = shifted.reshape(b * l, m, c)
-        memory = encoded.reshape(b * l, k * r, c)  # softmax over neighbours and time together
-        keep = token_mask.reshape(b * l, 1, 1, k * r)
-        any_neighbour = keep.any(-1, keepdim=True)  # (b*l, 1, 1, 1)
+        # position p attends to chunk (p - m + 1) // m from slot (p - m + 1) % m: chunk u's neighbours
+        # condition positions u*m + m-1 ... u*m + 2m-2; positions before m-1 attend to nothing
+        first = max(start, m - 1)
+        out = torch.zeros_like(h)
+        if first >= start + t:
+            return out
+        u0, u1 = (first - m + 1) // m, (start + t - m) // m + 1  # the chunks attended to
+        if u1 > l:
+            raise ValueError(
+                f"positions up to {start + t - 1} attend to chunk {u1 - 1}, but neighbours of {l} are given"
+            )
+        g0, n = first - m + 1 - u0 * m, start + t - first
+        queries = F.pad(h[:, first - start :], (0, 0, g0, (u1 - u0) * m - g0 - n)).reshape(b * (u1 - u0), m, c)
+        keep = token_mask[:, u0:u1].reshape(b * (u1 - u0), 1, 1, k * r)
+        any_neighbour = keep.any(-1, keepdim=True)  # (b*chunks, 1, 1, 1)
         # a chunk without neighbours attends to a dummy position and its output is zeroed below
         mask = keep | ~any_neighbour
+        present = any_neighbour.reshape(-1, 1, 1).to(h.dtype)
         positions = (torch.arange(m - 1, 2 * m - 1), torch.arange(r).repeat(k))  # (m,), (k*r,)
-        present = any_neighbour.reshape(b * l, 1, 1).to(h.dtype)
-        out = self.attn(queries, memory, mask=mask, positions=positions) * present  # (b*l, m, c)
-        out = out.reshape(b, t, c)[:, : t - (m - 1)]
-        return F.pad(out, (0, 0, m - 1, 0))  # tokens 0..m-2 attend to nothing
+        if memory is None:  # softmax over neighbours and time together
+            context = encoded[:, u0:u1].reshape(b * (u1 - u0), k * r, c)
+            attended = self.attn(queries, context, mask=mask, positions=positions) * present
+        else:
+            if "kv" not in memory:  # every chunk's, once: (b*l, h, k*r, dh) each
+                memory["kv"] = self.attn.keys_values(encoded.reshape(b * l, k * r, c), positions[1])
+            kv = tuple(x.view(b, l, *x.shape[1:])[:, u0:u1].reshape(-1, *x.shape[1:]) for x in memory["kv"])
+            attended = self.attn(queries, mask=mask, positions=(positions[0], None), kv=kv) * present
+        out[:, first - start :] = attended.reshape(b, (u1 - u0) * m, c)[:, g0 : g0 + n]
+        return out
 
 
 class DecoderBlock(nn.Module):

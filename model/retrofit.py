@@ -17,7 +17,8 @@ by path and sha256 (``model.checkpoint``), as PEFT saves adapters.
 
 The interface is ``model.model.Retro``'s (``config``, ``forward(idx, neighbours, targets,
 encoder_cache)``, ``retrieval_parameters``), so training, evaluation, generation, explanation and
-the service take either.
+the service take either. ``decode`` adds what a 135M-parameter base needs to generate: the base's KV
+cache, the encoded neighbours and CCA's projected neighbours kept between calls.
 """
 
 from __future__ import annotations
@@ -96,9 +97,16 @@ class RetroFit(nn.Module):
             if step is None:
                 return output
             h = output[0] if isinstance(output, tuple) else output
+            start = step.get("start", 0)  # the position of h's first state (decoding: after the cached ones)
             if "encoded" not in step:  # the first CCA layer's states condition the encoder
-                step["encoded"] = self.encode(h, step["neighbours"])
-            h = h + self.cca[name](self.ln_cca[name](h), *step["encoded"])
+                if start:
+                    raise ValueError("the neighbours' encoding needs the states of their chunks: decode from 0 first")
+                l = step["neighbours"].shape[1]
+                step["encoded"] = self.encode(
+                    F.pad(h, (0, 0, 0, l * self.config.chunk_size - h.shape[1])), step["neighbours"]
+                )
+            memory = step.setdefault(f"memory {name}", {}) if "start" in step else None  # decoding: kept
+            h = h + self.cca[name](self.ln_cca[name](h), *step["encoded"], start=start, memory=memory)
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         return add_cca
@@ -156,6 +164,28 @@ class RetroFit(nn.Module):
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none"
         ).view(b, t)
         return logits, token_loss.sum() / (targets != -100).sum().clamp(min=1), token_loss
+
+    @torch.no_grad()
+    def decode(self, idx, neighbours, state: dict):
+        """Logits (b, t, vocab) of ``idx`` (b, t), the tokens after those of earlier calls with the same
+        ``state`` (empty at first): the frozen decoder's KV cache, the encoded neighbours and CCA's projected
+        memory are kept there, so each call costs its new tokens only. ``neighbours`` (b, l, k, r) of the
+        sequence's chunks, the same in every call; the first call must hold every chunk that has neighbours."""
+        start = state.get("start", 0)
+        step = state.setdefault("encoder", {}) if self.encoder is not None and neighbours is not None else None
+        if step is not None:
+            step.update(neighbours=neighbours, start=start)
+        self._step = step
+        try:
+            out = self.base(
+                input_ids=torch.where(idx == self.config.pad_id, 0, idx),
+                cache=state.get("cache"),
+                use_cache=True,
+            )
+        finally:
+            self._step = None
+        state["cache"], state["start"] = out.cache, start + idx.shape[1]
+        return out.logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

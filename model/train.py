@@ -47,6 +47,10 @@ class TrainConfig:
     k: int = 2
     seed: int = 0
     checkpoint_every: int = 200
+    informative: float = 0.0  # share of sequences given constructed informative neighbours (recipe_neighbours)
+    informative_edit: float = 0.1  # share of a constructed neighbour's tokens replaced at random
+    informative_shift: int = 32  # a constructed neighbour starts up to this many tokens off its chunk's start
+    neighbour_dropout: float = 0.0  # chance that a retrieved neighbour is dropped
     retrofit: str = ""  # a baseline checkpoint whose decoder is loaded and frozen
 
 
@@ -93,6 +97,32 @@ def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int, rank: int, wo
 def collate(dataset, indices):
     items = [dataset[int(i)] for i in indices]
     return [torch.stack(x) for x in zip(*items)]
+
+
+def recipe_neighbours(x: torch.Tensor, neighbours: torch.Tensor, cfg: TrainConfig, config: RetroConfig, rng):
+    """The neighbours a training step feeds (b, l, k, r), from a batch's tokens x (b, l*m) and retrieved rows:
+    each retrieved row dropped (all padding) with chance ``neighbour_dropout``; and in a share ``informative``
+    of the sequences, one random slot of every chunk u holds a neighbour made from the sequence itself: its
+    2m tokens from u*m + s, s uniform in [-``informative_shift``, ``informative_shift``] (at most m),
+    with a share ``informative_edit`` of them replaced by random tokens (another version of a text differs).
+    On ordinary documents retrieval rarely finds a chunk's continuation, so without these a model learns
+    to ignore its neighbours; with them it learns to copy from those that hold what it is about to write
+    and, from the retrieved ones beside them, to ignore those that do not."""
+    b, l, k, r = neighbours.shape
+    m, pad = config.chunk_size, config.pad_id
+    out, shift = neighbours.clone(), min(cfg.informative_shift, m)
+    if cfg.neighbour_dropout:
+        out[torch.from_numpy(rng.random((b, l, k)) < cfg.neighbour_dropout)] = pad
+    padded = torch.cat([torch.full((b, m), pad), x.cpu(), torch.full((b, r + m), pad)], 1)  # (b, m + l*m + r + m)
+    for i in np.flatnonzero(rng.random(b) < cfg.informative):
+        for u in range(l):
+            start = m + u * m + int(rng.integers(-shift, shift + 1))
+            row = padded[i, start : start + r].clone()
+            edit = torch.from_numpy(rng.random(r) < cfg.informative_edit) & (row != pad)
+            random_tokens = torch.from_numpy(rng.integers(0, config.vocab_size, r))
+            row[edit] = torch.where(random_tokens[edit] == pad, 0, random_tokens[edit])
+            out[i, u, int(rng.integers(k))] = row
+    return out
 
 
 def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> RetroConfig:
@@ -217,7 +247,10 @@ def train(
         # of one global batch gives the gradient one process gives it (DDP averages over ranks: hence * world)
         step_tokens = all_ranks_sum(sum(float((y != -100).sum()) for _, y, *_ in batches), world, device)
         loss_sum = 0.0
-        for x, y, neighbours, _, _ in batches:
+        for micro, (x, y, neighbours, _, _) in enumerate(batches):
+            if use_neighbours and (cfg.informative or cfg.neighbour_dropout):  # the recipe, reproducible on resume
+                rng = np.random.default_rng([cfg.seed, step, micro, rank])
+                neighbours = recipe_neighbours(x, neighbours, cfg, model_config, rng)
             x, y, neighbours = x.to(device), y.to(device), neighbours.to(device)
             with autocast:
                 _, _, token_loss = ddp_model(x, neighbours if use_neighbours else None, y)
@@ -266,9 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A RETRO-fit's defaults (``--base``): the recipe docs/BENCHMARKS.md measured. A frozen base needs fewer,
+# smaller steps than a model from scratch, and constructed neighbours to learn when to copy.
+RETROFIT_DEFAULTS = dict(steps=200, batch_size=4, lr=1e-3, warmup_steps=10, informative=0.5, checkpoint_every=20)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; with ``--base`` the ones not given default to ``RETROFIT_DEFAULTS``."""
+    parser = build_parser()
+    if parser.parse_args(argv).base:
+        parser.set_defaults(**{f"TrainConfig.{k}": v for k, v in RETROFIT_DEFAULTS.items()})
+    return parser.parse_args(argv)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    args = build_parser().parse_args()
+    args = parse_args()
     cfg = cli.config_from_args(TrainConfig, args)
     last = train(
         args.db,

@@ -122,3 +122,39 @@ def runs(db, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return root, cfg
+
+
+def tiny_base(kind: str, seed: int = 0, vocab_size: int = 97, width: int = 32):
+    """A random-weight Hugging Face causal LM of 4 layers: the Llama layout or GPT-2."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=4, n_head=4, n_positions=512)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def retrofit_run(db, tmp_path_factory):
+    """A tiny random-weight base (the Llama layout, the session DB's vocabulary) RETRO-fitted a few steps with
+    the recipe, as `make retrofit` lays it out (RUN/retro)."""
+    from model.train import TrainConfig, train
+    from retro_db.tokenizer import db_tokenizer
+
+    root = tmp_path_factory.mktemp("retrofit")
+    base = str(root / "base")
+    tiny_base("llama", vocab_size=db_tokenizer(db).get_vocab_size(), width=64).save_pretrained(base)
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=6, informative=0.5)
+    train(db, str(root / "run" / "retro"), base=base, cfg=cfg)
+    return root / "run"

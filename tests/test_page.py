@@ -26,9 +26,9 @@ WAIT_S = 240
 
 
 @pytest.fixture(scope="module")
-def served(db, runs, tmp_path_factory):
-    """`python -m index_service --db DB --run RUN` (what `make serve RUN=...` runs), its own Ray, the admin token
-    from the environment."""
+def served(db, retrofit_run, tmp_path_factory):
+    """`python -m index_service --db DB --run RUN` (what `make serve RUN=...` runs) on a RETRO-fitted base, its
+    own Ray, the admin token from the environment."""
     work = str(tmp_path_factory.mktemp("page") / "db")
     shutil.copytree(db, work)
     port = free_port()
@@ -41,7 +41,7 @@ def served(db, runs, tmp_path_factory):
             "--db",
             work,
             "--run",
-            str(runs[0]),
+            str(retrofit_run),
             "--port",
             str(port),
             "--embed-cpus",

@@ -7,28 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_base
+
 M, K = 8, 2  # chunk size and neighbours: small enough for random bases of a few layers
 PAD = 0
-
-
-def tiny_base(kind: str, seed: int = 0, vocab_size: int = 97, width: int = 32):
-    """A random-weight base of 4 layers: the Llama layout or GPT-2."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if kind == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        return LlamaForCausalLM(config).eval()
-    config = GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=4, n_head=4, n_positions=512)
-    return GPT2LMHeadModel(config).eval()
 
 
 def retrofit(kind: str, **overrides):
@@ -96,8 +78,10 @@ def test_training_moves_only_the_encoder_and_cca(kind):
 
 def test_the_trainer_retrofits_a_base_saves_it_apart_and_serves_the_tools(db, tmp_path):
     """`python -m model.train --base DIR`: the checkpoint holds the encoder and CCA and names the base by
-    path and sha256; loaded back it is the base with retrieval off, and generation runs on it."""
+    path and sha256; loaded back it is the base with retrieval off, evaluation compares it with the base and
+    In-Context RALM, and generation runs on it."""
     from model import base_lm, checkpoint
+    from model.evaluate import evaluate_run
     from model.generate import generate
     from model.retrieval import LocalRetriever
     from model.train import TrainConfig, train
@@ -106,8 +90,9 @@ def test_the_trainer_retrofits_a_base_saves_it_apart_and_serves_the_tools(db, tm
     tokenizer = db_tokenizer(db)
     base_dir = str(tmp_path / "base")
     tiny_base("llama", vocab_size=tokenizer.get_vocab_size(), width=64).save_pretrained(base_dir)
-    out = str(tmp_path / "run")
-    train(db, out, base=base_dir, cfg=TrainConfig(steps=3, batch_size=2, warmup_steps=1, checkpoint_every=3))
+    out = str(tmp_path / "run" / "retro")  # make retrofit's layout: RUN/retro
+    cfg = TrainConfig(steps=3, batch_size=2, warmup_steps=1, checkpoint_every=3, informative=0.5)
+    train(db, out, base=base_dir, cfg=cfg)
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert saved["model_config"]["base"] == base_dir and saved["model_config"]["cca_layers"] == [2]
     assert saved["model_config"]["base_sha256"] == base_lm.weights_sha256(base_dir)
@@ -124,6 +109,15 @@ def test_the_trainer_retrofits_a_base_saves_it_apart_and_serves_the_tools(db, tm
     tokens, hits = generate(model, prompt, retriever, max_new_tokens=80, stop_id=special_id(tokenizer, EOS))
     assert len(tokens) > len(prompt) and any(h is not None for h in hits)
     assert model.config.pad_id == special_id(tokenizer, PAD)
+
+    results = evaluate_run(db, str(tmp_path / "run"), splits=("test",), resamples=200)
+    assert set(results) >= {"retro_on", "retro_off", "baseline", "in_context", "differences"}
+    assert results["retro_off"]["bpb"] == results["baseline"]["bpb"]  # the base alone, either way
+    assert results["in_context"]["bpb"] != results["baseline"]["bpb"]  # it read the neighbours
+    for name in ("retro_off", "baseline", "in_context"):
+        d = results["differences"][f"retro_on-{name}"]["test"]
+        assert 0 < d["documents"] < d["chunks"] and d["ci95"][0] <= d["bpb"] <= d["ci95"][1]
+        assert results[name]["test"]["tokens_per_s"] > 0
 
     other = tiny_base("llama", seed=1, vocab_size=tokenizer.get_vocab_size(), width=64)
     other.save_pretrained(base_dir)  # other weights under the same path
@@ -203,3 +197,171 @@ def test_a_db_chunks_text_into_the_bases_own_tokens(smollm2, tmp_path):
         by_doc.setdefault(r["doc_id"], []).extend(r["tokens"])
     expected = sorted(tuple(reference(cp.normalize_text(t))["input_ids"]) + (0,) for t in docs)
     assert sorted(tuple(t) for t in by_doc.values()) == expected
+
+
+class _Sequences:
+    """Evaluation items as ``model.data`` gives them: l = 3 chunks of M tokens, K neighbour rows each, some
+    of them empty (padding), the last sequence ending early."""
+
+    l, m, pad_id = 3, M, PAD
+
+    def __init__(self, rng):
+        self.items = []
+        for i in range(2):
+            x = torch.from_numpy(rng.integers(1, 97, 3 * M))
+            if i == 1:
+                x[2 * M + 3 :] = PAD
+            y = torch.cat([x[1:], torch.tensor([PAD])])
+            y[y == PAD] = -100
+            neighbours = torch.from_numpy(rng.integers(1, 97, (3, K, 2 * M)))
+            neighbours[1, 0] = PAD  # a chunk with one neighbour found
+            neighbours[0, 1, M:] = PAD  # a neighbour without continuation
+            self.items.append((x, y, neighbours, (y != -100).long(), torch.arange(3)))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_in_context_ralm_predicts_each_position_after_its_chunks_neighbours_as_text():
+    """Against one forward per position: position p reads the rows of the last chunk complete before it
+    (c = (p + 1) // m - 1, the chunk whose neighbours condition p in RETRO), each followed by the separator,
+    then the sequence's tokens up to p; before any chunk is complete, no passage."""
+    from model.evaluate import in_context_scores
+
+    base = tiny_base("llama")
+    data, sep = _Sequences(np.random.default_rng(3)), [5, 6]
+    nats, bytes_ = in_context_scores(base, data, k=K, separator=sep)
+    expected = np.zeros(len(data) * data.l)
+    with torch.no_grad():
+        for i, (x, y, neighbours, _, _) in enumerate(data.items):
+            for p in np.flatnonzero(y.numpy() != -100):
+                c = (p + 1) // M - 1
+                rows = [] if c < 0 else [r[r != PAD].tolist() for r in neighbours[c, :K] if (r != PAD).any()]
+                tokens = [t for r in rows for t in r + sep] + x[: p + 1].tolist()
+                logits = base(input_ids=torch.tensor([tokens])).logits[0, -1]
+                expected[i * data.l + p // M] -= torch.log_softmax(logits, -1)[y[p]].item()
+    np.testing.assert_allclose(nats, expected, rtol=1e-4)
+    np.testing.assert_array_equal(bytes_, [M, M, M - 1, M, M, 2])  # no token after each sequence
+    plain = in_context_scores(base, data, k=0, separator=sep)[0]  # no passage: the base on the sequence alone
+    assert np.abs(plain - nats).max() > 1e-3
+
+
+def test_document_intervals_resample_documents_whole():
+    """The paired interval draws documents with all their chunks (scipy's bootstrap over per-document
+    sums as the reference), and is wider than the chunk-level interval when a document's chunks move together."""
+    from scipy.stats import bootstrap
+
+    from model.evaluate import paired_difference
+
+    rng = np.random.default_rng(0)
+    documents = np.repeat(np.arange(60), rng.integers(2, 12, 60))
+    bytes_ = rng.integers(100, 300, len(documents)).astype(float)
+    shift = rng.normal(0, 0.1, 60)[documents]  # what one document does to both models' difference
+    a = bytes_ * rng.normal(1.4, 0.3, len(documents))
+    b = a + bytes_ * (shift + rng.normal(0.0, 0.02, len(documents)))
+    ours = paired_difference(a, b, bytes_, documents, resamples=4000)
+    diff = np.bincount(documents, (a - b) / np.log(2))
+    weight = np.bincount(documents, bytes_)
+    ref = bootstrap(
+        (diff, weight),
+        lambda d, w, axis=-1: d.sum(axis) / w.sum(axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=4000,
+        method="percentile",
+        random_state=1,
+    ).confidence_interval
+    width = ref.high - ref.low
+    assert ours["documents"] == 60 and ours["chunks"] == len(documents)
+    assert ours["bpb"] == pytest.approx(diff.sum() / weight.sum(), abs=1e-6)
+    assert abs(ours["ci95"][0] - ref.low) < 0.1 * width and abs(ours["ci95"][1] - ref.high) < 0.1 * width
+    chunks = paired_difference(a, b, bytes_, resamples=4000)
+    assert ours["ci95"][1] - ours["ci95"][0] > 1.5 * (chunks["ci95"][1] - chunks["ci95"][0])
+
+
+def test_the_recipe_gives_a_share_of_sequences_a_shifted_edited_copy_of_their_own_text():
+    """`recipe_neighbours`: with ``informative`` = 1 and no edits every chunk u holds, in one slot, the
+    sequence's own 2m tokens from u*m + s with |s| <= m/2 (padding past the sequence); the other slots are
+    the retrieved rows. Edits and dropout happen at their rates; with neither the rows are untouched."""
+    from model.model import RetroConfig
+    from model.train import TrainConfig, recipe_neighbours
+
+    b, l, m, k = 64, 4, 16, 3
+    config = RetroConfig(vocab_size=1000, chunk_size=m, max_chunks=l, pad_id=999)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 999, (b, l * m)))
+    retrieved = torch.from_numpy(rng.integers(0, 999, (b, l, k, 2 * m)))
+    same = recipe_neighbours(x, retrieved, TrainConfig(), config, np.random.default_rng(1))
+    assert torch.equal(same, retrieved)
+
+    cfg = TrainConfig(informative=1.0, informative_edit=0.0, informative_shift=m // 2)
+    out = recipe_neighbours(x, retrieved, cfg, config, rng)
+    padded = torch.cat([torch.full((b, 2 * m), 999), x, torch.full((b, 2 * m), 999)], 1)
+    shifts = []
+    for i in range(b):
+        for u in range(l):
+            changed = [j for j in range(k) if not torch.equal(out[i, u, j], retrieved[i, u, j])]
+            assert len(changed) == 1
+            row = out[i, u, changed[0]]
+            found = [s for s in range(-m // 2, m // 2 + 1) if torch.equal(padded[i, 2 * m + u * m + s :][: 2 * m], row)]
+            assert found
+            shifts.append(found[0])
+    assert min(shifts) < -m // 4 and max(shifts) > m // 4  # the shifts spread over the range
+
+    cfg = TrainConfig(informative=0.5, informative_edit=0.2, neighbour_dropout=0.3)
+    out = recipe_neighbours(x, retrieved, cfg, config, np.random.default_rng(2))
+    dropped = (out == 999).all(-1).float().mean().item()
+    assert 0.2 < dropped < 0.4
+    rows_changed = (out != retrieved).any(-1) & ~(out == 999).all(-1)  # constructed rows
+    per_sequence = rows_changed.any(-1).all(-1).float().mean().item()
+    assert 0.3 < per_sequence < 0.7
+
+
+def test_a_retrofit_defaults_to_its_recipe_and_flags_still_win():
+    from model.train import RETROFIT_DEFAULTS, TrainConfig, parse_args
+    from retro_db import cli
+
+    tiny = cli.config_from_args(TrainConfig, parse_args(["--out", "x"]))
+    assert tiny == TrainConfig()
+    fit = cli.config_from_args(TrainConfig, parse_args(["--out", "x", "--base", "b", "--steps", "7"]))
+    assert fit.steps == 7 and fit.informative == RETROFIT_DEFAULTS["informative"] > 0
+    assert fit.batch_size == RETROFIT_DEFAULTS["batch_size"] != TrainConfig().batch_size
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decoding_with_the_kv_cache_gives_the_full_forwards_logits(kind):
+    """`RetroFit.decode`: a prefix, then one token per call on the cached decoder, CCA and encoder, gives
+    the logits of one forward over the whole sequence (neighbours only for chunks complete in the prefix,
+    as in generation); and greedy `extend` generates the same tokens with it as without it."""
+    from model.generate import extend
+
+    base, model = retrofit(kind)
+    for block in model.cca.values():
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.5)
+    idx, neighbours = batch()
+    neighbours[:, 2:] = PAD  # chunks 2 and 3 are not complete after the prefix: nothing retrieved for them
+    prefix = 2 * M + 3
+    with torch.no_grad():
+        full = model(idx, neighbours)[0]
+        state = {}
+        parts = [model.decode(idx[:, :prefix], neighbours, state)]
+        parts += [model.decode(idx[:, p : p + 1], neighbours, state) for p in range(prefix, idx.shape[1])]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert (full - base(input_ids=idx).logits).abs().amax() > 1e-3  # the neighbours did condition it
+
+    class Uncached(torch.nn.Module):  # the same model without `decode`: extend's full-window forwards
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    rows = {u: neighbours[0, u].numpy() for u in range(2)}
+    tokens = idx[0, :prefix].tolist()
+    cached = extend(model, tokens, rows, 3 * M - prefix)
+    assert cached == extend(Uncached(model), tokens, rows, 3 * M - prefix)
+    assert cached != extend(model, tokens, {}, 3 * M - prefix)  # and the neighbours changed what it wrote
