@@ -50,6 +50,7 @@ from model.evaluate import (
     chunk_leakage,
     load_run,
     paired_difference,
+    passage_separator,
     predicted_tokens,
     scorers,
     summary,
@@ -59,7 +60,6 @@ from retro_db import deletions, layout
 from retro_db.corpus import normalize_text
 from retro_db.manifest import db_roots
 from retro_db.token_store import TokenStore
-from retro_db.tokenizer import db_tokenizer
 
 log = logging.getLogger("bench.update")
 
@@ -165,7 +165,7 @@ def score(db: str, run_dir: str, corpus: Path, models: tuple[str, ...] = MODELS)
         k=max(k, K_LEAKAGE),
         align=retro.config.align_neighbours,
     )
-    separator = db_tokenizer(db).encode("\n\n", add_special_tokens=False).ids
+    separator = passage_separator(db)
     out = {"leakage": chunk_leakage(data), "documents": data.chunk_documents(), "tokens": predicted_tokens(data)}
     for name, scorer in scorers(retro, baseline, k=k, device="cpu", separator=separator).items():
         name = "retro" if name == "retro_on" else name

@@ -259,6 +259,11 @@ def evaluate_sets(
     return results
 
 
+def passage_separator(db: str) -> list[int]:
+    """What follows each neighbour's text in In-Context RALM's passages: a blank line in the DB's tokens."""
+    return db_tokenizer(db).encode("\n\n", add_special_tokens=False).ids
+
+
 def predicted_tokens(data) -> int:
     return int(sum(int((data[i][1] != -100).sum()) for i in range(len(data))))
 
@@ -327,7 +332,7 @@ def evaluate_run(
             for split in splits
         }
         top = "test" if "test" in sets else splits[-1]
-    separator = db_tokenizer(db).encode("\n\n", add_special_tokens=False).ids  # between In-Context passages
+    separator = passage_separator(db)
     results = evaluate_sets(retro, baseline, sets, k=k, device=device, resamples=resamples, separator=separator)
     for name in (n for n in results if n != "differences"):  # the contract: each holds its headline bpb at top level
         results[name]["bpb"] = results[name][top]["bpb"]
