@@ -3,7 +3,9 @@
 Recorded against a service (with a model) before a change to the service and compared byte for
 byte after it: the change must not alter what a client sees. Only what differs from run to run
 by design is masked: audit timestamps, the checkpoint's absolute path and, given ``roots``, the
-temporary directory the DB's corpus was read from.
+temporary directory the DB's corpus was read from. Across machines, CPUs of other vector units (AVX2,
+AVX-512) round BERT, training and faiss differently: ``--float-tolerance`` then compares everything
+but floats exactly and floats to a relative tolerance.
 
     python tests/service_recording.py --url http://127.0.0.1:8000 --db db --token $RETRO_ADMIN_TOKEN --out before.json
     python tests/service_recording.py ... --out after.json --compare before.json
@@ -123,9 +125,35 @@ def record(url: str, db: str, token: str, roots: tuple[str, ...] = ()) -> dict[s
     return out
 
 
-def differences(before: dict, after: dict) -> list[str]:
-    """The names of the requests whose status or body changed (or that are missing on one side)."""
-    return [name for name in dict.fromkeys([*before, *after]) if before.get(name) != after.get(name)]
+def _close(before, after, rel: float) -> bool:
+    """The same JSON value, floats within ``rel`` of the recorded ones (everything else exactly)."""
+    if isinstance(before, float) and isinstance(after, float):
+        return abs(after - before) <= rel * max(abs(before), 1e-6)
+    if type(before) is not type(after):
+        return False
+    if isinstance(before, dict):
+        return before.keys() == after.keys() and all(_close(before[k], after[k], rel) for k in before)
+    if isinstance(before, list):
+        return len(before) == len(after) and all(_close(b, a, rel) for b, a in zip(before, after))
+    return before == after
+
+
+def _same(before: dict | None, after: dict | None, rel: float) -> bool:
+    if before == after:
+        return True
+    if not rel or before is None or after is None or before["status"] != after["status"]:
+        return False
+    try:
+        return _close(json.loads(before["body"]), json.loads(after["body"]), rel)
+    except ValueError:  # not JSON: bytes only
+        return False
+
+
+def differences(before: dict, after: dict, float_tolerance: float = 0.0) -> list[str]:
+    """The names of the requests whose status or body changed (or that are missing on one side): byte for
+    byte, or with ``float_tolerance`` > 0 every float within that relative tolerance of the recorded one."""
+    names = dict.fromkeys([*before, *after])
+    return [name for name in names if not _same(before.get(name), after.get(name), float_tolerance)]
 
 
 def main() -> int:
@@ -137,13 +165,19 @@ def main() -> int:
     parser.add_argument("--token", default=os.environ.get("RETRO_ADMIN_TOKEN", ""), help="the service's admin token")
     parser.add_argument("--out", required=True)
     parser.add_argument("--compare", help="a recording to compare with: exit 1 naming each request that differs")
+    parser.add_argument(
+        "--float-tolerance",
+        type=float,
+        default=0.0,
+        help="relative tolerance for floats in the bodies (0: byte for byte; for a recording made on another CPU)",
+    )
     args = parser.parse_args()
     recording = record(args.url, args.db, args.token)
     with open(args.out, "w") as f:
         json.dump(recording, f, indent=1, ensure_ascii=False)
     print(f"{len(recording)} requests recorded in {args.out}")
     if args.compare:
-        changed = differences(json.load(open(args.compare)), recording)
+        changed = differences(json.load(open(args.compare)), recording, args.float_tolerance)
         print(f"identical to {args.compare}" if not changed else f"differ from {args.compare}: {changed}")
         return 1 if changed else 0
     return 0
