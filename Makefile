@@ -50,7 +50,8 @@ train: venv
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/baseline --baseline $(TRAIN_ARGS)
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/retro $(TRAIN_ARGS)
 
-# RETRO-fit a pretrained base (frozen; only the neighbour encoder and CCA train) into $(RUN)/retro, on a DB
+# RETRO-fit a pretrained base (frozen; only what reads the neighbours trains: the attention reader's gates,
+# or with TRAIN_ARGS=--reader=cca the encoder and CCA) into $(RUN)/retro, on a DB
 # built with BASE's tokenizer (make build-db BASE=...), with model.train's RETROFIT_DEFAULTS (the recipe measured).
 retrofit: venv
 	$(BIN)/python -m model.train --db $(DB) --out $(RUN)/retro --base $(or $(BASE),smollm2-135m) $(TRAIN_ARGS)

@@ -47,6 +47,9 @@ class RetroConfig:
     # weights; the decoder fields above are then the base's. Empty: RETRO trained from scratch (this file)
     base: str = ""
     base_sha256: str = ""
+    # how a RETRO-fit reads its neighbours: "cca", the paper's encoder and CCA blocks; "attention", the
+    # base's own attention over the base's reading of them, gated per head (``model.retrofit``)
+    reader: str = "cca"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,16 @@ neighbour encoder and chunked cross-attention (CCA) trained beside it.
 
 Every CCA block's output projection starts at zero, so the model starts as exactly the base; with
 retrieval off, or a chunk without neighbours, CCA adds exactly zero and the logits are the base's.
+
+``reader="attention"`` reads the neighbours with the base's own weights instead (no encoder, no CCA
+block): the frozen base runs over each neighbour [N, F] alone, placed just before the sequence (rotary
+positions -r..-1), as In-Context RALM places a passage, and in every layer of ``cca_layers`` a position
+that chunk u's neighbours condition (RETRO's chunked causality) attends to those neighbours' keys and
+values and to its own context in one softmax. What is trained is a gate per layer and head, from 0
+(exactly the base) towards that joint attention. The base's attention already copies from text it
+reads; a 135M-parameter base RETRO-fitted on a CPU's few hundred thousand tokens does not learn
+that from new CCA weights (docs/BENCHMARKS.md).
+
 The CCA blocks hook the base's own decoder layers (``register_forward_hook``), so any Hugging Face
 causal LM whose layers return their hidden states works: the Llama family (Llama, Qwen2, Mistral,
 SmolLM) and GPT-2 are tested. The trained weights are saved apart from the base, which is referenced
@@ -18,16 +28,42 @@ by path and sha256 (``model.checkpoint``), as PEFT saves adapters.
 The interface is ``model.model.Retro``'s (``config``, ``forward(idx, neighbours, targets,
 encoder_cache)``, ``retrieval_parameters``), so training, evaluation, generation, explanation and
 the service take either. ``decode`` adds what a 135M-parameter base needs to generate: the base's KV
-cache, the encoded neighbours and CCA's projected neighbours kept between calls.
+cache, the encoded neighbours and CCA's projected neighbours (or the neighbours' keys and values)
+kept between calls.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from model.model import ChunkedCrossAttention, EncoderBlock, RetroConfig
+
+READERS = ("cca", "attention")
+ATTENTION = "retrofit_sdpa"  # the base's attention implementation under reader="attention"
+# (the RetroFit and its read neighbours) while one of its forwards runs; None: the base's own attention
+_READING: ContextVar[tuple | None] = ContextVar("retrofit_reading", default=None)
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """The base's sdpa attention, then, inside a RetroFit's forward, the neighbours mixed in (``RetroFit.mix``)."""
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    reading = _READING.get()
+    if reading is not None:
+        model, read = reading
+        out = model.mix(module, read, query, key, value, out, kwargs.get("scaling"))
+    return out, weights
+
+
+AttentionInterface.register(ATTENTION, _attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
 def decoder_layers(base: nn.Module) -> nn.ModuleList:
@@ -49,13 +85,19 @@ def retrofit_config(
     max_chunks: int = 4,
     cca_layers: list[int] | None = None,
     enc_n_layer: int = 2,
+    reader: str = "cca",
     **overrides,
 ) -> RetroConfig:
     """A ``RetroConfig`` whose widths are those of the base ``lm``. CCA every third layer from the middle up by default:
     the paper's choice for 12 layers (6, 9, 12) scaled to the base's depth (15, 18, ..., 30 of 30), so the
-    encoder is conditioned on mid-depth states and the upper half of the decoder reads the neighbours."""
+    encoder is conditioned on mid-depth states and the upper half of the decoder reads the neighbours.
+    ``reader="attention"``: every layer reads them by default (a gate per head chooses)."""
     c = lm.config
     n_layer = c.num_hidden_layers
+    if reader not in READERS:
+        raise ValueError(f"reader {reader!r}: one of {READERS}")
+    if cca_layers is None:
+        cca_layers = list(range(1, n_layer + 1)) if reader == "attention" else list(range(n_layer // 2, n_layer + 1, 3))
     fields = dict(
         vocab_size=c.vocab_size,
         n_layer=n_layer,
@@ -65,7 +107,8 @@ def retrofit_config(
         chunk_size=chunk_size,
         max_chunks=max_chunks,
         pad_id=pad_id,
-        cca_layers=list(range(n_layer // 2, n_layer + 1, 3)) if cca_layers is None else cca_layers,
+        cca_layers=cca_layers,
+        reader=reader,
     )
     return RetroConfig(**{**fields, **overrides})
 
@@ -81,6 +124,13 @@ class RetroFit(nn.Module):
         cca = sorted(set(config.cca_layers)) if config.retrieval else []
         if cca and (cca[0] < 1 or cca[-1] > len(layers)):
             raise ValueError(f"cca_layers {cca} must lie in 1..{len(layers)}")
+        self.gates = None
+        if config.reader == "attention" and cca:
+            self.gates = nn.Parameter(torch.zeros(len(cca), config.n_head))  # 0: exactly the base
+            self._gate_row = {i - 1: row for row, i in enumerate(cca)}  # the base's layer_idx -> gates row
+            self._rotary = hasattr(base.base_model, "rotary_emb")  # else absolute positions (GPT-2)
+            base.set_attn_implementation(ATTENTION)
+            cca = []  # no encoder, no CCA blocks
         self.ln_cca = nn.ModuleDict({str(i): nn.LayerNorm(config.n_embd) for i in cca})
         self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(config) for i in cca})
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.enc_n_layer)) if cca else None
@@ -145,6 +195,78 @@ class RetroFit(nn.Module):
             x = block(x, condition, keys)
         return self.ln_enc(x).reshape(b, l, k, r, c), real
 
+    @torch.no_grad()
+    def read(self, neighbours) -> dict:
+        """The frozen base's keys and values of each neighbour (b, l, k, r), read alone at positions -r..-1
+        (0..r-1 for absolute positions), in the layers that read neighbours: {layer_idx: (b, kv heads,
+        l*k*r, head dim) each}, and which of those keys are real tokens (b, l*k*r)."""
+        b, l, k, r = neighbours.shape
+        real = neighbours != self.config.pad_id
+        # only the rows that hold a neighbour are read (in generation, chunks not yet complete hold none)
+        rows = real.reshape(b * l * k, r).any(-1)
+        rows[0] |= not rows.any()  # the base needs one row to say what its keys look like
+        ids = torch.where(real, neighbours, 0).reshape(b * l * k, r)[rows]
+        positions = torch.arange(r, device=ids.device) - (r if self._rotary else 0)
+        outer = _READING.set(None)  # the neighbours are read by the base alone
+        try:
+            cache = self.base(input_ids=ids, position_ids=positions.expand(len(ids), r), use_cache=True).cache
+        finally:
+            _READING.reset(outer)
+
+        def per_sequence(x):  # (rows read, heads, r, d) -> (b, heads, l*k*r, d), zeros where nothing was read
+            full = x.new_zeros(b * l * k, *x.shape[1:])
+            full[rows] = x
+            return full.view(b, l, k, *x.shape[1:]).permute(0, 3, 1, 2, 4, 5).reshape(b, x.shape[1], l * k * r, -1)
+
+        layers = enumerate(cache.layers)
+        kv = {i: (per_sequence(c.keys), per_sequence(c.values)) for i, c in layers if i in self._gate_row}
+        return {"kv": kv, "real": real.reshape(b, l * k * r), "chunks": l}
+
+    def mix(self, module, read: dict, query, key, value, out, scaling):
+        """The attention output ``out`` (b, t, h, d) of the base's layer ``module`` moved, by the layer's gates, towards
+        attention over the neighbours' and the context's keys together. query (b, h, t, d) of the last t of the
+        s positions whose keys and values are ``key``, ``value`` (b, kv heads, s, d)."""
+        row = self._gate_row.get(module.layer_idx)
+        if row is None:
+            return out
+        k_n, v_n = read["kv"][module.layer_idx]
+        (b, h, t, _), s, m = query.shape, key.shape[2], self.config.chunk_size
+        positions = torch.arange(s - t, s, device=query.device)
+        # position p reads chunk (p - m + 1) // m (RETRO's CCA): the neighbours of a chunk it has seen whole
+        chunk = torch.div(positions - m + 1, m, rounding_mode="floor")
+        # only the keys of the chunks these positions read (decoding: one chunk's k*r, not l*k*r)
+        per_chunk = k_n.shape[2] // read["chunks"]
+        first, last = max(int(chunk[0]), 0), min(max(int(chunk[-1]), 0), read["chunks"] - 1)
+        keys = slice(first * per_chunk, (last + 1) * per_chunk)
+        key_chunk = torch.arange(first, last + 1, device=query.device).repeat_interleave(per_chunk)
+        neighbour_keys = (chunk[:, None] == key_chunk[None, :])[None] & read["real"][:, None, keys]  # (b, t, n)
+        context_keys = (torch.arange(s, device=query.device)[None, :] <= positions[:, None]).expand(b, t, s)
+        mask = torch.cat([neighbour_keys, context_keys], -1)[:, None]  # (b, 1, t, n + s)
+        joint = F.scaled_dot_product_attention(
+            query,
+            torch.cat([k_n[:, :, keys].to(key.dtype), key], 2),
+            torch.cat([v_n[:, :, keys].to(value.dtype), value], 2),
+            attn_mask=mask,
+            scale=scaling,
+            enable_gqa=h != k_n.shape[1],
+        ).transpose(1, 2)  # (b, t, h, d)
+        gate = neighbour_keys.any(-1)[:, :, None, None] * self.gates[row].to(out.dtype)[:, None]  # (b, t, h, 1)
+        return out + gate * (joint - out)
+
+    @contextmanager
+    def _reading(self, neighbours, kept: dict):
+        """While the base runs inside: the attention reader's neighbours, read once and kept in ``kept``."""
+        if self.gates is None or neighbours is None:
+            yield
+            return
+        if "read" not in kept:
+            kept["read"] = self.read(neighbours)
+        token = _READING.set((self, kept["read"]))
+        try:
+            yield
+        finally:
+            _READING.reset(token)
+
     def forward(self, idx, neighbours=None, targets=None, encoder_cache: dict | None = None):
         """As ``Retro.forward``: logits (b, t, vocab), and with targets the mean and per-token losses."""
         b, t = idx.shape
@@ -155,7 +277,8 @@ class RetroFit(nn.Module):
         if use:
             self._step["neighbours"] = neighbours
         try:  # padding comes after every real token (it may lie past the base's vocabulary)
-            logits = self.base(input_ids=torch.where(idx == self.config.pad_id, 0, idx), use_cache=False).logits
+            with self._reading(neighbours, {} if encoder_cache is None else encoder_cache):
+                logits = self.base(input_ids=torch.where(idx == self.config.pad_id, 0, idx), use_cache=False).logits
         finally:
             self._step = None
         if targets is None:
@@ -177,11 +300,12 @@ class RetroFit(nn.Module):
             step.update(neighbours=neighbours, start=start)
         self._step = step
         try:
-            out = self.base(
-                input_ids=torch.where(idx == self.config.pad_id, 0, idx),
-                cache=state.get("cache"),
-                use_cache=True,
-            )
+            with self._reading(neighbours, state):
+                out = self.base(
+                    input_ids=torch.where(idx == self.config.pad_id, 0, idx),
+                    cache=state.get("cache"),
+                    use_cache=True,
+                )
         finally:
             self._step = None
         state["cache"], state["start"] = out.cache, start + idx.shape[1]

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from model import checkpoint
 from model.data import RetroSequences
 from model.model import Retro, RetroConfig, paper_172m_config, tiny_config
+from model.retrofit import READERS, RetroFit, retrofit_config
 from retro_db import cli
 from retro_db.manifest import require_stages
 from retro_db.tokenizer import PAD, db_tokenizer, special_id
@@ -130,11 +131,11 @@ def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> Retr
     return make(vocab_size=vocab_size, pad_id=pad_id, retrieval=not baseline)
 
 
-def retrofit_base(base: str, vocab_size: int, pad_id: int):
+def retrofit_base(base: str, vocab_size: int, pad_id: int, reader: str = "attention"):
     """A RetroFit of the base ``base`` (a model directory, a .gguf file or ``smollm2-135m``) for a DB of
-    ``vocab_size`` tokens: the DB's tokenizer is the base's, plus its padding token at most."""
+    ``vocab_size`` tokens: the DB's tokenizer is the base's, plus its padding token at most. ``reader``:
+    how it reads neighbours (``model.retrofit``)."""
     from model import base_lm
-    from model.retrofit import RetroFit, retrofit_config
 
     directory = base_lm.resolve(base)
     lm = base_lm.load(directory)
@@ -144,7 +145,12 @@ def retrofit_base(base: str, vocab_size: int, pad_id: int):
             "build the DB with the base's tokenizer (make build-db BASE=...)"
         )
     config = retrofit_config(
-        lm, pad_id=pad_id, vocab_size=vocab_size, base=directory, base_sha256=base_lm.weights_sha256(directory)
+        lm,
+        pad_id=pad_id,
+        vocab_size=vocab_size,
+        reader=reader,
+        base=directory,
+        base_sha256=base_lm.weights_sha256(directory),
     )
     return RetroFit(lm, config)
 
@@ -157,11 +163,12 @@ def train(
     baseline: bool = False,
     retrofit: str | None = None,
     base: str | None = None,
+    reader: str = "attention",
     cfg: TrainConfig | None = None,
     device: str | None = None,
 ) -> dict:
     """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present. ``base``: a
-    pretrained Hugging Face decoder (``model.base_lm.resolve``) to RETRO-fit, frozen."""
+    pretrained Hugging Face decoder (``model.base_lm.resolve``) to RETRO-fit, frozen, read by ``reader``."""
     data_sha256 = checkpoint.data_fingerprint(require_stages(db, ("chunks", "embeddings", "index", "neighbours")))
     cfg = cfg or TrainConfig()
     rank, world = distributed()
@@ -186,7 +193,7 @@ def train(
         ckpt, start = None, 0
         tokenizer = db_tokenizer(db)
         if base:
-            model = retrofit_base(base, tokenizer.get_vocab_size(), special_id(tokenizer, PAD))
+            model = retrofit_base(base, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), reader)
         else:
             model = Retro(build_model(config_name, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), baseline))
         if cfg.retrofit:
@@ -294,21 +301,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pretrained decoder to RETRO-fit, frozen: a Hugging Face model directory, "
         "a .gguf file or smollm2-135m (the packaged SmolLM2-135M)",
     )
+    parser.add_argument(
+        "--reader",
+        choices=READERS,
+        default="attention",
+        help="with --base, how the RETRO-fit reads neighbours: the base's own attention, gated (attention), "
+        "or the paper's encoder and CCA blocks (cca)",
+    )
     parser.add_argument("--device")
     cli.add_config_flags(parser, TrainConfig, skip=("retrofit",))
     return parser
 
 
-# A RETRO-fit's defaults (``--base``): the recipe docs/BENCHMARKS.md measured. A frozen base needs fewer,
-# smaller steps than a model from scratch, and constructed neighbours to learn when to copy.
-RETROFIT_DEFAULTS = dict(steps=200, batch_size=4, lr=1e-3, warmup_steps=10, informative=0.5, checkpoint_every=20)
+# A RETRO-fit's defaults (``--base``) per reader: the recipes docs/BENCHMARKS.md measured. A frozen base
+# needs fewer steps than a model from scratch, and constructed neighbours to learn when to copy; the
+# attention reader trains one gate per layer and head, which need a large rate and no decay towards 0.
+RETROFIT_DEFAULTS = {
+    "attention": dict(
+        steps=60, batch_size=4, lr=0.05, warmup_steps=5, weight_decay=0.0, informative=0.5, checkpoint_every=20
+    ),
+    "cca": dict(steps=200, batch_size=4, lr=1e-3, warmup_steps=10, informative=0.5, checkpoint_every=20),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags; with ``--base`` the ones not given default to ``RETROFIT_DEFAULTS``."""
+    """The flags; with ``--base`` the ones not given default to ``RETROFIT_DEFAULTS`` of the reader."""
     parser = build_parser()
-    if parser.parse_args(argv).base:
-        parser.set_defaults(**{f"TrainConfig.{k}": v for k, v in RETROFIT_DEFAULTS.items()})
+    first = parser.parse_args(argv)
+    if first.base:
+        parser.set_defaults(**{f"TrainConfig.{k}": v for k, v in RETROFIT_DEFAULTS[first.reader].items()})
     return parser.parse_args(argv)
 
 
@@ -323,6 +344,7 @@ def main() -> None:
         baseline=args.baseline,
         retrofit=args.retrofit,
         base=args.base,
+        reader=args.reader,
         cfg=cfg,
         device=args.device,
     )

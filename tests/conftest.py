@@ -124,8 +124,8 @@ def runs(db, tmp_path_factory):
     return root, cfg
 
 
-def tiny_base(kind: str, seed: int = 0, vocab_size: int = 97, width: int = 32):
-    """A random-weight Hugging Face causal LM of 4 layers: the Llama layout or GPT-2."""
+def tiny_base(kind: str, seed: int = 0, vocab_size: int = 97, width: int = 32, layers: int = 4):
+    """A random-weight Hugging Face causal LM of ``layers`` layers: the Llama layout or GPT-2."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -135,13 +135,13 @@ def tiny_base(kind: str, seed: int = 0, vocab_size: int = 97, width: int = 32):
             vocab_size=vocab_size,
             hidden_size=width,
             intermediate_size=2 * width,
-            num_hidden_layers=4,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=512,
         )
         return LlamaForCausalLM(config).eval()
-    config = GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=4, n_head=4, n_positions=512)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=layers, n_head=4, n_positions=512)
     return GPT2LMHeadModel(config).eval()
 
 
