@@ -245,6 +245,21 @@ class CorpusSequences(torch.utils.data.Dataset):
         )
 
 
+def longest_common_run(chunk: np.ndarray, neighbours: np.ndarray) -> int:
+    """The longest contiguous token run shared by ``chunk`` (n,) and any row of ``neighbours`` (k, r),
+    padding excluded by the caller (pass -1 there: it matches nothing). Dynamic programming over
+    the chunk, all neighbours at once."""
+    if not len(chunk) or not neighbours.size:
+        return 0
+    best, prev = 0, np.zeros((neighbours.shape[0], neighbours.shape[1] + 1), dtype=np.int32)
+    for token in chunk:
+        cur = np.zeros_like(prev)
+        cur[:, 1:] = np.where(neighbours == token, prev[:, :-1] + 1, 0)
+        best = max(best, int(cur.max()))
+        prev = cur
+    return best
+
+
 def evaluation_byte_lengths(tokenizer) -> np.ndarray:
     """The bytes each target token counts for in bits per byte: its UTF-8 bytes, and ``EOS_BYTES``
     for ``<|endoftext|>``. A document's end is predicted like a one-byte separator: its loss counts

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from model import checkpoint
-from model.data import CorpusSequences, RetroSequences
+from model.data import CorpusSequences, RetroSequences, longest_common_run
 from retro_db import cli
 from retro_db.manifest import require_stages
 from retro_db.tokenizer import db_tokenizer
@@ -55,21 +55,6 @@ log = logging.getLogger("model.evaluate")
 
 ALPHAS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 K_LEAKAGE = 10  # the paper's neighbours per chunk for r(C)
-
-
-def longest_common_run(chunk: np.ndarray, neighbours: np.ndarray) -> int:
-    """The longest contiguous token run shared by ``chunk`` (n,) and any row of ``neighbours`` (k, r),
-    padding excluded by the caller (pass -1 there: it matches nothing). Dynamic programming over
-    the chunk, all neighbours at once."""
-    if not len(chunk) or not neighbours.size:
-        return 0
-    best, prev = 0, np.zeros((neighbours.shape[0], neighbours.shape[1] + 1), dtype=np.int32)
-    for token in chunk:
-        cur = np.zeros_like(prev)
-        cur[:, 1:] = np.where(neighbours == token, prev[:, :-1] + 1, 0)
-        best = max(best, int(cur.max()))
-        prev = cur
-    return best
 
 
 def chunk_leakage(data, k: int = K_LEAKAGE) -> np.ndarray:

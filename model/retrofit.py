@@ -15,10 +15,10 @@ retrieval off, or a chunk without neighbours, CCA adds exactly zero and the logi
 block): the frozen base runs over each neighbour [N, F] alone, placed just before the sequence (rotary
 positions -r..-1), as In-Context RALM places a passage, and in every layer of ``cca_layers`` a position
 that chunk u's neighbours condition (RETRO's chunked causality) attends to those neighbours' keys and
-values and to its own context in one softmax. What is trained is a gate per layer and head, from 0
-(exactly the base) towards that joint attention. The base's attention already copies from text it
-reads; a 135M-parameter base RETRO-fitted on a CPU's few hundred thousand tokens does not learn
-that from new CCA weights (docs/BENCHMARKS.md).
+values (all but each neighbour's first, the attention sink of its own read) and to its own context in
+one softmax. What is trained is a gate per layer and head, from 0 (exactly the base) towards that joint
+attention. The base's attention already copies from text it reads; a 135M-parameter base RETRO-fitted
+on a CPU's few hundred thousand tokens does not learn that from new CCA weights (docs/BENCHMARKS.md).
 
 The CCA blocks hook the base's own decoder layers (``register_forward_hook``), so any Hugging Face
 causal LM whose layers return their hidden states works: the Llama family (Llama, Qwen2, Mistral,
@@ -199,7 +199,8 @@ class RetroFit(nn.Module):
     def read(self, neighbours) -> dict:
         """The frozen base's keys and values of each neighbour (b, l, k, r), read alone at positions -r..-1
         (0..r-1 for absolute positions), in the layers that read neighbours: {layer_idx: (b, kv heads,
-        l*k*r, head dim) each}, and which of those keys are real tokens (b, l*k*r)."""
+        l*k*r, head dim) each}, and which of those keys are attended (b, l*k*r): real tokens, each neighbour's
+        first (its attention sink) excepted."""
         b, l, k, r = neighbours.shape
         real = neighbours != self.config.pad_id
         # only the rows that hold a neighbour are read (in generation, chunks not yet complete hold none)
@@ -220,7 +221,11 @@ class RetroFit(nn.Module):
 
         layers = enumerate(cache.layers)
         kv = {i: (per_sequence(c.keys), per_sequence(c.values)) for i, c in layers if i in self._gate_row}
-        return {"kv": kv, "real": real.reshape(b, l * k * r), "chunks": l}
+        # a causal LM's first position is where its heads put the attention nothing else draws (an attention
+        # sink); the context has its own, and each neighbour's beside it would draw attention from the context
+        attended = real.clone()
+        attended[..., 0] = False
+        return {"kv": kv, "attended": attended.reshape(b, l * k * r), "chunks": l}
 
     def mix(self, module, read: dict, query, key, value, out, scaling):
         """The attention output ``out`` (b, t, h, d) of the base's layer ``module`` moved, by the layer's gates, towards
@@ -239,7 +244,7 @@ class RetroFit(nn.Module):
         first, last = max(int(chunk[0]), 0), min(max(int(chunk[-1]), 0), read["chunks"] - 1)
         keys = slice(first * per_chunk, (last + 1) * per_chunk)
         key_chunk = torch.arange(first, last + 1, device=query.device).repeat_interleave(per_chunk)
-        neighbour_keys = (chunk[:, None] == key_chunk[None, :])[None] & read["real"][:, None, keys]  # (b, t, n)
+        neighbour_keys = (chunk[:, None] == key_chunk[None, :])[None] & read["attended"][:, None, keys]  # (b, t, n)
         context_keys = (torch.arange(s, device=query.device)[None, :] <= positions[:, None]).expand(b, t, s)
         mask = torch.cat([neighbour_keys, context_keys], -1)[:, None]  # (b, 1, t, n + s)
         joint = F.scaled_dot_product_attention(

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from model import checkpoint
-from model.data import RetroSequences
+from model.data import RetroSequences, longest_common_run
 from model.model import Retro, RetroConfig, paper_172m_config, tiny_config
 from model.retrofit import READERS, RetroFit, retrofit_config
 from retro_db import cli
@@ -52,6 +52,7 @@ class TrainConfig:
     informative_edit: float = 0.1  # share of a constructed neighbour's tokens replaced at random
     informative_shift: int = 32  # a constructed neighbour starts up to this many tokens off its chunk's start
     neighbour_dropout: float = 0.0  # chance that a retrieved neighbour is dropped
+    max_retrieved_overlap: float = 1.0  # retrieved rows sharing a longer run of the chunk they condition: dropped
     retrofit: str = ""  # a baseline checkpoint whose decoder is loaded and frozen
 
 
@@ -102,16 +103,26 @@ def collate(dataset, indices):
 
 def recipe_neighbours(x: torch.Tensor, neighbours: torch.Tensor, cfg: TrainConfig, config: RetroConfig, rng):
     """The neighbours a training step feeds (b, l, k, r), from a batch's tokens x (b, l*m) and retrieved rows:
-    each retrieved row dropped (all padding) with chance ``neighbour_dropout``; and in a share ``informative``
-    of the sequences, one random slot of every chunk u holds a neighbour made from the sequence itself: its
-    2m tokens from u*m + s, s uniform in [-``informative_shift``, ``informative_shift``] (at most m),
-    with a share ``informative_edit`` of them replaced by random tokens (another version of a text differs).
-    On ordinary documents retrieval rarely finds a chunk's continuation, so without these a model learns
-    to ignore its neighbours; with them it learns to copy from those that hold what it is about to write
-    and, from the retrieved ones beside them, to ignore those that do not."""
+    each retrieved row of chunk u that shares a run of more than ``max_retrieved_overlap`` of chunk u+1's
+    tokens (those it conditions) is dropped (all padding), as is any with chance ``neighbour_dropout``; and in a
+    share ``informative`` of the sequences, one random slot of every chunk u holds a neighbour made from the
+    sequence itself: its 2m tokens from u*m + s, s uniform in [-``informative_shift``, ``informative_shift``]
+    (at most m), with a share ``informative_edit`` of them replaced by random tokens (another version of a text
+    differs). On ordinary documents retrieval rarely finds a chunk's continuation, so without these a model
+    learns to ignore its neighbours; with them it learns to copy from those that hold what it is about to write
+    and, from the retrieved ones beside them, to ignore those that do not. A DB that holds versions of its
+    documents retrieves continuations for many chunks: the overlap cap keeps the share of sequences that teach
+    copying the recipe's, not the DB's."""
     b, l, k, r = neighbours.shape
     m, pad = config.chunk_size, config.pad_id
     out, shift = neighbours.clone(), min(cfg.informative_shift, m)
+    if cfg.max_retrieved_overlap < 1.0:
+        chunks = x.cpu().numpy().reshape(b, l, m)
+        rows = np.where(out.numpy() == pad, -1, out.numpy())
+        for i, u, j in np.ndindex(b, l - 1, k):
+            conditioned = chunks[i, u + 1][chunks[i, u + 1] != pad]
+            if longest_common_run(conditioned, rows[i, u, j][None]) > cfg.max_retrieved_overlap * len(conditioned):
+                out[i, u, j] = pad
     if cfg.neighbour_dropout:
         out[torch.from_numpy(rng.random((b, l, k)) < cfg.neighbour_dropout)] = pad
     padded = torch.cat([torch.full((b, m), pad), x.cpu(), torch.full((b, r + m), pad)], 1)  # (b, m + l*m + r + m)
@@ -245,6 +256,7 @@ def train(
         mininterval=5,
     )
     t0, last = time.perf_counter(), {}
+    recipe = cfg.informative or cfg.neighbour_dropout or cfg.max_retrieved_overlap < 1.0
     model.train()
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
@@ -255,7 +267,7 @@ def train(
         step_tokens = all_ranks_sum(sum(float((y != -100).sum()) for _, y, *_ in batches), world, device)
         loss_sum = 0.0
         for micro, (x, y, neighbours, _, _) in enumerate(batches):
-            if use_neighbours and (cfg.informative or cfg.neighbour_dropout):  # the recipe, reproducible on resume
+            if use_neighbours and recipe:  # reproducible on resume
                 rng = np.random.default_rng([cfg.seed, step, micro, rank])
                 neighbours = recipe_neighbours(x, neighbours, cfg, model_config, rng)
             x, y, neighbours = x.to(device), y.to(device), neighbours.to(device)
@@ -318,7 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
 # attention reader trains one gate per layer and head, which need a large rate and no decay towards 0.
 RETROFIT_DEFAULTS = {
     "attention": dict(
-        steps=60, batch_size=4, lr=0.05, warmup_steps=5, weight_decay=0.0, informative=0.5, checkpoint_every=20
+        steps=60,
+        batch_size=4,
+        lr=0.05,
+        warmup_steps=5,
+        weight_decay=0.0,
+        informative=0.5,
+        max_retrieved_overlap=0.25,
+        checkpoint_every=20,
     ),
     "cca": dict(steps=200, batch_size=4, lr=1e-3, warmup_steps=10, informative=0.5, checkpoint_every=20),
 }

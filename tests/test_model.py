@@ -13,8 +13,8 @@ import torch
 
 from conftest import REPO
 from model.checkpoint import load as load_model
-from model.data import CorpusSequences, RetroSequences
-from model.evaluate import chunk_leakage, evaluate, evaluate_run, longest_common_run, paired_difference, summary
+from model.data import CorpusSequences, RetroSequences, longest_common_run
+from model.evaluate import chunk_leakage, evaluate, evaluate_run, paired_difference, summary
 from model.model import ChunkedCrossAttention, Retro, tiny_config
 from model.retrieval import Neighbours
 from model.train import TrainConfig, train

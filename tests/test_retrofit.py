@@ -95,7 +95,8 @@ def test_training_moves_only_what_reads_the_neighbours(kind, reader):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_open_gates_read_each_chunks_neighbour_as_in_context_ralm_would_on_a_one_layer_base(kind):
     """The attention reader with every gate at 1, on a one-layer base: each position that chunk u's neighbour
-    conditions is predicted as the base predicts it reading that neighbour as text right before the sequence
+    conditions is predicted as the base predicts it reading that neighbour (less its first token, an attention
+    sink) as text right before the sequence
     (one forward per position; rotary bases at positions -r..-1, GPT-2's learned ones at 0..r-1 as the reader
     places them). Positions before the first chunk is complete are the base's own."""
     from model.retrofit import RetroFit, retrofit_config
@@ -116,8 +117,10 @@ def test_open_gates_read_each_chunks_neighbour_as_in_context_ralm_would_on_a_one
                 if u < 0:
                     expected = base(input_ids=idx[b : b + 1, : p + 1]).logits[0, -1]
                 else:
-                    tokens = torch.cat([neighbours[b, u, 0], idx[b, : p + 1]])[None]
-                    positions = torch.cat([neighbour_positions, torch.arange(p + 1)])[None]
+                    # the neighbour's first token, the sink of its own read, is not attended: on one layer that is
+                    # the passage without it (its other keys and values do not depend on it)
+                    tokens = torch.cat([neighbours[b, u, 0, 1:], idx[b, : p + 1]])[None]
+                    positions = torch.cat([neighbour_positions[1:], torch.arange(p + 1)])[None]
                     expected = base(input_ids=tokens, position_ids=positions).logits[0, -1]
                 torch.testing.assert_close(logits[b, p], expected, atol=2e-5, rtol=2e-5)
         assert (logits - base(input_ids=idx).logits).abs().amax() > 1e-2
@@ -376,6 +379,39 @@ def test_the_recipe_gives_a_share_of_sequences_a_shifted_edited_copy_of_their_ow
     assert 0.3 < per_sequence < 0.7
 
 
+def test_the_recipe_drops_retrieved_rows_that_hold_the_chunk_they_condition():
+    """`recipe_neighbours` with ``max_retrieved_overlap``: a retrieved row of chunk u is dropped when its
+    longest run shared with chunk u+1 (difflib's longest match, the reference) exceeds that share of the
+    chunk; rows of the last chunk condition no chunk of the sequence and stay; so do all others."""
+    import difflib
+
+    from model.model import RetroConfig
+    from model.train import TrainConfig, recipe_neighbours
+
+    b, l, m, k, pad = 16, 4, 16, 2, 999
+    config = RetroConfig(vocab_size=1000, chunk_size=m, max_chunks=l, pad_id=pad)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 900, (b, l * m)))
+    retrieved = torch.from_numpy(rng.integers(900, 999, (b, l, k, 2 * m)))  # tokens x never holds
+    runs = rng.integers(0, m + 1, (b, l, k))  # each row holds a run of that many of the next chunk's tokens
+    for i, u, j in np.ndindex(b, l, k):
+        nxt = x[i, (u + 1) * m : (u + 2) * m] if u + 1 < l else x[i, :m]
+        start = int(rng.integers(0, m - runs[i, u, j] + 1))
+        retrieved[i, u, j, 3 : 3 + runs[i, u, j]] = nxt[start : start + runs[i, u, j]]
+    out = recipe_neighbours(x, retrieved, TrainConfig(max_retrieved_overlap=0.25), config, rng)
+    dropped = 0
+    for i, u, j in np.ndindex(b, l, k):
+        if u + 1 < l:
+            a, c = x[i, (u + 1) * m : (u + 2) * m].tolist(), retrieved[i, u, j].tolist()
+            longest = difflib.SequenceMatcher(None, a, c, autojunk=False).find_longest_match(0, len(a), 0, len(c)).size
+            leaks = longest > 0.25 * m
+        else:
+            leaks = False
+        assert torch.equal(out[i, u, j], torch.full((2 * m,), pad) if leaks else retrieved[i, u, j]), (i, u, j)
+        dropped += leaks
+    assert 0 < dropped < b * (l - 1) * k
+
+
 def test_a_retrofit_defaults_to_its_readers_recipe_and_flags_still_win():
     from model.train import RETROFIT_DEFAULTS, TrainConfig, parse_args
     from retro_db import cli
@@ -386,6 +422,7 @@ def test_a_retrofit_defaults_to_its_readers_recipe_and_flags_still_win():
     fit = cli.config_from_args(TrainConfig, args)
     recipe = RETROFIT_DEFAULTS["attention"]
     assert args.reader == "attention" and fit.steps == 7 and fit.informative == recipe["informative"] > 0
+    assert fit.max_retrieved_overlap == recipe["max_retrieved_overlap"] < 1 == tiny.max_retrieved_overlap
     assert fit.lr == recipe["lr"] != TrainConfig().lr and fit.weight_decay == 0
     cca = cli.config_from_args(TrainConfig, parse_args(["--out", "x", "--base", "b", "--reader", "cca"]))
     assert cca.lr == RETROFIT_DEFAULTS["cca"]["lr"] != recipe["lr"] and cca.steps == RETROFIT_DEFAULTS["cca"]["steps"]
