@@ -23,8 +23,8 @@ actors):
 
 and reports time per step (training, adding, recall measurement, neighbour search), index bytes,
 recall@10 and queries/s per nprobe against exact search on 1,000 held-out queries (the stage's own
-measurement, exact search streamed shard by shard), the same with deeper re-ranking
-(``--rerank-factors``), and peak memory per process. A rerun skips what is complete (the stand-in DB,
+measurement, exact search streamed shard by shard, with the re-ranking depths it tried before one
+reached its target recall), and peak memory per process. A rerun skips what is complete (the stand-in DB,
 the index).
 """
 
@@ -46,11 +46,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.process_memory import PeakRss
-from pipeline.index_build import IndexConfig, indexable_rows
-from pipeline.index_recall import exact_top_k, heldout_queries, measure_recall
 from retro_db import layout
 from retro_db import manifest as mf
-from retro_db.search import RetrievalIndex, load_embedding_rows
+from retro_db.search import load_embedding_rows
 from retro_db.storage import sha256_file
 
 log = logging.getLogger("bench.index_scale")
@@ -174,21 +172,6 @@ def run_stage(args: list[str], watch: tuple[str, ...] = ()) -> tuple[float, dict
     return time.perf_counter() - t0, rss.peak
 
 
-def recall_by_rerank_factor(db: str, factors: list[int], grid: tuple[int, ...]) -> list[dict]:
-    """The index stage's recall@10 measurement (same held-out queries, exact search streamed over the shards)
-    repeated with other re-ranking depths: how far re-ranking lifts recall where PQ codes alone cannot."""
-    config = IndexConfig()
-    queries = heldout_queries(db, config.recall_queries, config.seed)
-    files = layout.chunk_shard_files(db, layout.INDEXED_SPLITS)
-    _, exact_ids, _ = exact_top_k((indexable_rows(f) for f in files), queries, 10)
-    index = RetrievalIndex(db)
-    rows = []
-    for factor in factors:
-        index.rerank_factor = factor
-        rows += [{"rerank_factor": factor, **row} for row in measure_recall(index, queries, exact_ids, grid=grid)]
-    return rows
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,7 +183,6 @@ def main() -> None:
     parser.add_argument("--points-per-list", type=int, default=39, help="k-means training points per IVF list")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nprobe", type=int, default=0, help="the neighbour stage's nprobe (0: the index's default)")
-    parser.add_argument("--rerank-factors", type=int, nargs="*", default=[16, 32], help="recall also measured with")
     args = parser.parse_args()
 
     db = os.path.join(args.out, "db")
@@ -214,7 +196,6 @@ def main() -> None:
     index_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     nprobe = ["--nprobe", str(args.nprobe)] if args.nprobe else []
     neighbours_s, actor_rss = run_stage(["neighbours", "--db", db, "--overwrite", *nprobe], watch=("NeighbourActor",))
-    deeper = recall_by_rerank_factor(db, args.rerank_factors, (8, 16, 32)) if args.rerank_factors else []
     stages = mf.read_manifest(db)["stages"]
     index, neighbours = stages["index"], stages["neighbours"]
     result = {
@@ -232,6 +213,7 @@ def main() -> None:
             "bytes": index["bytes"],
             "peak_rss_bytes": None if index_was_complete else index_rss,
             "default_nprobe": index["default_nprobe"],
+            "default_rerank_factor": index.get("default_rerank_factor", index["config"]["rerank_factor"]),
             "recall_at_10": index["recall_at_10"],
             "exact_qps": index["exact_qps"],
             "recall_grid": index["recall_grid"],
@@ -245,7 +227,6 @@ def main() -> None:
             "nprobe": neighbours["config"]["nprobe_used"],
             "peak_rss_per_actor_bytes": actor_rss["NeighbourActor"],
         },
-        "recall_by_rerank_factor": deeper,
     }
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(result, f, indent=1)

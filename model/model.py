@@ -9,7 +9,8 @@ neighbour (r = 2m: the neighbour chunk N and its continuation F), c channels.
 - Encoder: 2 bidirectional blocks over each neighbour, each self-attention + cross-attention to
   the decoder states of the chunk that retrieved it (taken at the first CCA layer) + MLP.
 - Positions: rotary embeddings (relative) in decoder and encoder self-attention.
-- Neighbours: [N, F] windows aligned to the retrieving chunk when ``align_neighbours`` (see RetroConfig).
+- Neighbours: [N, F] windows aligned to the retrieving chunk when ``align_neighbours`` (see RetroConfig);
+  with ``min_query_overlap``, only those sharing a run of that chunk's tokens (``neighbours_sharing_text``).
 - CCA causality: the attending chunk u is the last token of chunk u plus the first m-1 tokens of
   chunk u+1; it attends to the encoded neighbours of chunk u, softmax over k and r together.
   Tokens 0..m-2 attend to nothing. A chunk with no neighbours (id -1 everywhere) contributes
@@ -50,9 +51,34 @@ class RetroConfig:
     # how a RETRO-fit reads its neighbours: "cca", the paper's encoder and CCA blocks; "attention", the
     # base's own attention over the base's reading of them, gated per head (``model.retrofit``)
     reader: str = "cca"
+    # a neighbour row is read only if it shares a run of more than this share of the tokens of the chunk that
+    # retrieved it (``neighbours_sharing_text``); 0: every retrieved row is read
+    min_query_overlap: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def neighbours_sharing_text(idx: torch.Tensor, neighbours: torch.Tensor, config: RetroConfig) -> torch.Tensor:
+    """``neighbours`` (b, l, k, r) with padding in every row whose longest run of tokens shared with the chunk
+    that retrieved it (idx (b, l*m)) is ``config.min_query_overlap`` of that chunk's tokens or less: a
+    neighbour that holds none of its chunk's text is read by no model (retrieval could find nothing
+    there to copy, and a model that reads it anyway is worse than with no neighbour, docs/BENCHMARKS.md)."""
+    if config.min_query_overlap <= 0:
+        return neighbours
+    b, l, k, r = neighbours.shape
+    m, pad = config.chunk_size, config.pad_id
+    chunks = F.pad(idx, (0, l * m - idx.shape[1]), value=pad).reshape(b, l, 1, m)  # decoding: the last is partial
+    # padding matches nothing: -1 in the chunks, -2 in the rows
+    chunks = torch.where(chunks == pad, -1, chunks)
+    rows = torch.where(neighbours == pad, -2, neighbours)
+    run = torch.zeros(b, l, k, r + 1, dtype=torch.int32, device=idx.device)  # runs ending at each row token
+    longest = torch.zeros(b, l, k, dtype=torch.int32, device=idx.device)
+    for i in range(m):  # dynamic programming over the chunk's tokens, every row at once
+        run = F.pad((run[..., :-1] + 1) * (rows == chunks[..., i : i + 1]), (1, 0))
+        longest = torch.maximum(longest, run.amax(-1))
+    real = (chunks != -1).sum(-1)  # (b, l, 1)
+    return torch.where((longest > config.min_query_overlap * real)[..., None], neighbours, pad)
 
 
 def tiny_config(**overrides) -> RetroConfig:
@@ -280,6 +306,8 @@ class Retro(nn.Module):
         m = self.config.chunk_size
         if t % m:
             raise ValueError(f"sequence length {t} is not a multiple of the chunk size {m}")
+        if neighbours is not None:
+            neighbours = neighbours_sharing_text(idx, neighbours, self.config)
         x = self.drop(self.wte(idx))  # (b, t, c)
         cache = {} if encoder_cache is None else encoder_cache
 

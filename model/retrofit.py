@@ -19,6 +19,9 @@ values (all but each neighbour's first, the attention sink of its own read) and 
 one softmax. What is trained is a gate per layer and head, from 0 (exactly the base) towards that joint
 attention. The base's attention already copies from text it reads; a 135M-parameter base RETRO-fitted
 on a CPU's few hundred thousand tokens does not learn that from new CCA weights (docs/BENCHMARKS.md).
+It reads only the neighbours that share a run of more than a tenth of the chunk that retrieved them
+(``min_query_overlap``, in training and at inference): attention copies, and a neighbour that holds none
+of its chunk's text has nothing to copy but still draws attention from the context.
 
 The CCA blocks hook the base's own decoder layers (``register_forward_hook``), so any Hugging Face
 causal LM whose layers return their hidden states works: the Llama family (Llama, Qwen2, Mistral,
@@ -44,7 +47,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from model.model import ChunkedCrossAttention, EncoderBlock, RetroConfig
+from model.model import ChunkedCrossAttention, EncoderBlock, RetroConfig, neighbours_sharing_text
 
 READERS = ("cca", "attention")
 ATTENTION = "retrofit_sdpa"  # the base's attention implementation under reader="attention"
@@ -86,12 +89,15 @@ def retrofit_config(
     cca_layers: list[int] | None = None,
     enc_n_layer: int = 2,
     reader: str = "cca",
+    min_query_overlap: float | None = None,
     **overrides,
 ) -> RetroConfig:
     """A ``RetroConfig`` whose widths are those of the base ``lm``. CCA every third layer from the middle up by default:
     the paper's choice for 12 layers (6, 9, 12) scaled to the base's depth (15, 18, ..., 30 of 30), so the
     encoder is conditioned on mid-depth states and the upper half of the decoder reads the neighbours.
-    ``reader="attention"``: every layer reads them by default (a gate per head chooses)."""
+    ``reader="attention"``: every layer reads them by default (a gate per head chooses), and only neighbours
+    that share a run of more than a tenth of the chunk that retrieved them (``min_query_overlap``, measured in
+    docs/BENCHMARKS.md; the CCA reader reads every neighbour by default)."""
     c = lm.config
     n_layer = c.num_hidden_layers
     if reader not in READERS:
@@ -109,6 +115,7 @@ def retrofit_config(
         pad_id=pad_id,
         cca_layers=cca_layers,
         reader=reader,
+        min_query_overlap=(0.1 if reader == "attention" else 0.0) if min_query_overlap is None else min_query_overlap,
     )
     return RetroConfig(**{**fields, **overrides})
 
@@ -277,6 +284,8 @@ class RetroFit(nn.Module):
         b, t = idx.shape
         if t % self.config.chunk_size:
             raise ValueError(f"sequence length {t} is not a multiple of the chunk size {self.config.chunk_size}")
+        if neighbours is not None:
+            neighbours = neighbours_sharing_text(idx, neighbours, self.config)
         use = self.encoder is not None and neighbours is not None
         self._step = ({} if encoder_cache is None else encoder_cache) if use else None
         if use:
@@ -300,6 +309,8 @@ class RetroFit(nn.Module):
         memory are kept there, so each call costs its new tokens only. ``neighbours`` (b, l, k, r) of the
         sequence's chunks, the same in every call; the first call must hold every chunk that has neighbours."""
         start = state.get("start", 0)
+        if neighbours is not None:  # the first call holds every chunk that has neighbours
+            neighbours = state.setdefault("neighbours", neighbours_sharing_text(idx, neighbours, self.config))
         step = state.setdefault("encoder", {}) if self.encoder is not None and neighbours is not None else None
         if step is not None:
             step.update(neighbours=neighbours, start=start)

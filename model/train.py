@@ -137,15 +137,15 @@ def recipe_neighbours(x: torch.Tensor, neighbours: torch.Tensor, cfg: TrainConfi
     return out
 
 
-def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool) -> RetroConfig:
+def build_model(name: str, vocab_size: int, pad_id: int, baseline: bool, **overrides) -> RetroConfig:
     make = {"tiny": tiny_config, "paper-172m": paper_172m_config}[name]
-    return make(vocab_size=vocab_size, pad_id=pad_id, retrieval=not baseline)
+    return make(vocab_size=vocab_size, pad_id=pad_id, retrieval=not baseline, **overrides)
 
 
-def retrofit_base(base: str, vocab_size: int, pad_id: int, reader: str = "attention"):
+def retrofit_base(base: str, vocab_size: int, pad_id: int, reader: str = "attention", **overrides):
     """A RetroFit of the base ``base`` (a model directory, a .gguf file or ``smollm2-135m``) for a DB of
     ``vocab_size`` tokens: the DB's tokenizer is the base's, plus its padding token at most. ``reader``:
-    how it reads neighbours (``model.retrofit``)."""
+    how it reads neighbours (``model.retrofit``); ``overrides``: other ``RetroConfig`` fields."""
     from model import base_lm
 
     directory = base_lm.resolve(base)
@@ -160,6 +160,7 @@ def retrofit_base(base: str, vocab_size: int, pad_id: int, reader: str = "attent
         pad_id=pad_id,
         vocab_size=vocab_size,
         reader=reader,
+        **overrides,
         base=directory,
         base_sha256=base_lm.weights_sha256(directory),
     )
@@ -175,11 +176,13 @@ def train(
     retrofit: str | None = None,
     base: str | None = None,
     reader: str = "attention",
+    min_query_overlap: float | None = None,
     cfg: TrainConfig | None = None,
     device: str | None = None,
 ) -> dict:
     """Trains into ``out`` (ckpt.pt, log.jsonl), resuming from ``out/ckpt.pt`` when present. ``base``: a
-    pretrained Hugging Face decoder (``model.base_lm.resolve``) to RETRO-fit, frozen, read by ``reader``."""
+    pretrained Hugging Face decoder (``model.base_lm.resolve``) to RETRO-fit, frozen, read by ``reader``.
+    ``min_query_overlap``: the model's (``RetroConfig``); None: its default (the reader's, for a RETRO-fit)."""
     data_sha256 = checkpoint.data_fingerprint(require_stages(db, ("chunks", "embeddings", "index", "neighbours")))
     cfg = cfg or TrainConfig()
     rank, world = distributed()
@@ -199,14 +202,21 @@ def train(
                 "were rebuilt): give another --out, or remove the checkpoint to start over"
             )
         start, cfg = ckpt["step"], replace(cfg, retrofit=ckpt["train_config"].get("retrofit", ""))
+        if min_query_overlap not in (None, model.config.min_query_overlap):
+            raise ValueError(
+                f"{ckpt_path} reads neighbours with min_query_overlap {model.config.min_query_overlap}, "
+                f"not {min_query_overlap}: give another --out to train another model"
+            )
         log.info("resuming %s at step %d", ckpt_path, start)
     else:
         ckpt, start = None, 0
         tokenizer = db_tokenizer(db)
+        vocab, pad = tokenizer.get_vocab_size(), special_id(tokenizer, PAD)
         if base:
-            model = retrofit_base(base, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), reader)
+            model = retrofit_base(base, vocab, pad, reader, min_query_overlap=min_query_overlap)
         else:
-            model = Retro(build_model(config_name, tokenizer.get_vocab_size(), special_id(tokenizer, PAD), baseline))
+            overrides = {} if min_query_overlap is None else {"min_query_overlap": min_query_overlap}
+            model = Retro(build_model(config_name, vocab, pad, baseline, **overrides))
         if cfg.retrofit:
             base, _ = checkpoint.load(cfg.retrofit)
             _, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -320,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --base, how the RETRO-fit reads neighbours: the base's own attention, gated (attention), "
         "or the paper's encoder and CCA blocks (cca)",
     )
+    parser.add_argument(
+        "--min-query-overlap",
+        type=float,
+        help="the model reads a neighbour only if it shares a run of more than this share of the chunk that "
+        "retrieved it (default: 0.1 for the attention reader, else 0: every neighbour)",
+    )
     parser.add_argument("--device")
     cli.add_config_flags(parser, TrainConfig, skip=("retrofit",))
     return parser
@@ -364,6 +380,7 @@ def main() -> None:
         retrofit=args.retrofit,
         base=args.base,
         reader=args.reader,
+        min_query_overlap=args.min_query_overlap,
         cfg=cfg,
         device=args.device,
     )

@@ -14,6 +14,7 @@ from pipeline.neighbours import write_neighbours
 from retro_db import layout, storage
 from retro_db import manifest as mf
 from retro_db.deletions import audit_log, deleted
+from retro_db.search import search_defaults
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def summary_lines(db: str) -> list[str]:
         lines.append(f"  embeddings: {e['counts']['chunks']} x {e['dim']} fp16, model {e['config']['model']}")
     if i := stages.get("index"):
         lines.append(
-            f"  index     : {i['config']['factory']} + exact re-rank x{i['config']['rerank_factor']},"
+            f"  index     : {i['config']['factory']} + exact re-rank x{search_defaults(manifest)[1]},"
             f" {i['vectors']} vectors, {i['bytes'] / 1e6:.1f} MB in {len(i['shards'])} shards;"
             f" recall@10 {i['recall_at_10']:.3f} at nprobe {i['default_nprobe']}"
         )

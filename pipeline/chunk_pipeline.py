@@ -298,9 +298,11 @@ def verified_pairs(mode: str, threshold: float, left: list, right: list, *, same
 PAIR, SPILL = "pair", "spill"
 # Verified pairs are counted twice: by a Beam counter where they are made (it reaches the driver with each
 # bundle's result) and in the data, after the verifying stages (that count travels through its own shuffle).
-# A runner that loses the verifying stages' output makes them differ, which no count of documents shows
-# (write_chunk_shards checks it). Not covered: a loss on the way from there through SmallestMatch and the Join.
+# So are the matches (each document's smallest match): in the data after SmallestMatch, and by a counter in
+# ApplyDrops, after the Join. A runner that loses elements on either way makes a pair of counts differ, which
+# no count of documents shows (write_chunk_shards checks both).
 PAIRS_VERIFIED, PAIRS_ARRIVED = "pairs_verified", "pairs_arrived"
+MATCHES, MATCHES_APPLIED = "matches", "matches_applied"
 
 
 class VerifyBucketFn(beam.DoFn):
@@ -375,6 +377,9 @@ class ApplyDropsFn(beam.DoFn):
 
     def process(self, joined):
         _, groups = joined
+        for mode, group in (("dedup", "near"), ("leakage", "leak")):
+            if groups[group]:
+                _count(f"{mode}_{MATCHES_APPLIED}")
         for doc in groups["doc"]:
             copies = doc.get("copies", ())
             doc = {k: doc[k] for k in ("key", "split", "source", "position", "meta", "tokens")}
@@ -530,6 +535,22 @@ class WriteSummaryFn(beam.DoFn):
 # finish_bundle, and one leaf at the end that depends on every write.
 
 
+class CountElements(beam.PTransform):
+    """pcoll -> one (``name``, its number of elements), 0 for an empty one: a count that travels as data."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def expand(self, pcoll):
+        name = self.name
+        return (
+            (pcoll | "One" >> beam.Map(lambda _: (name, 1)), pcoll.pipeline | "Zero" >> beam.Create([(name, 0)]))
+            | "Marks" >> beam.Flatten()
+            | "Sum" >> beam.CombinePerKey(sum)
+        )
+
+
 class DeadLettered(beam.PTransform):
     """A DoFn that yields kept elements or ``Rejected`` -> {'kept': ..., 'rejected': ...}."""
 
@@ -623,7 +644,8 @@ class ExactDedup(beam.PTransform):
 
 
 class FindNearDuplicates(beam.PTransform):
-    """docs with signatures -> {'matches': (key, smallest key it matches), 'arrived': (name, pairs verified)}:
+    """docs with signatures -> {'matches': (key, smallest key it matches), 'counts': (name, pairs verified), (name,
+    matches)}:
     every pair of documents that shares an LSH band and whose signatures agree on ``threshold`` of their rows,
     whatever the bucket's size. A bucket larger than
     ``bucket_block`` is streamed out of its group, cut into blocks by key hash and verified in tiles of two
@@ -676,19 +698,17 @@ class FindNearDuplicates(beam.PTransform):
             verified | "Pairs" >> beam.FlatMap(lambda out: [out[1]] if out[0] == PAIR else []),
             in_tiles,
         ) | "AllPairs" >> beam.Flatten()
-        arrived = (
-            (
-                pairs | "OnePerPair" >> beam.Map(lambda _: (f"{mode}_{PAIRS_ARRIVED}", 1)),
-                docs.pipeline | "NoPairs" >> beam.Create([(f"{mode}_{PAIRS_ARRIVED}", 0)]),
-            )
-            | "PairMarks" >> beam.Flatten()
-            | "CountPairs" >> beam.CombinePerKey(sum)
-        )
-        return {"matches": pairs | "SmallestMatch" >> beam.CombinePerKey(min), "arrived": arrived}
+        matches = pairs | "SmallestMatch" >> beam.CombinePerKey(min)
+        counts = (
+            pairs | "CountPairs" >> CountElements(f"{mode}_{PAIRS_ARRIVED}"),
+            matches | "CountMatches" >> CountElements(f"{mode}_{MATCHES}"),
+        ) | "Counts" >> beam.Flatten()
+        return {"matches": matches, "counts": counts}
 
 
 class Deduplicate(beam.PTransform):
-    """Tokenized docs -> {'kept': kept, 'rejected': near-duplicates and leaked train docs, 'pairs': pair counts}.
+    """Tokenized docs -> {'kept': kept, 'rejected': near-duplicates and leaked train docs, 'pairs': pair and match
+    counts}.
 
     ``held_out``: valid/test chunk shards of an existing DB (growing it): train documents that match
     one of its documents are leaked too.
@@ -716,7 +736,7 @@ class Deduplicate(beam.PTransform):
             | "Join" >> beam.CoGroupByKey()
             | "ApplyDrops" >> DeadLettered(ApplyDropsFn(self.config.leakage_ngram))
         )
-        return {**applied, "pairs": (near["arrived"], leak["arrived"]) | "PairCounts" >> beam.Flatten()}
+        return {**applied, "pairs": (near["counts"], leak["counts"]) | "PairCounts" >> beam.Flatten()}
 
 
 class WriteChunkShards(beam.PTransform):
@@ -794,14 +814,7 @@ def build_chunk_pipeline(
     ) | "AllRejected" >> beam.Flatten()
     rejected_counts = rejected | "WriteRejected" >> WriteRejected(db, config.rejected_shards)
     records_read = (
-        (
-            (read["kept"], read["rejected"])
-            | "AllRead" >> beam.Flatten()
-            | "OnePerRecord" >> beam.Map(lambda _: ("records_read", 1)),
-            p | "NoneRead" >> beam.Create([("records_read", 0)]),
-        )  # so that an empty corpus still reports 0
-        | "ReadMarks" >> beam.Flatten()
-        | "CountRead" >> beam.CombinePerKey(sum)
+        (read["kept"], read["rejected"]) | "AllRead" >> beam.Flatten() | "CountRead" >> CountElements("records_read")
     )
     stats = (
         records_read,
@@ -857,34 +870,42 @@ def sample_texts(files: list, config: ChunkConfig, sample_bytes: int):
                     return
 
 
-def verified_pair_counts(result) -> dict[str, int] | None:
-    """The Beam counters of verified pairs per mode, or None where the runner reports no metrics (Dask)."""
+def pair_counters(result) -> dict[str, int] | None:
+    """The Beam counters of verified pairs and applied matches per mode, or None where the runner reports no
+    metrics (Dask)."""
     try:
         counters = result.metrics().query(MetricsFilter().with_namespace(COUNTERS))["counters"]
     except NotImplementedError:
         return None
+    names = [f"{mode}_{name}" for mode in ("dedup", "leakage") for name in (PAIRS_VERIFIED, MATCHES_APPLIED)]
     return {
-        f"{mode}_{PAIRS_ARRIVED}": sum(
-            c.committed if c.committed is not None else c.attempted
-            for c in counters
-            if c.key.metric.name == f"{mode}_{PAIRS_VERIFIED}"
+        name: sum(
+            c.committed if c.committed is not None else c.attempted for c in counters if c.key.metric.name == name
         )
-        for mode in ("dedup", "leakage")
+        for name in names
     }
 
 
-def check_pairs_arrived(verified: dict[str, int] | None, counts: dict) -> None:
-    """Raises when fewer verified pairs reached the drop decisions than were verified: the runner lost
-    elements between stages, and leaks or near-duplicates would stay in the DB unseen by any document count."""
-    if verified is None:
-        log.info("chunks: this runner reports no metrics; verified pairs were not counted twice")
+def check_pairs_arrived(counters: dict[str, int] | None, counts: dict) -> None:
+    """Raises when fewer verified pairs reached the count after the verifying stages than were verified, or fewer
+    matches reached the drop decisions than SmallestMatch made (``counters`` from ``pair_counters``, ``counts``
+    the data's own): the runner lost elements between stages, and leaks or near-duplicates would stay in the DB
+    unseen by any document count. More downstream than upstream is a bundle run twice (at-least-once), which
+    the smallest match absorbs."""
+    if counters is None:
+        log.info("chunks: this runner reports no metrics; verified pairs and matches were not counted twice")
         return
-    # more arrived than verified is a bundle run twice (at-least-once), which the smallest match absorbs
-    lost = {name: n - counts.get(name, 0) for name, n in verified.items() if counts.get(name, 0) < n}
+    made_got = {}  # what was made upstream and what got downstream, named as in the manifest's counts
+    for mode in ("dedup", "leakage"):
+        pairs, matches = f"{mode}_{PAIRS_ARRIVED}", f"{mode}_{MATCHES}"
+        made_got[pairs] = counters[f"{mode}_{PAIRS_VERIFIED}"], counts.get(pairs, 0)
+        made_got[matches] = counts.get(matches, 0), counters[f"{mode}_{MATCHES_APPLIED}"]
+    lost = {name: made - got for name, (made, got) in made_got.items() if got < made}
     if lost:
         raise RuntimeError(
-            f"chunks: the runner lost verified pairs between stages {lost} (verified {verified}, arrived "
-            f"{ {k: counts.get(k, 0) for k in verified} }); nothing was recorded, run the stage again"
+            f"chunks: the runner lost verified pairs or matches between stages {lost} (counters {counters}, "
+            f"counted in the data { {k: v for k, v in counts.items() if PAIRS_ARRIVED in k or MATCHES in k} }); "
+            "nothing was recorded, run the stage again"
         )
 
 
@@ -972,7 +993,7 @@ def write_chunk_shards(
     counts = json.loads(storage.read_bytes(storage.join(staging, "stats.json")))
     shards = json.loads(storage.read_bytes(storage.join(staging, "shards.json")))
     delete_tree(staging)
-    check_pairs_arrived(verified_pair_counts(p.result), counts)
+    check_pairs_arrived(pair_counters(p.result), counts)
     for key in ("documents", "chunks", "tokens"):
         counts[f"{key}_kept" if key == "documents" else key] = sum(s[key] for s in shards)
     counts["by_split"] = {

@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.index_recall import exact_top_k, heldout_queries, measure_recall
+from pipeline.index_recall import choose_search_defaults, exact_top_k, heldout_queries
 from pipeline.stage import Stage, completed
 from retro_db import layout
 from retro_db import manifest as mf
@@ -35,6 +35,10 @@ class IndexConfig:
     factory: str = field(default="", metadata={"help": "faiss index_factory string (default: IVF-PQ scaled to the DB)"})
     rerank_factor: int = field(
         default=DEFAULT_RERANK_FACTOR, metadata={"help": "exact re-ranking of k*factor candidates; 0 disables it"}
+    )
+    max_rerank_factor: int = field(
+        default=32,
+        metadata={"help": "where no nprobe reaches target_recall, the factor is doubled up to this"},
     )
     skip_textless_chunks: bool = field(
         default=True, metadata={"help": "leave chunks holding only <|endoftext|> out of the index"}
@@ -182,26 +186,24 @@ def write_index(
     t0 = time.perf_counter()
     queries = heldout_queries(db, config.recall_queries, config.seed)
     _, exact_ids, exact_qps = exact_top_k((indexable_rows(f) for f in indexed_files), queries, 10)
-    grid = measure_recall(index, queries, exact_ids)
-    key = "recall@10_reranked" if config.rerank_factor else "recall@10_pq"
-    good = [g["nprobe"] for g in grid if g[key] >= config.target_recall]
-    default_nprobe = good[0] if good else grid[-1]["nprobe"]
-    if not good:
-        log.warning(
-            "index: no nprobe reaches recall@10 %.2f (best %.3f); defaulting to %d",
-            config.target_recall,
-            max(g[key] for g in grid),
-            default_nprobe,
-        )
-    recall = next(g[key] for g in grid if g["nprobe"] == default_nprobe)
+    choice = choose_search_defaults(index, queries, exact_ids, config.target_recall, config.max_rerank_factor)
     recall_s = time.perf_counter() - t0
+    if choice["recall_at_10"] < config.target_recall:
+        log.warning(
+            "index: no nprobe reaches recall@10 %.2f with re-ranking up to x%d (best %.3f); defaulting to %d",
+            config.target_recall,
+            choice["default_rerank_factor"],
+            choice["recall_at_10"],
+            choice["default_nprobe"],
+        )
     log.info(
-        "index: %s, %d vectors in %d shards; recall@10 %.3f at default nprobe %d",
+        "index: %s, %d vectors in %d shards; recall@10 %.3f at default nprobe %d, re-ranking x%d",
         factory,
         index.ntotal,
         len(shards),
-        recall,
-        default_nprobe,
+        choice["recall_at_10"],
+        choice["default_nprobe"],
+        choice["default_rerank_factor"],
     )
     return stage.complete(
         shards=shards,
@@ -210,9 +212,7 @@ def write_index(
         bytes=sum(s["bytes"] for s in shards),
         add_seconds=round(add_s, 2),
         recall_seconds=round(recall_s, 2),
-        default_nprobe=default_nprobe,
-        recall_at_10=recall,
-        recall_grid=grid,
+        **choice,
         exact_qps=round(exact_qps, 1),
         recall_queries=len(queries),
         versions=mf.package_versions("faiss-cpu", "faiss-gpu", "numpy"),

@@ -137,11 +137,11 @@ FALLBACK_NPROBE = 8  # for an index whose manifest has no measured default_nprob
 
 
 def search_defaults(manifest: dict) -> tuple[int, int]:
-    """(nprobe, rerank_factor) a built index is searched with unless a caller says otherwise."""
+    """(nprobe, rerank_factor) a built index is searched with unless a caller says otherwise: what the index
+    stage chose (an index built before it chose the factor: the configured one)."""
     stage = manifest["stages"].get("index", {})
-    return stage.get("default_nprobe") or FALLBACK_NPROBE, stage.get("config", {}).get(
-        "rerank_factor", DEFAULT_RERANK_FACTOR
-    )
+    configured = stage.get("config", {}).get("rerank_factor", DEFAULT_RERANK_FACTOR)
+    return stage.get("default_nprobe") or FALLBACK_NPROBE, stage.get("default_rerank_factor", configured)
 
 
 def shortlist_size(k: int, rerank_factor: int) -> int:

@@ -148,7 +148,8 @@ def tiny_base(kind: str, seed: int = 0, vocab_size: int = 97, width: int = 32, l
 @pytest.fixture(scope="session")
 def retrofit_run(db, tmp_path_factory):
     """A tiny random-weight base (the Llama layout, the session DB's vocabulary) RETRO-fitted a few steps with
-    the recipe, as `make retrofit` lays it out (RUN/retro)."""
+    the recipe, as `make retrofit` lays it out (RUN/retro). It reads every neighbour (min_query_overlap 0): a
+    random base's text shares no run with the DB's, so the default filter would leave it nothing to read."""
     from model.train import TrainConfig, train
     from retro_db.tokenizer import db_tokenizer
 
@@ -156,5 +157,5 @@ def retrofit_run(db, tmp_path_factory):
     base = str(root / "base")
     tiny_base("llama", vocab_size=db_tokenizer(db).get_vocab_size(), width=64).save_pretrained(base)
     cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=6, informative=0.5)
-    train(db, str(root / "run" / "retro"), base=base, cfg=cfg)
+    train(db, str(root / "run" / "retro"), base=base, min_query_overlap=0.0, cfg=cfg)
     return root / "run"

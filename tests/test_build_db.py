@@ -29,7 +29,7 @@ from retro_db.corpus import normalize_text
 from retro_db.deletions import delete_documents
 from retro_db.layout import chunk_shard_files
 from retro_db.manifest import read_manifest, write_manifest
-from retro_db.search import RetrievalIndex, load_embedding_rows
+from retro_db.search import RetrievalIndex, load_embedding_rows, search_defaults
 from retro_db.token_store import ShardedRows, TokenStore
 from retro_db.tokenizer import PAD, load_lm_tokenizer, special_id
 
@@ -87,6 +87,32 @@ def test_recall_at_10_is_at_least_0_9_at_the_default_nprobe(db):
     _, found = index.search(queries, 10)
     assert recall_at_k(found, exact) >= 0.9
     assert index.ntotal == len(vectors)
+
+
+def test_where_no_nprobe_reaches_the_target_the_index_stage_reranks_deeper_and_search_uses_its_choice(db, tmp_path):
+    """An index whose PQ codes are too coarse for recall@10 0.8 at any nprobe with a top 10 re-ranked (factor 1):
+    the stage doubles the re-ranking depth until an nprobe reaches it, records the choice, and a
+    ``RetrievalIndex`` opened with the DB's defaults searches with it (recall recomputed here against
+    a numpy brute force)."""
+    work = str(tmp_path / "db")
+    shutil.copytree(db, work, ignore=shutil.ignore_patterns("index", "neighbours", "deleted"))
+    config = IndexConfig(factory="IVF8,PQ4x4np", rerank_factor=1, target_recall=0.8)
+    stage = write_index(work, config=config, overwrite=True)
+    factor = stage["default_rerank_factor"]
+    assert 1 < factor <= config.max_rerank_factor and stage["recall_at_10"] >= 0.8
+    tried = {r["rerank_factor"] for r in stage["recall_grid"]}
+    assert tried == {2**i for i in range(factor.bit_length())}  # 1, 2, ... doubled up to the choice
+    assert all(r["recall@10_reranked"] < 0.8 for r in stage["recall_grid"] if r["rerank_factor"] < factor)
+    index = RetrievalIndex(work)
+    assert (index.rerank_factor, search_defaults(read_manifest(work))) == (factor, (stage["default_nprobe"], factor))
+    rows = [indexable_rows(f) for f in chunk_shard_files(work, ("train", "retrieval"))]
+    vectors, ids = np.concatenate([v for v, _ in rows]), np.concatenate([i for _, i in rows])
+    queries = np.concatenate(
+        [np.load(p).astype(np.float32) for p in glob.glob(os.path.join(work, "embeddings", "test", "*.npy"))]
+    )
+    exact = ids[np.argsort(((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(-1), axis=1)[:, :10]]
+    assert recall_at_k(index.search(queries, 10)[1], exact) >= 0.75  # other queries than the stage's sample
+    assert recall_at_k(RetrievalIndex(work, rerank_factor=1).search(queries, 10)[1], exact) < 0.8
 
 
 def test_an_hnsw_coarse_quantizer_reaches_the_same_recall_and_honours_deletions(db, tmp_path):

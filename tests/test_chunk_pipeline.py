@@ -153,7 +153,8 @@ def boilerplate_bucket(n, planted, rng):
 
 def find_pairs(docs, mode, config, out):
     """FindNearDuplicates' pairs and the largest group one Verify call was handed; checks that every pair
-    counted where it was verified (a Beam counter) reached the end (the data's own count)."""
+    counted where it was verified (a Beam counter) reached the end (the data's own count), and that the
+    matches are counted, one per matched document."""
     p = beam.Pipeline(argv=BEAM_TEST_ARGS)
     found = p | beam.Create(docs) | cp.FindNearDuplicates(config, mode)
     (
@@ -161,15 +162,15 @@ def find_pairs(docs, mode, config, out):
         | beam.Map(lambda kv: f"{kv[0].hex()} {kv[1].hex()}")
         | "WritePairs" >> beam.io.WriteToText(str(out / "pairs"), shard_name_template="")
     )
-    found["arrived"] | beam.Map(json.dumps) | "WriteArrived" >> beam.io.WriteToText(str(out / "arrived"))
+    found["counts"] | beam.Map(json.dumps) | "WriteCounts" >> beam.io.WriteToText(str(out / "counts"))
     result = p.run()
     result.wait_until_finish()
     tile = result.metrics().query(MetricsFilter().with_name(f"{mode}_members_held"))["distributions"]
     pairs = {tuple(bytes.fromhex(k) for k in line.split()) for line in open(out / "pairs").read().splitlines()}
-    name = f"{mode}_{cp.PAIRS_ARRIVED}"
-    arrived = dict(json.loads(line) for f in out.glob("arrived*") for line in open(f))
-    verified = cp.verified_pair_counts(result)
-    assert arrived == {name: verified[name]} and verified[name] >= len(pairs) > 0, (arrived, verified)
+    counts = dict(json.loads(line) for f in out.glob("counts*") for line in open(f))
+    verified = cp.pair_counters(result)[f"{mode}_{cp.PAIRS_VERIFIED}"]
+    assert counts == {f"{mode}_{cp.PAIRS_ARRIVED}": verified, f"{mode}_{cp.MATCHES}": len(pairs)}, (counts, verified)
+    assert verified >= len(pairs) > 0
     return pairs, max(d.committed.max for d in tile)
 
 
@@ -333,6 +334,9 @@ def test_duplicates_of_train_documents_become_retrieval_only_and_of_held_out_one
             out["kept"] | beam.Filter(lambda d: d["source"] == "x-copy") | beam.Map(lambda d: (d["key"], d["tokens"]))
         )
         assert_that(copies, equal_to([(x["key"], x["tokens"])]), label="copy")
+        # one match per matched document (x-near, v-near; leaked), counted in the data after SmallestMatch
+        matches = out["pairs"] | beam.Filter(lambda kv: kv[0].endswith(cp.MATCHES))
+        assert_that(matches, equal_to([("dedup_matches", 2), ("leakage_matches", 1)]), label="matches")
 
 
 def test_normalize_text():
@@ -513,14 +517,24 @@ def test_a_leaked_documents_reason_names_the_configured_ngram_size():
     assert out[0].detail == "7-gram Jaccard >= threshold with held-out document 0102"
 
 
-def test_a_verified_pair_the_runner_lost_fails_the_stage_and_a_duplicated_one_does_not():
+def test_a_verified_pair_or_match_the_runner_lost_fails_the_stage_and_a_duplicated_one_does_not():
     """A leak lost between stages leaves the documents balanced (each doc is still written or rejected) but the
-    leaked document in train: only the two counts of verified pairs show it."""
-    verified = {"dedup_pairs_arrived": 10, "leakage_pairs_arrived": 4}
-    cp.check_pairs_arrived(verified, {"dedup_pairs_arrived": 10, "leakage_pairs_arrived": 4})
-    cp.check_pairs_arrived(verified, {"dedup_pairs_arrived": 12, "leakage_pairs_arrived": 4})  # a bundle run twice
+    leaked document in train: only the two counts of verified pairs (before SmallestMatch) or of matches (from
+    SmallestMatch through the Join to the drop decisions) show it."""
+    counters = {
+        "dedup_pairs_verified": 10,
+        "leakage_pairs_verified": 4,
+        "dedup_matches_applied": 7,
+        "leakage_matches_applied": 3,
+    }
+    counts = {"dedup_pairs_arrived": 10, "leakage_pairs_arrived": 4, "dedup_matches": 7, "leakage_matches": 3}
+    cp.check_pairs_arrived(counters, counts)
+    cp.check_pairs_arrived(counters, {**counts, "dedup_pairs_arrived": 12})  # a bundle run twice
+    cp.check_pairs_arrived({**counters, "leakage_matches_applied": 4}, counts)  # the same, after the Join
     cp.check_pairs_arrived(None, {})  # a runner without metrics (Dask): not checked
-    with pytest.raises(RuntimeError, match="lost verified pairs.*'leakage_pairs_arrived': 2"):
-        cp.check_pairs_arrived(verified, {"dedup_pairs_arrived": 10, "leakage_pairs_arrived": 2})
-    with pytest.raises(RuntimeError, match="dedup_pairs_arrived"):
-        cp.check_pairs_arrived(verified, {"leakage_pairs_arrived": 4})
+    with pytest.raises(RuntimeError, match="lost verified pairs or matches.*'leakage_pairs_arrived': 2"):
+        cp.check_pairs_arrived(counters, {**counts, "leakage_pairs_arrived": 2})
+    with pytest.raises(RuntimeError, match="'dedup_pairs_arrived': 10"):
+        cp.check_pairs_arrived(counters, {k: v for k, v in counts.items() if k != "dedup_pairs_arrived"})
+    with pytest.raises(RuntimeError, match="'dedup_matches': 2"):  # lost on the way from SmallestMatch to ApplyDrops
+        cp.check_pairs_arrived({**counters, "dedup_matches_applied": 5}, counts)

@@ -277,6 +277,45 @@ def test_longest_common_run_equals_difflibs_longest_match():
         assert longest_common_run(a, rows) == expected
 
 
+def test_a_model_reads_only_the_neighbours_that_share_a_run_of_their_chunk():
+    """`neighbours_sharing_text`: a row of chunk u is kept when its longest run shared with chunk u (difflib's
+    longest match, the reference; a short last chunk counts its real tokens) exceeds ``min_query_overlap`` of
+    that chunk, else it is padding; and the model reads the neighbours it keeps as if only those were given."""
+    import difflib
+
+    from model.model import neighbours_sharing_text
+
+    torch.manual_seed(4)
+    cfg = small_config(min_query_overlap=0.25)
+    b, l, k, pad = 6, cfg.max_chunks, 3, cfg.pad_id
+    rng = np.random.default_rng(4)
+    idx = torch.from_numpy(rng.integers(2, 40, (b, l * M)))
+    idx[0, -3:] = pad  # the last chunk of the first sequence is 5 tokens long
+    rows = torch.from_numpy(rng.integers(40, cfg.vocab_size, (b, l, k, 2 * M)))  # tokens no chunk holds
+    runs = rng.integers(0, M + 1, (b, l, k))
+    for i, u, j in np.ndindex(b, l, k):
+        chunk = idx[i, u * M : (u + 1) * M]
+        chunk = chunk[chunk != pad]
+        n = min(int(runs[i, u, j]), len(chunk))
+        start = int(rng.integers(0, len(chunk) - n + 1))
+        rows[i, u, j, 5 : 5 + n] = chunk[start : start + n]
+    rows[1, 2, 0, 10:] = pad
+    kept = neighbours_sharing_text(idx, rows, cfg)
+    for i, u, j in np.ndindex(b, l, k):
+        chunk = [t for t in idx[i, u * M : (u + 1) * M].tolist() if t != pad]
+        row = [t if t != pad else -1 for t in rows[i, u, j].tolist()]
+        longest = difflib.SequenceMatcher(None, chunk, row, autojunk=False).find_longest_match().size
+        expected = rows[i, u, j] if longest > 0.25 * len(chunk) else torch.full((2 * M,), pad)
+        assert torch.equal(kept[i, u, j], expected), (i, u, j)
+    dropped = (kept == pad).all(-1) & ~(rows == pad).all(-1)
+    assert 0 < int(dropped.sum()) < b * l * k
+    model = Retro(cfg).eval()
+    reads_all = Retro(small_config(min_query_overlap=0.0)).eval()
+    reads_all.load_state_dict(model.state_dict())
+    assert torch.equal(model(idx, rows)[0], reads_all(idx, kept)[0])
+    assert not torch.equal(model(idx, rows)[0], reads_all(idx, rows)[0])
+
+
 class _Constructed:
     """Two sequences of l = 3 chunks (m = 8) with chosen overlaps between each chunk and its own neighbours."""
 

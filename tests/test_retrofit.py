@@ -14,9 +14,11 @@ PAD = 0
 
 
 def retrofit(kind: str, reader: str = "cca", **overrides):
+    """A RetroFit of a tiny base that reads every neighbour it is given unless ``min_query_overlap`` says."""
     from model.retrofit import RetroFit, retrofit_config
 
     base = tiny_base(kind)
+    overrides = {"min_query_overlap": 0.0, **overrides}
     config = retrofit_config(
         base, pad_id=PAD, chunk_size=M, max_chunks=4, cca_layers=[2, 4], reader=reader, **overrides
     )
@@ -68,6 +70,24 @@ def test_retrieval_changes_only_what_neighbours_condition(kind, reader):
 
 
 @pytest.mark.parametrize("kind,reader", KINDS_READERS)
+def test_neighbours_that_share_no_run_of_their_chunk_leave_the_bases_logits(kind, reader):
+    """With ``min_query_overlap``, a chunk whose neighbours share no run longer than that share of it conditions
+    nothing (the base's logits, exactly); one whose neighbour holds its text conditions what it conditions."""
+    base, model = retrofit(kind, reader, min_query_overlap=0.3)
+    as_trained(model)
+    idx, neighbours = batch()
+    neighbours = neighbours % 40 + 50  # tokens 50..89
+    idx = idx % 40 + 10  # tokens 10..49: no neighbour shares a token with any chunk
+    with torch.no_grad():
+        expected = base(input_ids=idx).logits
+        assert torch.equal(model(idx, neighbours)[0], expected)
+        neighbours[:, 1, 0, 2 : 2 + M // 2] = idx[:, M : M + M // 2]  # chunk 1's first neighbour holds half of it
+        logits = model(idx, neighbours)[0]
+    changed = (logits - expected).abs().amax(-1).amax(0) > 1e-6
+    assert not changed[: 2 * M - 1].any() and changed[2 * M - 1 : 3 * M - 1].all()  # (later ones attend to those)
+
+
+@pytest.mark.parametrize("kind,reader", KINDS_READERS)
 def test_training_moves_only_what_reads_the_neighbours(kind, reader):
     base, model = retrofit(kind, reader)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
@@ -102,7 +122,8 @@ def test_open_gates_read_each_chunks_neighbour_as_in_context_ralm_would_on_a_one
     from model.retrofit import RetroFit, retrofit_config
 
     base = tiny_base(kind, layers=1)
-    model = RetroFit(base, retrofit_config(base, pad_id=PAD, chunk_size=M, max_chunks=4, reader="attention"))
+    config = retrofit_config(base, pad_id=PAD, chunk_size=M, max_chunks=4, reader="attention", min_query_overlap=0)
+    model = RetroFit(base, config)
     with torch.no_grad():
         model.gates.fill_(1.0)
     idx, neighbours = batch()
@@ -426,6 +447,14 @@ def test_a_retrofit_defaults_to_its_readers_recipe_and_flags_still_win():
     assert fit.lr == recipe["lr"] != TrainConfig().lr and fit.weight_decay == 0
     cca = cli.config_from_args(TrainConfig, parse_args(["--out", "x", "--base", "b", "--reader", "cca"]))
     assert cca.lr == RETROFIT_DEFAULTS["cca"]["lr"] != recipe["lr"] and cca.steps == RETROFIT_DEFAULTS["cca"]["steps"]
+    # the model's own option: its reader's default unless given
+    from model.retrofit import retrofit_config
+
+    base = tiny_base("llama")
+    assert parse_args(["--out", "x", "--base", "b"]).min_query_overlap is None
+    assert retrofit_config(base, pad_id=PAD, reader="attention").min_query_overlap == 0.1
+    assert retrofit_config(base, pad_id=PAD, reader="cca").min_query_overlap == 0.0
+    assert retrofit_config(base, pad_id=PAD, reader="attention", min_query_overlap=0.0).min_query_overlap == 0.0
 
 
 @pytest.mark.parametrize("kind,reader", KINDS_READERS)
@@ -436,13 +465,18 @@ def test_decoding_with_the_kv_cache_gives_the_full_forwards_logits(kind, reader)
     with it as without it."""
     from model.generate import extend
 
-    base, model = retrofit(kind, reader)
+    base, model = retrofit(kind, reader, min_query_overlap=0.3)
     as_trained(model)
     idx, neighbours = batch()
     neighbours[:, 2:] = PAD  # chunks 2 and 3 are not complete after the prefix: nothing retrieved for them
+    neighbours[:, :2, 0, 3 : 3 + M // 2] = idx[:, M // 2 : M].view(2, 1, -1)  # chunk 0's first neighbour is read
+    neighbours[:, 1, 1, :M] = idx[:, M : 2 * M]  # and chunk 1's second, where its first is not (few shared tokens)
     prefix = 2 * M + 3
     with torch.no_grad():
         full = model(idx, neighbours)[0]
+        dropped = neighbours.clone()
+        dropped[:, 1, 0] = dropped[:, 0, 1] = PAD
+        assert torch.equal(full, model(idx, dropped)[0])  # the rows that share too little were never read
         state = {}
         parts = [model.decode(idx[:, :prefix], neighbours, state)]
         parts += [model.decode(idx[:, p : p + 1], neighbours, state) for p in range(prefix, idx.shape[1])]
