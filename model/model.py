@@ -59,6 +59,20 @@ class RetroConfig:
         return asdict(self)
 
 
+def rows_sharing_runs(chunks: torch.Tensor, rows: torch.Tensor, pad: int, share: float) -> torch.Tensor:
+    """Whether each row of ``rows`` (..., k, r) shares a run of more than ``share`` of the real tokens of its
+    chunk in ``chunks`` (..., m), padding matching nothing. (..., k) bool"""
+    # padding matches nothing: -1 in the chunks, -2 in the rows
+    chunks = torch.where(chunks == pad, -1, chunks)[..., None, :]  # (..., 1, m)
+    rows = torch.where(rows == pad, -2, rows)
+    run = rows.new_zeros(*rows.shape[:-1], rows.shape[-1] + 1, dtype=torch.int32)  # runs ending at each row token
+    longest = rows.new_zeros(rows.shape[:-1], dtype=torch.int32)
+    for i in range(chunks.shape[-1]):  # dynamic programming over the chunk's tokens, every row at once
+        run = F.pad((run[..., :-1] + 1) * (rows == chunks[..., i : i + 1]), (1, 0))
+        longest = torch.maximum(longest, run.amax(-1))
+    return longest > share * (chunks != -1).sum(-1)
+
+
 def neighbours_sharing_text(idx: torch.Tensor, neighbours: torch.Tensor, config: RetroConfig) -> torch.Tensor:
     """``neighbours`` (b, l, k, r) with padding in every row whose longest run of tokens shared with the chunk
     that retrieved it (idx (b, l*m)) is ``config.min_query_overlap`` of that chunk's tokens or less: a
@@ -66,19 +80,11 @@ def neighbours_sharing_text(idx: torch.Tensor, neighbours: torch.Tensor, config:
     there to copy, and a model that reads it anyway is worse than with no neighbour, docs/BENCHMARKS.md)."""
     if config.min_query_overlap <= 0:
         return neighbours
-    b, l, k, r = neighbours.shape
+    b, l = neighbours.shape[:2]
     m, pad = config.chunk_size, config.pad_id
-    chunks = F.pad(idx, (0, l * m - idx.shape[1]), value=pad).reshape(b, l, 1, m)  # decoding: the last is partial
-    # padding matches nothing: -1 in the chunks, -2 in the rows
-    chunks = torch.where(chunks == pad, -1, chunks)
-    rows = torch.where(neighbours == pad, -2, neighbours)
-    run = torch.zeros(b, l, k, r + 1, dtype=torch.int32, device=idx.device)  # runs ending at each row token
-    longest = torch.zeros(b, l, k, dtype=torch.int32, device=idx.device)
-    for i in range(m):  # dynamic programming over the chunk's tokens, every row at once
-        run = F.pad((run[..., :-1] + 1) * (rows == chunks[..., i : i + 1]), (1, 0))
-        longest = torch.maximum(longest, run.amax(-1))
-    real = (chunks != -1).sum(-1)  # (b, l, 1)
-    return torch.where((longest > config.min_query_overlap * real)[..., None], neighbours, pad)
+    chunks = F.pad(idx, (0, l * m - idx.shape[1]), value=pad).reshape(b, l, m)  # decoding: the last is partial
+    keep = rows_sharing_runs(chunks, neighbours, pad, config.min_query_overlap)
+    return torch.where(keep[..., None], neighbours, pad)
 
 
 def tiny_config(**overrides) -> RetroConfig:

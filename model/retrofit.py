@@ -309,8 +309,10 @@ class RetroFit(nn.Module):
         memory are kept there, so each call costs its new tokens only. ``neighbours`` (b, l, k, r) of the
         sequence's chunks, the same in every call; the first call must hold every chunk that has neighbours."""
         start = state.get("start", 0)
-        if neighbours is not None:  # the first call holds every chunk that has neighbours
-            neighbours = state.setdefault("neighbours", neighbours_sharing_text(idx, neighbours, self.config))
+        if neighbours is not None:
+            if "neighbours" not in state:  # the first call holds every chunk that has neighbours
+                state["neighbours"] = neighbours_sharing_text(idx, neighbours, self.config)
+            neighbours = state["neighbours"]
         step = state.setdefault("encoder", {}) if self.encoder is not None and neighbours is not None else None
         if step is not None:
             step.update(neighbours=neighbours, start=start)

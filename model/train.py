@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from model import checkpoint
-from model.data import RetroSequences, longest_common_run
-from model.model import Retro, RetroConfig, paper_172m_config, tiny_config
+from model.data import RetroSequences
+from model.model import Retro, RetroConfig, paper_172m_config, rows_sharing_runs, tiny_config
 from model.retrofit import READERS, RetroFit, retrofit_config
 from retro_db import cli
 from retro_db.manifest import require_stages
@@ -116,13 +116,9 @@ def recipe_neighbours(x: torch.Tensor, neighbours: torch.Tensor, cfg: TrainConfi
     b, l, k, r = neighbours.shape
     m, pad = config.chunk_size, config.pad_id
     out, shift = neighbours.clone(), min(cfg.informative_shift, m)
-    if cfg.max_retrieved_overlap < 1.0:
-        chunks = x.cpu().numpy().reshape(b, l, m)
-        rows = np.where(out.numpy() == pad, -1, out.numpy())
-        for i, u, j in np.ndindex(b, l - 1, k):
-            conditioned = chunks[i, u + 1][chunks[i, u + 1] != pad]
-            if longest_common_run(conditioned, rows[i, u, j][None]) > cfg.max_retrieved_overlap * len(conditioned):
-                out[i, u, j] = pad
+    if cfg.max_retrieved_overlap < 1.0:  # rows of chunks 0..l-2 against the chunks they condition, 1..l-1
+        conditioned = x.cpu().reshape(b, l, m)[:, 1:]
+        out[:, :-1][rows_sharing_runs(conditioned, out[:, :-1], pad, cfg.max_retrieved_overlap)] = pad
     if cfg.neighbour_dropout:
         out[torch.from_numpy(rng.random((b, l, k)) < cfg.neighbour_dropout)] = pad
     padded = torch.cat([torch.full((b, m), pad), x.cpu(), torch.full((b, r + m), pad)], 1)  # (b, m + l*m + r + m)
