@@ -97,7 +97,8 @@ bench-generate: venv
 # held-out documents E evaluated with the DB as built, after `add-documents` of their older versions B,
 # and after deleting B. ~25 min per seed here, plus ~5 min of building. UPDATE_ARGS="--base smollm2-135m":
 # a RETRO-fit of SmolLM2 per seed instead, against SmolLM2 alone and In-Context RALM (~30 min per seed at
-# --held-out 40); "--single-version": A holds one version of each file.
+# --held-out 40); "--single-version": A holds one version of each file; "--retrofit-baseline --retro-args ...":
+# RETRO trained on each seed's frozen baseline (the tiny recipe, README "Training and evaluating RETRO").
 UPDATE_ARGS ?=
 bench-update: venv
 	$(BIN)/python -m bench.update $(UPDATE_ARGS)

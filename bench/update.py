@@ -14,7 +14,8 @@ excludes as identical; most sections do not change between these versions). Ever
 documents at its top three heading levels (``pipeline.default_corpus.split_rst_sections``).
 
 The run: ``build-db`` on A with the defaults (plus ``--build-args``); for each seed ``model.train``
-RETRO and the baseline (``--train-args``), or with ``--base`` one RETRO-fit of that pretrained base (``make
+RETRO and the baseline (``--train-args``; ``--retrofit-baseline``: RETRO trained on the frozen baseline,
+``--retro-args`` for RETRO alone), or with ``--base`` one RETRO-fit of that pretrained base (``make
 retrofit``'s defaults), whose baseline is the base itself and beside which In-Context RALM is scored with
 the same neighbours; E evaluated with neighbours retrieved live (``model.data
 .CorpusSequences``); ``add-documents`` B; E again; B's documents deleted (``retro_db.deletions``); E
@@ -248,6 +249,12 @@ def main() -> None:
         "In-Context RALM with the same neighbours is scored beside it",
     )
     parser.add_argument(
+        "--retrofit-baseline",
+        action="store_true",
+        help="without --base: RETRO is each seed's baseline, frozen, with a neighbour encoder and CCA trained on it "
+        "(model.train --retrofit), so that a chunk without neighbours gets the baseline's logits",
+    )
+    parser.add_argument(
         "--single-version",
         action="store_true",
         help="A holds one version (15) of its files: no training document has another version in the DB",
@@ -260,7 +267,10 @@ def main() -> None:
         default="",
         help="extra flags for model.train (default: none, what `make train` or, with --base, `make retrofit` runs)",
     )
+    parser.add_argument("--retro-args", default="", help="extra flags for RETRO's model.train only, after --train-args")
     args = parser.parse_args()
+    if args.base and args.retrofit_baseline:
+        parser.error("--retrofit-baseline is for the from-scratch models; --base RETRO-fits a pretrained one")
     suffix = ("" if args.pair == "llvm" else f"-{args.pair}") + ("-single" if args.single_version else "")
     work = args.work or Path("bench/out/update" + suffix + ("-retrofit" if args.base else ""))
     packages = PAIRS[args.pair]
@@ -285,7 +295,10 @@ def main() -> None:
     for seed, run_dir in runs.items():
         for name, flags in models:
             out = f"{run_dir}/{name}"
-            run(["-m", "model.train", "--db", db, "--out", out, "--seed", str(seed), *flags, *args.train_args.split()])
+            if name == "retro":
+                flags = [*flags, *(["--retrofit", f"{run_dir}/baseline/ckpt.pt"] if args.retrofit_baseline else [])]
+                flags += args.retro_args.split()
+            run(["-m", "model.train", "--db", db, "--out", out, "--seed", str(seed), *args.train_args.split(), *flags])
     scores = {seed: {"A": score(db, run_dir, corpora["E"], ("retro", "baseline"))} for seed, run_dir in runs.items()}
     run(["-m", "pipeline", "add-documents", "--corpus", str(corpora["B"]), "--db", db, "--name", "B"])
     for seed, run_dir in runs.items():
