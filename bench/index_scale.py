@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from bench.process_memory import PeakRss
 from retro_db import layout
 from retro_db import manifest as mf
-from retro_db.search import load_embedding_rows
+from retro_db.search import load_embedding_rows, search_defaults
 from retro_db.storage import sha256_file
 
 log = logging.getLogger("bench.index_scale")
@@ -196,7 +196,8 @@ def main() -> None:
     index_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     nprobe = ["--nprobe", str(args.nprobe)] if args.nprobe else []
     neighbours_s, actor_rss = run_stage(["neighbours", "--db", db, "--overwrite", *nprobe], watch=("NeighbourActor",))
-    stages = mf.read_manifest(db)["stages"]
+    manifest = mf.read_manifest(db)
+    stages = manifest["stages"]
     index, neighbours = stages["index"], stages["neighbours"]
     result = {
         "machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
@@ -213,7 +214,7 @@ def main() -> None:
             "bytes": index["bytes"],
             "peak_rss_bytes": None if index_was_complete else index_rss,
             "default_nprobe": index["default_nprobe"],
-            "default_rerank_factor": index.get("default_rerank_factor", index["config"]["rerank_factor"]),
+            "default_rerank_factor": search_defaults(manifest)[1],
             "recall_at_10": index["recall_at_10"],
             "exact_qps": index["exact_qps"],
             "recall_grid": index["recall_grid"],

@@ -296,8 +296,8 @@ def main() -> None:
         for name, flags in models:
             out = f"{run_dir}/{name}"
             if name == "retro":
-                flags = [*flags, *(["--retrofit", f"{run_dir}/baseline/ckpt.pt"] if args.retrofit_baseline else [])]
-                flags += args.retro_args.split()
+                frozen = ["--retrofit", f"{run_dir}/baseline/ckpt.pt"] if args.retrofit_baseline else []
+                flags = [*flags, *frozen, *args.retro_args.split()]
             run(["-m", "model.train", "--db", db, "--out", out, "--seed", str(seed), *args.train_args.split(), *flags])
     scores = {seed: {"A": score(db, run_dir, corpora["E"], ("retro", "baseline"))} for seed, run_dir in runs.items()}
     run(["-m", "pipeline", "add-documents", "--corpus", str(corpora["B"]), "--db", db, "--name", "B"])
